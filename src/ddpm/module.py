@@ -1,0 +1,223 @@
+"""Lightning module that trains a diffusion network and samples from its EMA weights.
+
+Training follows Ho et al. 2020 (Algorithm 1): uniform timesteps, forward noising
+``q_sample`` and a weighted per-sample loss on the configured prediction target.
+Sampling is delegated to :mod:`ddpm.samplers`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+
+from ddpm import predictions, samplers
+from ddpm.config import DDPMConfig, EMAConfig, OptimConfig
+from ddpm.nets import UNet, UNetConfig
+from ddpm.noise import SampleNoise
+
+
+@dataclass
+class WarmupCosine:
+    """lr multiplier: linear warmup to 1, then cosine decay to min_ratio (or constant)."""
+
+    warmup_steps: int
+    total_steps: int | None
+    min_ratio: float = 0.0
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if self.total_steps is None:
+            return 1.0
+        span = max(self.total_steps - self.warmup_steps, 1)
+        progress = min((step - self.warmup_steps) / span, 1.0)
+        return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class DiffusionModule(pl.LightningModule):
+    """Trains ``net`` on a discrete diffusion given by ``config``; samples with the EMA copy."""
+
+    def __init__(
+        self,
+        net: UNet,
+        config: DDPMConfig | None = None,
+        optim: OptimConfig | None = None,
+        ema: EMAConfig | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = config or DDPMConfig()
+        self.optim = optim or OptimConfig()
+        self.ema_config = ema or EMAConfig()
+        net_shape = (net.config.in_channels, net.config.image_size)
+        if net_shape != (self.config.channels, self.config.image_size):
+            raise ValueError(
+                f"net (in_channels, image_size)={net_shape} does not match the config's "
+                f"(channels, image_size)={(self.config.channels, self.config.image_size)}"
+            )
+        self.net = net
+        self.ema = copy.deepcopy(net).requires_grad_(False)
+        self.loss_fn = self.config.loss_fn()
+        self._alphas_cumprod = self.config.alphas_cumprod()
+        self.save_hyperparameters(
+            {
+                "net": net.config.to_dict(),
+                "config": self.config.to_dict(),
+                "optim": self.optim.to_dict(),
+                "ema": self.ema_config.to_dict(),
+            }
+        )
+
+    @classmethod
+    def from_hparams(cls, hparams: dict[str, Any]) -> DiffusionModule:
+        """Rebuild an untrained module from the hyperparameters stored in a checkpoint."""
+        return cls(
+            UNet(UNetConfig.from_dict(hparams["net"], "net")),
+            DDPMConfig.from_dict(hparams["config"], "config"),
+            OptimConfig.from_dict(hparams["optim"], "optim"),
+            EMAConfig.from_dict(hparams["ema"], "ema"),
+        )
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu") -> DiffusionModule:
+        """Load a Lightning checkpoint without executing pickled code (``weights_only=True``)."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint not found: {path}")
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        if not isinstance(ckpt, dict) or not {"state_dict", "hyper_parameters"} <= ckpt.keys():
+            raise ValueError(f"{path} is not a DiffusionModule checkpoint (needs state_dict and hyper_parameters)")
+        module = cls.from_hparams(ckpt["hyper_parameters"])
+        module.load_state_dict(ckpt["state_dict"])
+        return module
+
+    def alphas_cumprod(self, device: torch.device) -> Tensor:
+        """The float64 alpha_bar table on ``device`` (kept out of the state dict and of dtype casts)."""
+        if self._alphas_cumprod.device != device:
+            self._alphas_cumprod = self._alphas_cumprod.to(device)
+        return self._alphas_cumprod
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        """Network output for noisy images x at timesteps t (labels y if class-conditional)."""
+        return self.net(x, t, y)
+
+    def _split_batch(self, batch: Tensor | tuple | list) -> tuple[Tensor, Tensor | None]:
+        """Images and, for a class-conditional net, labels of a batch ``x`` or ``(x, y)``."""
+        x, y = batch, None
+        if isinstance(batch, (tuple, list)):
+            x, y = batch[0], (batch[1] if len(batch) > 1 else None)
+        if self.net.config.num_classes is None:
+            return x, None
+        if y is None:
+            raise ValueError("a class-conditional net needs batches of (images, labels)")
+        return x, y
+
+    def model_step(self, batch: Any, generator: torch.Generator | None = None) -> Tensor:
+        """Per-sample loss [B] of one batch at uniformly drawn timesteps (Ho et al. Algorithm 1)."""
+        x0, y = self._split_batch(batch)
+        ab_table = self.alphas_cumprod(x0.device)
+        t = torch.randint(0, self.config.T, (x0.shape[0],), device=x0.device, generator=generator)
+        noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
+        ab = ab_table[t].to(x0.dtype)
+        x_t = samplers.q_sample(x0, t, ab_table, noise)
+        target = predictions.target(self.config.prediction, x0, noise, ab.view(-1, *[1] * (x0.ndim - 1)))
+        return self.loss_fn(self.net(x_t, t, y), target, ab)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        loss = self.model_step(batch).mean()
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"])
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
+        generator = torch.Generator(device=self.device).manual_seed(batch_idx)
+        loss = self.model_step(batch, generator=generator).mean()
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+        return loss
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        o = self.optim
+        optimizer = torch.optim.AdamW(
+            self.net.parameters(), lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay
+        )
+        total = None
+        if o.lr_scheduler == "cosine":
+            total = self.trainer.estimated_stepping_batches
+            if not math.isfinite(total):
+                raise ValueError("optim.lr_scheduler='cosine' needs a finite run: set max_steps or max_epochs")
+        lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, WarmupCosine(o.warmup_steps, None if total is None else int(total), o.min_lr_ratio)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": lr_scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        clip = gradient_clip_val if gradient_clip_val is not None else self.optim.grad_clip
+        if clip:
+            self.clip_gradients(
+                optimizer, gradient_clip_val=clip, gradient_clip_algorithm=gradient_clip_algorithm or "norm"
+            )
+
+    def ema_decay(self, step: int) -> float:
+        """EMA decay at optimizer step ``step``, with the (1 + n) / (10 + n) warmup if enabled."""
+        decay = self.ema_config.decay
+        return min(decay, (1 + step) / (10 + step)) if self.ema_config.warmup else decay
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """Take the optimizer step, then update the EMA weights."""
+        updates_so_far = self.global_step
+        super().optimizer_step(*args, **kwargs)
+        with torch.no_grad():
+            decay = self.ema_decay(updates_so_far)
+            torch._foreach_lerp_(list(self.ema.parameters()), list(self.net.parameters()), 1.0 - decay)
+            for ema_buffer, buffer in zip(self.ema.buffers(), self.net.buffers()):
+                ema_buffer.copy_(buffer)
+
+    @torch.inference_mode()
+    def sample_batches(
+        self,
+        n: int,
+        *,
+        sampler: str | None = None,
+        steps: int | None = None,
+        eta: float | None = None,
+        seed: int = 0,
+        batch_size: int | None = None,
+        use_ema: bool = True,
+        callback: Callable[[dict[str, Any]], None] | None = None,
+    ) -> Iterator[Tensor]:
+        """Yield ``n`` images in chunks of ``batch_size`` on the CPU; image i depends only on (seed, i)."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"n={n!r} is invalid; allowed: an integer >= 1")
+        batch_size = n if batch_size is None else batch_size
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size={batch_size!r} is invalid; allowed: an integer >= 1")
+        run = self.config.sampler_fn(sampler, steps, eta)
+        net = self.ema if use_ema else self.net
+        was_training = net.training
+        net.eval()
+        shape = (self.config.channels, self.config.image_size, self.config.image_size)
+        ab = self.alphas_cumprod(self.device)
+        try:
+            for start in range(0, n, batch_size):
+                noise = SampleNoise(seed, start)
+                x_T = noise.randn_like(torch.empty(min(batch_size, n - start), *shape, device=self.device))
+                chunk_callback = None if callback is None else (lambda info, s=start: callback({**info, "start": s}))
+                yield run(net, x_T, ab, generator=noise, callback=chunk_callback).cpu()
+        finally:
+            net.train(was_training)
+
+    def sample(self, n: int, **kwargs: Any) -> Tensor:
+        """``n`` images [n, C, H, W] (about [-1, 1]) drawn with the EMA weights; see ``sample_batches``."""
+        return torch.cat(list(self.sample_batches(n, **kwargs)))

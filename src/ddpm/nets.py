@@ -1,0 +1,259 @@
+"""U-Net noise-prediction network of Ho et al. 2020.
+
+Reference: J. Ho, A. Jain, P. Abbeel, "Denoising Diffusion Probabilistic Models",
+NeurIPS 2020, arXiv:2006.11239 (Appendix B, architecture of the PixelCNN++-style
+U-Net with sinusoidal time embedding, GroupNorm and self-attention at 16x16).
+
+The net maps a noisy image x_t, a timestep t (integer or continuous) and an
+optional class label y to a tensor of the same shape as x_t (epsilon, x_0 or v).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import Tensor, nn
+
+from ddpm.config import Config
+
+PositiveInt = Annotated[int, Field(gt=0)]
+
+
+class UNetConfig(Config):
+    """Hyper-parameters of the DDPM U-Net."""
+
+    in_channels: int = Field(default=1, gt=0)
+    image_size: int = Field(default=28, gt=0)
+    channels: int = Field(default=64, gt=0)
+    channel_mult: tuple[PositiveInt, ...] = Field(default=(1, 2, 2), min_length=1)
+    num_res_blocks: int = Field(default=2, gt=0)
+    attn_resolutions: tuple[PositiveInt, ...] = (14,)
+    num_heads: int = Field(default=4, gt=0)
+    dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
+    num_classes: int | None = Field(default=None, gt=0)
+    norm_groups: int = Field(default=32, gt=0)
+
+
+def timestep_embedding(t: Tensor, dim: int) -> Tensor:
+    """Sinusoidal embedding [B, dim] of (integer or continuous) timesteps t [B]."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / max(half - 1, 1))
+    args = t.float()[:, None] * freqs[None, :]
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+    return F.pad(emb, (0, dim % 2))
+
+
+def group_norm(ch: int, norm_groups: int) -> nn.GroupNorm:
+    """GroupNorm over ch channels with min(norm_groups, ch) groups."""
+    groups = min(norm_groups, ch)
+    if ch % groups:
+        raise ValueError(
+            f"norm_groups={norm_groups} must divide every channel count of the net "
+            f"(groups are capped at the count), but {ch} channels are not divisible "
+            f"by {groups}"
+        )
+    return nn.GroupNorm(groups, ch)
+
+
+def zero_(module: nn.Module) -> nn.Module:
+    """Set every parameter of module to zero and return it."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+class ResBlock(nn.Module):
+    """Residual block conditioned on the time(+class) embedding."""
+
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float, norm_groups: int):
+        super().__init__()
+        self.norm1 = group_norm(in_ch, norm_groups)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.emb_proj = nn.Linear(emb_dim, out_ch)
+        self.norm2 = group_norm(out_ch, norm_groups)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = zero_(nn.Conv2d(out_ch, out_ch, 3, padding=1))
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        """Return skip(x) + F(x, emb)."""
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.emb_proj(F.silu(emb))[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over spatial positions, with a residual connection."""
+
+    def __init__(self, ch: int, num_heads: int, norm_groups: int):
+        super().__init__()
+        if ch % num_heads:
+            raise ValueError(
+                f"num_heads={num_heads} must divide the channel count of every "
+                f"attention layer, but {ch} channels are not divisible by {num_heads}"
+            )
+        self.num_heads = num_heads
+        self.norm = group_norm(ch, norm_groups)
+        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
+        self.proj_out = zero_(nn.Conv2d(ch, ch, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Return x + proj_out(attention(norm(x)))."""
+        B, C, H, W = x.shape
+        qkv = self.qkv(self.norm(x)).reshape(B, 3, self.num_heads, C // self.num_heads, H * W)
+        q, k, v = qkv.transpose(-1, -2).unbind(dim=1)
+        h = F.scaled_dot_product_attention(q, k, v)
+        h = h.transpose(-1, -2).reshape(B, C, H, W)
+        return x + self.proj_out(h)
+
+
+class Downsample(nn.Module):
+    """Halve the spatial size with a stride-2 3x3 convolution."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Return the downsampled feature map."""
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Double the spatial size: nearest-neighbour x2 followed by a 3x3 convolution."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Return the upsampled feature map."""
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Level(nn.Module):
+    """One U-Net resolution: ResBlocks (each maybe with attention) and a resample."""
+
+    def __init__(self, res: list[ResBlock], attn: list[nn.Module], resample: nn.Module | None):
+        super().__init__()
+        self.res = nn.ModuleList(res)
+        self.attn = nn.ModuleList(attn)
+        self.resample = resample
+
+
+class UNet(nn.Module):
+    """DDPM U-Net predicting a tensor shaped like x_t from (x_t, t, y)."""
+
+    def __init__(self, config: UNetConfig | None = None, **overrides):
+        super().__init__()
+        if config is None:
+            config = UNetConfig(**overrides)
+        elif overrides:
+            config = type(config).from_dict({**config.to_dict(), **overrides})
+        self.config = cfg = config
+
+        levels = len(cfg.channel_mult)
+        divisor = 2 ** (levels - 1)
+        if cfg.image_size % divisor:
+            raise ValueError(
+                f"image_size={cfg.image_size} must be divisible by {divisor} "
+                f"(2**(len(channel_mult)-1) for channel_mult={cfg.channel_mult})"
+            )
+        resolutions = [cfg.image_size // 2**i for i in range(levels)]
+        bad = [r for r in cfg.attn_resolutions if r not in resolutions]
+        if bad:
+            raise ValueError(
+                f"attn_resolutions={cfg.attn_resolutions} contains {bad}, which are "
+                f"not level resolutions; allowed: {resolutions}"
+            )
+
+        ch, emb_dim, groups = cfg.channels, 4 * cfg.channels, cfg.norm_groups
+        self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.class_emb = nn.Embedding(cfg.num_classes + 1, emb_dim) if cfg.num_classes is not None else None
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
+
+        def attention(c: int, resolution: int) -> nn.Module:
+            """Attention layer if resolution is in attn_resolutions, else identity."""
+            if resolution in cfg.attn_resolutions:
+                return Attention(c, cfg.num_heads, groups)
+            return nn.Identity()
+
+        skip_chs = [ch]
+        self.down = nn.ModuleList()
+        for i, mult in enumerate(cfg.channel_mult):
+            out_ch, res, attn = cfg.channels * mult, [], []
+            for _ in range(cfg.num_res_blocks):
+                res.append(ResBlock(ch, out_ch, emb_dim, cfg.dropout, groups))
+                ch = out_ch
+                attn.append(attention(ch, resolutions[i]))
+                skip_chs.append(ch)
+            down = None
+            if i < levels - 1:
+                down = Downsample(ch)
+                skip_chs.append(ch)
+            self.down.append(Level(res, attn, down))
+
+        self.mid_res1 = ResBlock(ch, ch, emb_dim, cfg.dropout, groups)
+        self.mid_attn = Attention(ch, cfg.num_heads, groups)
+        self.mid_res2 = ResBlock(ch, ch, emb_dim, cfg.dropout, groups)
+
+        self.up = nn.ModuleList()
+        for i, mult in reversed(list(enumerate(cfg.channel_mult))):
+            out_ch, res, attn = cfg.channels * mult, [], []
+            for _ in range(cfg.num_res_blocks + 1):
+                in_ch = ch + skip_chs.pop()
+                res.append(ResBlock(in_ch, out_ch, emb_dim, cfg.dropout, groups))
+                ch = out_ch
+                attn.append(attention(ch, resolutions[i]))
+            self.up.append(Level(res, attn, Upsample(ch) if i > 0 else None))
+
+        self.norm_out = group_norm(ch, groups)
+        self.conv_out = zero_(nn.Conv2d(ch, cfg.in_channels, 3, padding=1))
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        """Predict epsilon (or x_0, v) from x_t [B, C, H, W], t [B] and labels y [B]."""
+        cfg = self.config
+        expected = (cfg.in_channels, cfg.image_size, cfg.image_size)
+        if x.ndim != 4 or tuple(x.shape[1:]) != expected:
+            raise ValueError(f"x must have shape [B, {expected[0]}, {expected[1]}, {expected[2]}], got {list(x.shape)}")
+        B = x.shape[0]
+        if t.ndim == 0:
+            t = t.expand(B)
+        if tuple(t.shape) != (B,):
+            raise ValueError(f"t must have shape [{B}] or be 0-d, got {list(t.shape)}")
+
+        emb = self.time_mlp(timestep_embedding(t, cfg.channels).to(x.dtype))
+        if self.class_emb is None:
+            if y is not None:
+                raise ValueError("y was given but the net is unconditional (num_classes=None)")
+        else:
+            if y is None:
+                y = torch.full((B,), cfg.num_classes, dtype=torch.long, device=x.device)
+            elif tuple(y.shape) != (B,):
+                raise ValueError(f"y must have shape [{B}], got {list(y.shape)}")
+            emb = emb + self.class_emb(y)
+
+        h = self.conv_in(x)
+        hs = [h]
+        for level in self.down:
+            for res, attn in zip(level.res, level.attn):
+                h = attn(res(h, emb))
+                hs.append(h)
+            if level.resample is not None:
+                h = level.resample(h)
+                hs.append(h)
+
+        h = self.mid_res2(self.mid_attn(self.mid_res1(h, emb)), emb)
+
+        for level in self.up:
+            for res, attn in zip(level.res, level.attn):
+                h = attn(res(torch.cat([h, hs.pop()], dim=1), emb))
+            if level.resample is not None:
+                h = level.resample(h)
+
+        return self.conv_out(F.silu(self.norm_out(h)))
