@@ -119,8 +119,8 @@ class DiffusionModule(pl.LightningModule):
             raise ValueError("a class-conditional net needs batches of (images, labels)")
         return x, y
 
-    def model_step(self, batch: Any, generator: torch.Generator | None = None) -> Tensor:
-        """Per-sample loss [B] of one batch at uniformly drawn timesteps (Ho et al. Algorithm 1)."""
+    def model_step(self, batch: Any, generator: torch.Generator | None = None, net: UNet | None = None) -> Tensor:
+        """Per-sample loss [B] of ``net`` (default: the trained net) at uniform timesteps (Ho et al. Algorithm 1)."""
         x0, y = self._split_batch(batch)
         ab_table = self.alphas_cumprod(x0.device)
         t = torch.randint(0, self.config.T, (x0.shape[0],), device=x0.device, generator=generator)
@@ -128,7 +128,7 @@ class DiffusionModule(pl.LightningModule):
         ab = ab_table[t].to(x0.dtype)
         x_t = samplers.q_sample(x0, t, ab_table, noise)
         target = predictions.target(self.config.prediction, x0, noise, ab.view(-1, *[1] * (x0.ndim - 1)))
-        return self.loss_fn(self.net(x_t, t, y), target, ab)
+        return self.loss_fn((net or self.net)(x_t, t, y), target, ab)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         loss = self.model_step(batch).mean()
@@ -137,10 +137,13 @@ class DiffusionModule(pl.LightningModule):
         return loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
-        generator = torch.Generator(device=self.device).manual_seed(batch_idx)
-        loss = self.model_step(batch, generator=generator).mean()
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
-        return loss
+        """Loss of the trained and the EMA weights at timesteps and noise fixed per batch index."""
+        losses = {}
+        for name, net in (("val/loss", self.net), ("val/loss_ema", self.ema)):
+            generator = torch.Generator(device=self.device).manual_seed(batch_idx)
+            losses[name] = self.model_step(batch, generator=generator, net=net).mean()
+        self.log_dict(losses, prog_bar=True, sync_dist=True)
+        return losses["val/loss"]
 
     def configure_optimizers(self) -> dict[str, Any]:
         o = self.optim
@@ -150,12 +153,23 @@ class DiffusionModule(pl.LightningModule):
         total = None
         if o.lr_scheduler == "cosine":
             total = self.trainer.estimated_stepping_batches
-            if not math.isfinite(total):
-                raise ValueError("optim.lr_scheduler='cosine' needs a finite run: set max_steps or max_epochs")
-        lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, WarmupCosine(o.warmup_steps, None if total is None else int(total), o.min_lr_ratio)
-        )
+            if not math.isfinite(total) or total < 1:
+                raise ValueError(
+                    f"optim.lr_scheduler='cosine' needs a known run length, got {total} steps: "
+                    "set max_steps or max_epochs (with a sized dataloader)"
+                )
+        schedule = WarmupCosine(o.warmup_steps, None if total is None else int(total), o.min_lr_ratio)
+        # A plain function is not stored in the lr_scheduler state, so a resumed run with a new
+        # length follows its own horizon instead of the checkpoint's.
+        lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule(step))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": lr_scheduler, "interval": "step"}}
+
+    def on_train_start(self) -> None:
+        """Set each lr from the current schedule (a resumed optimizer carries the checkpoint's lr)."""
+        for config in self.trainer.lr_scheduler_configs:
+            s = config.scheduler
+            for group, base, fn in zip(s.optimizer.param_groups, s.base_lrs, s.lr_lambdas):
+                group["lr"] = base * fn(s.last_epoch)
 
     def configure_gradient_clipping(
         self,
@@ -184,7 +198,12 @@ class DiffusionModule(pl.LightningModule):
             for ema_buffer, buffer in zip(self.ema.buffers(), self.net.buffers()):
                 ema_buffer.copy_(buffer)
 
-    @torch.inference_mode()
+    def train(self, mode: bool = True) -> DiffusionModule:
+        """Set train/eval mode; the EMA copy is only ever evaluated, so it stays in eval mode."""
+        super().train(mode)
+        self.ema.eval()
+        return self
+
     def sample_batches(
         self,
         n: int,
@@ -197,24 +216,42 @@ class DiffusionModule(pl.LightningModule):
         use_ema: bool = True,
         callback: Callable[[dict[str, Any]], None] | None = None,
     ) -> Iterator[Tensor]:
-        """Yield ``n`` images in chunks of ``batch_size`` on the CPU; image i depends only on (seed, i)."""
+        """Iterate over ``n`` images in CPU chunks of ``batch_size``; image i depends only on (seed, i).
+
+        Arguments are checked at the call. ``use_ema=False`` samples the raw weights, in eval mode
+        while the iteration runs.
+        """
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"n={n!r} is invalid; allowed: an integer >= 1")
         batch_size = n if batch_size is None else batch_size
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r} is invalid; allowed: an integer >= 1")
         run = self.config.sampler_fn(sampler, steps, eta)
-        net = self.ema if use_ema else self.net
-        was_training = net.training
-        net.eval()
+        SampleNoise(seed)  # validates the seed now rather than at the first chunk
+        return self._chunks(run, n, seed, batch_size, self.ema if use_ema else self.net, callback)
+
+    def _chunks(
+        self,
+        run: Callable[..., Tensor],
+        n: int,
+        seed: int,
+        batch_size: int,
+        net: UNet,
+        callback: Callable[[dict[str, Any]], None] | None,
+    ) -> Iterator[Tensor]:
+        """Draw the chunks of ``sample_batches`` with ``net`` in eval mode."""
         shape = (self.config.channels, self.config.image_size, self.config.image_size)
         ab = self.alphas_cumprod(self.device)
+        was_training = net.training
+        net.eval()
         try:
             for start in range(0, n, batch_size):
                 noise = SampleNoise(seed, start)
                 x_T = noise.randn_like(torch.empty(min(batch_size, n - start), *shape, device=self.device))
                 chunk_callback = None if callback is None else (lambda info, s=start: callback({**info, "start": s}))
-                yield run(net, x_T, ab, generator=noise, callback=chunk_callback).cpu()
+                with torch.no_grad():
+                    x_0 = run(net, x_T, ab, generator=noise, callback=chunk_callback)
+                yield x_0.cpu()
         finally:
             net.train(was_training)
 

@@ -1,0 +1,62 @@
+"""Shared fixtures: a tiny 8x8 U-Net and a deterministic toy image set.
+
+The plain helpers (``TINY_NET_KWARGS``, ``make_toy_images``) are also imported by the
+``tests/ddp_fit.py`` script, which runs outside pytest.
+"""
+
+from __future__ import annotations
+
+import os
+
+# No telemetry from any tool the tests (or their subprocesses) may import.
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+TINY_NET_KWARGS = {
+    "channels": 16,
+    "channel_mult": (1, 2),
+    "attn_resolutions": (4,),
+    "num_heads": 2,
+    "norm_groups": 8,
+    "dropout": 0.0,
+    "image_size": 8,
+    "in_channels": 1,
+}
+
+
+def make_toy_images(n: int = 256, seed: int = 0, size: int = 8) -> torch.Tensor:
+    """``n`` images [n, 1, size, size] in [-1, 1]: a bar or a square blob on a dark background.
+
+    Pattern k = i % 3 (horizontal bar, vertical bar, 3x3 blob) at a seeded random position,
+    plus a little Gaussian noise; the same (n, seed, size) always gives the same tensor.
+    """
+    g = torch.Generator().manual_seed(seed)
+    x = torch.full((n, 1, size, size), -1.0)
+    pos = torch.randint(0, size - 2, (n, 2), generator=g)
+    for i in range(n):
+        r, c = int(pos[i, 0]), int(pos[i, 1])
+        kind = i % 3
+        if kind == 0:
+            x[i, 0, r, :] = 1.0
+        elif kind == 1:
+            x[i, 0, :, c] = 1.0
+        else:
+            x[i, 0, r : r + 3, c : c + 3] = 1.0
+    x = x + 0.05 * torch.randn(x.shape, generator=g)
+    return x.clamp(-1.0, 1.0)
+
+
+@pytest.fixture(scope="session")
+def tiny_net_kwargs() -> dict:
+    """Keyword arguments of a tiny 8x8 one-channel UNet (shared: extend with ``{**kwargs, ...}``)."""
+    return dict(TINY_NET_KWARGS)
+
+
+@pytest.fixture(scope="session")
+def toy_images() -> torch.Tensor:
+    """256 deterministic 8x8 toy images in [-1, 1] (do not modify in place)."""
+    return make_toy_images(256, seed=0)
