@@ -8,6 +8,7 @@ the field, the value and what is allowed.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from contextvars import ContextVar
 from functools import partial
 from typing import Any, Literal
 
@@ -15,6 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from torch import Tensor
 
 from ddpm import losses, predictions, samplers, schedules
+
+# Name used in error messages while ``Config.from_dict`` validates a section (e.g. "train").
+_ERROR_PREFIX: ContextVar[str | None] = ContextVar("config_error_prefix", default=None)
 
 
 class ConfigError(ValueError):
@@ -40,7 +44,7 @@ class Config(BaseModel):
         try:
             super().__init__(**data)
         except ValidationError as e:
-            raise self.error(e, type(self).__name__) from None
+            raise self.error(e, _ERROR_PREFIX.get() or type(self).__name__) from None
 
     @classmethod
     def error(cls, e: ValidationError, prefix: str) -> ConfigError:
@@ -55,10 +59,14 @@ class Config(BaseModel):
             data = {}
         if not isinstance(data, Mapping):
             raise ConfigError(f"{prefix}={data!r}: expected a mapping of keys to values")
+        bad_keys = [k for k in data if not isinstance(k, str)]
+        if bad_keys:
+            raise ConfigError(f"{prefix}: keys must be names, got {bad_keys!r}")
+        token = _ERROR_PREFIX.set(prefix)
         try:
-            return cls.model_validate(dict(data))
-        except ValidationError as e:
-            raise cls.error(e, prefix) from None
+            return cls(**data)
+        finally:
+            _ERROR_PREFIX.reset(token)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON/YAML-compatible dict that ``from_dict`` accepts."""

@@ -1,0 +1,147 @@
+"""Crash-safe files: atomic writes, the exported sampling model, streamed ``.npz`` samples and PNG grids.
+
+Every writer goes to a temporary file in the destination folder and renames it into place,
+so an interrupted stage leaves the old file or the new one, never a truncated file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import uuid
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+MODEL_FORMAT = "ddpm-model/1"
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success rename it to ``path``, on failure delete it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | Path, data: dict[str, Any]) -> None:
+    """Write ``data`` as indented JSON, atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def write_csv(path: str | Path, header: list[str], rows: list[list[Any]]) -> None:
+    """Write a small CSV table (a DVC plot), atomically."""
+    lines = [",".join(header)] + [",".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in r) for r in rows]
+    with atomic_path(path) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+
+
+def save_model(path: str | Path, net_config: dict, config: dict, state_dict: dict[str, torch.Tensor]) -> None:
+    """Save a sampling model (network config, DDPMConfig and weights) loadable with weights_only=True."""
+    payload = {"format": MODEL_FORMAT, "net": net_config, "config": config, "state_dict": state_dict}
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_payload(path: str | Path, what: str, required: set[str]) -> dict[str, Any]:
+    """torch.load a dict with weights_only=True; name the file and the problem on any failure."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, corrupt, or a pickle that would run code
+        raise ValueError(f"cannot load {what} {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    if not isinstance(payload, dict) or not required <= payload.keys():
+        raise ValueError(f"{path} is not a {what} (expected keys {sorted(required)})")
+    return payload
+
+
+class NpzWriter:
+    """Stream a uint8 array ``arr_0`` [N, ...] into an ``.npz`` chunk by chunk (bounded memory), atomically."""
+
+    def __init__(self, path: str | Path, shape: tuple[int, ...]) -> None:
+        self.path, self.shape, self.written = Path(path), tuple(shape), 0
+        self._atomic = atomic_path(self.path)
+        self._zip: zipfile.ZipFile | None = None
+        self._entry: IO[bytes] | None = None
+
+    def __enter__(self) -> NpzWriter:
+        tmp = self._atomic.__enter__()
+        self._zip = zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
+        self._entry = self._zip.open("arr_0.npy", "w", force_zip64=True)
+        header = {
+            "descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
+            "fortran_order": False,
+            "shape": self.shape,
+        }
+        np.lib.format.write_array_header_2_0(self._entry, header)
+        return self
+
+    def write(self, chunk: np.ndarray) -> None:
+        """Append rows; their dtype and trailing shape must match."""
+        if chunk.dtype != np.uint8 or chunk.shape[1:] != self.shape[1:]:
+            raise ValueError(f"chunk {chunk.dtype} {chunk.shape} does not match uint8 [N, {self.shape[1:]}]")
+        if self.written + len(chunk) > self.shape[0]:
+            raise ValueError(f"more than the declared {self.shape[0]} rows")
+        self._entry.write(np.ascontiguousarray(chunk).tobytes())
+        self.written += len(chunk)
+
+    def __exit__(self, *exc: Any) -> None:
+        self._entry.close()
+        self._zip.close()
+        if exc[0] is None and self.written != self.shape[0]:
+            exc = (ValueError, ValueError(f"wrote {self.written} of {self.shape[0]} rows"), None)
+            self._atomic.__exit__(*exc)
+            raise exc[1]
+        self._atomic.__exit__(*exc)
+
+
+def load_samples(path: str | Path) -> np.ndarray:
+    """Load ``arr_0`` uint8 [N, H, W, C] from a samples ``.npz``; name the file and the mismatch on error."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"samples not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arr = f["arr_0"]
+    except Exception as e:
+        raise ValueError(f"cannot read samples {path}: {type(e).__name__}: {e}") from None
+    if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] not in (1, 3):
+        raise ValueError(f"{path}: arr_0 must be uint8 [N, H, W, C] with C in (1, 3), got {arr.dtype} {arr.shape}")
+    return arr
+
+
+def grid(images: np.ndarray, ncol: int, pad: int = 2) -> np.ndarray:
+    """Tile uint8 [N, H, W, C] into one uint8 image with ``ncol`` columns and white padding."""
+    n, h, w, c = images.shape
+    rows = -(-n // ncol)
+    tiles = np.full((rows * ncol, h + pad, w + pad, c), 255, dtype=np.uint8)
+    tiles[:n, :h, :w] = images
+    out = tiles.reshape(rows, ncol, h + pad, w + pad, c).transpose(0, 2, 1, 3, 4)
+    out = out.reshape(rows * (h + pad), ncol * (w + pad), c)
+    return np.pad(out, ((pad, 0), (pad, 0), (0, 0)), constant_values=255)
+
+
+def save_png(path: str | Path, image: np.ndarray, scale: int = 1) -> None:
+    """Save a uint8 [H, W, C] image as PNG (nearest-neighbour upscaled by ``scale``), atomically."""
+    img = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG")
