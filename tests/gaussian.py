@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ddpm.noise import SampleNoise
+
 
 class GaussianOracle:
     """Closed-form E[eps | x_t], E[x0 | x_t] and v for data N(mu, s^2) under alphas_cumprod."""
@@ -34,3 +36,46 @@ class GaussianOracle:
 def normal(n: int, seed: int = 0, dtype: torch.dtype = torch.float64) -> Tensor:
     """n standard normal scalars shaped [n, 1]."""
     return torch.randn(n, 1, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def edm_denoiser(mu: float, s: float):
+    """Exact D(x; sigma) = mu + (x - mu) s^2 / (s^2 + sigma^2) for data N(mu, s^2); sigma is a Tensor [B]."""
+
+    def denoiser(x: Tensor, sigma: Tensor) -> Tensor:
+        s2 = sigma.to(x.dtype).reshape(-1, *[1] * (x.ndim - 1)) ** 2
+        return mu + (x - mu) * s**2 / (s**2 + s2)
+
+    return denoiser
+
+
+class ImpulseNoise(SampleNoise):
+    """Noise draw k is 1 in row ``first + k`` and 0 elsewhere.
+
+    For an affine sampler (an exact Gaussian denoiser makes every step affine), one run on rows
+    [0, 1, 0, 0, ...] gives the map x_T -> x_0 (rows 0 and 1) and the gain of every noise draw
+    (row first + k), hence the exact output mean and variance; see ``exact_moments``.
+    """
+
+    def __init__(self, first: int = 2) -> None:
+        super().__init__(0)
+        self.first = first
+
+    def randn_like(self, x: Tensor) -> Tensor:
+        z = torch.zeros_like(x)
+        if self.first + self.draws < len(x):
+            z[self.first + self.draws] = 1
+        self.draws += 1
+        return z
+
+
+def exact_moments(sampler, denoiser, sigmas: Tensor, **kw) -> tuple[float, float]:
+    """Exact mean and std of ``sampler`` output for scalar x = sigmas[0] * N(0, 1), at most len(sigmas) draws."""
+    n_draws = len(sigmas)
+    x = torch.zeros(2 + n_draws + 1, 1, dtype=torch.float64)
+    x[1] = 1.0
+    noise = ImpulseNoise()
+    out = sampler(denoiser, x, sigmas, generator=noise, **kw)[:, 0]
+    assert noise.draws <= n_draws
+    b = out[0].item()
+    slope, gains = out[1].item() - b, out[2:] - b
+    return b, (slope**2 * sigmas[0].item() ** 2 + (gains**2).sum().item()) ** 0.5

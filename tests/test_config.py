@@ -1,7 +1,10 @@
+import math
+
 import pytest
+import torch
 import yaml
 
-from ddpm import samplers
+from ddpm import losses, preconditioning, samplers, schedules
 from ddpm.config import ConfigError, DDPMConfig, EMAConfig, OptimConfig
 from ddpm.nets import UNetConfig
 
@@ -39,7 +42,10 @@ def test_class_methods_for_the_well_known_models():
             "DDPMConfig.schedule='quadratic': Input should be 'linear', 'cosine', 'exp' or 'sigmoid'",
         ),
         ({"prediction": "score"}, "prediction='score': Input should be 'epsilon', 'x0' or 'v'"),
-        ({"sampler": "euler"}, "sampler='euler': Input should be 'ddim' or 'ddpm'"),
+        (
+            {"sampler": "plms"},
+            "sampler='plms': Input should be 'ddim', 'ddpm', 'euler', 'heun', 'euler_maruyama' or 'dpmpp_2m'",
+        ),
         ({"eta": 1.5}, "eta=1.5: Input should be less than or equal to 1"),
         ({"T": 0}, "T=0: Input should be greater than or equal to 2"),
         ({"steps": 2000}, "steps=2000 exceeds T=1000"),
@@ -96,3 +102,111 @@ def test_alphas_cumprod_and_loss_follow_the_config():
     assert cfg.alphas_cumprod().shape == (100,)
     loss = cfg.loss_fn()
     assert (loss.loss, loss.weighting, loss.prediction) == ("huber", "min_snr", "x0")
+
+
+# ---------------------------------------------------------------- the EDM families
+
+
+def test_edm_vp_ve_class_methods():
+    edm = DDPMConfig.from_edm()
+    assert (edm.preconditioning, edm.sampler, edm.steps, edm.sigma_schedule, edm.clip) == (
+        "edm",
+        "heun",
+        18,
+        "karras",
+        False,
+    )
+    assert (edm.sigma_min, edm.sigma_max, edm.rho, edm.sigma_data, edm.P_mean, edm.P_std) == (
+        0.002,
+        80,
+        7,
+        0.5,
+        -1.2,
+        1.2,
+    )
+    vp, ve = DDPMConfig.from_vp(), DDPMConfig.from_ve(steps=30)
+    assert (vp.preconditioning, vp.beta_d, vp.beta_min, vp.epsilon_t) == ("vp", 19.9, 0.1, 1e-5)
+    assert (ve.preconditioning, ve.sigma_min, ve.sigma_max, ve.steps) == ("ve", 0.02, 100.0, 30)
+    assert isinstance(edm.preconditioner(), preconditioning.EDM)
+    assert vp.preconditioner() == preconditioning.VP(19.9, 0.1, 1e-5)
+    assert ve.preconditioner() == preconditioning.VE(0.02, 100.0)
+    assert isinstance(DDPMConfig().preconditioner(), preconditioning.DDPM)
+    assert isinstance(edm.loss_fn(), losses.DenoiserLoss) and isinstance(DDPMConfig().loss_fn(), losses.DiffusionLoss)
+    for cfg in (edm, vp, ve, DDPMConfig(S_tmax=10.0, S_churn=5.0, p_uncond=0.1, guidance=3.0)):
+        assert DDPMConfig.from_dict(yaml.safe_load(yaml.safe_dump(cfg.to_dict()))) == cfg
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"preconditioning": "flow"}, "preconditioning='flow': Input should be 'ddpm', 'edm', 'vp' or 've'"),
+        ({"preconditioning": "edm"}, "sampler='ddim' needs preconditioning='ddpm'; 'edm' allows euler, heun,"),
+        ({"preconditioning": "vp", "sampler": "ddpm"}, "sampler='ddpm' needs preconditioning='ddpm'"),
+        ({"preconditioning": "edm", "sampler": "heun", "prediction": "v"}, "prediction='v' applies to"),
+        ({"preconditioning": "ve", "sampler": "euler", "weighting": "min_snr"}, "weighting='min_snr' applies to"),
+        ({"sigma_min": 2.0, "sigma_max": 1.0}, "sigma_min=2.0 >= sigma_max=1.0"),
+        ({"S_tmin": 5.0, "S_tmax": 1.0}, "S_tmin=5.0 > S_tmax=1.0"),
+        (
+            {"sigma_schedule": "linear"},
+            "sigma_schedule='linear': Input should be 'karras', 'exponential', 'vp' or 've'",
+        ),
+        ({"guidance": -1}, "guidance=-1: Input should be greater than or equal to 0"),
+        ({"p_uncond": 1.5}, "p_uncond=1.5: Input should be less than or equal to 1"),
+        ({"epsilon_t": 0}, "epsilon_t=0: Input should be greater than 0"),
+        ({"S_churn": -1}, "S_churn=-1: Input should be greater than or equal to 0"),
+    ],
+)
+def test_invalid_family_fields_give_one_line(data, message):
+    with pytest.raises(ConfigError) as info:
+        DDPMConfig(**data)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_edm_steps_are_not_bounded_by_T():
+    assert DDPMConfig.from_edm(T=10, steps=40).steps == 40
+
+
+def test_sampler_fn_binds_the_sigma_samplers():
+    cfg = DDPMConfig(S_churn=12.0, S_tmin=0.05, S_noise=1.003)
+    heun = cfg.sampler_fn("heun", steps=20)
+    assert heun.func is samplers.heun
+    assert heun.keywords == {"S_churn": 12.0, "S_tmin": 0.05, "S_tmax": math.inf, "S_noise": 1.003}
+    assert cfg.sampler_fn("euler").func is samplers.euler
+    for name in ("dpmpp_2m", "euler_maruyama"):
+        fn = cfg.sampler_fn(name)
+        assert fn.func is samplers.SAMPLERS[name] and fn.keywords == {}
+    with pytest.raises(ConfigError, match="eta=0.5 applies to the ddim sampler only, not 'heun'"):
+        cfg.sampler_fn("heun", eta=0.5)
+    with pytest.raises(ConfigError, match="sampler='ddim' needs preconditioning='ddpm'"):
+        DDPMConfig.from_edm().sampler_fn("ddim")
+
+
+def test_sigmas_of_every_sampler():
+    cfg = DDPMConfig(T=1000, steps=20)
+    ab = cfg.alphas_cumprod()
+    ddim = cfg.sigmas()
+    torch.testing.assert_close(ddim[:-1], schedules.sigma(ab[samplers.ddim_timesteps(1000, 20)]))
+    assert ddim[-1] == 0 and len(ddim) == 21
+    torch.testing.assert_close(cfg.sigmas("ddpm")[:-1], schedules.sigma(ab[samplers.respaced_timesteps(1000, 20)]))
+    edm = DDPMConfig.from_edm(rho=3.0)
+    torch.testing.assert_close(edm.sigmas(steps=7), samplers.karras_sigmas(7, 0.002, 80.0, 3.0))
+    torch.testing.assert_close(
+        edm.replace(sigma_schedule="vp", beta_d=10.0).sigmas(), samplers.vp_sigmas(18, 0.002, 80.0, 10.0, 0.1)
+    )
+    # a ddpm model under a sigma sampler: within the trained range, on trained sigmas
+    snapped = cfg.sigmas("dpmpp_2m")
+    trained = schedules.sigma(ab)
+    assert len(snapped) == 21 and snapped[-1] == 0
+    assert set(snapped[:-1].tolist()) <= set(trained.tolist())
+    assert snapped[0].item() == pytest.approx(80.0, rel=0.01) and snapped[-2] == trained[0]
+    assert len(cfg.replace(T=30, steps=30).sigmas("heun")) <= 31  # repeats merge
+    with pytest.raises(ConfigError, match=r"miss the trained range"):
+        cfg.replace(sigma_min=200.0, sigma_max=300.0).sigmas("heun")
+
+
+def test_nfe_counts_network_calls_per_image():
+    cfg = DDPMConfig()
+    assert cfg.nfe("ddim", 50) == 50 and cfg.nfe("ddpm", 1000) == 1000
+    edm = DDPMConfig.from_edm()
+    assert edm.nfe("heun", 18) == 35 and edm.nfe("euler", 18) == 18 and edm.nfe("dpmpp_2m", 10) == 10
+    assert edm.nfe("heun", 18, guidance=2.0) == 70 and edm.nfe("heun", 18, guidance=1.0) == 35

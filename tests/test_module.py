@@ -407,7 +407,7 @@ def test_config_net_mismatch_raises(tiny_net_kwargs):
         ({"n": 2.0}, ValueError, r"n=2.0 is invalid"),
         ({"n": True}, ValueError, r"n=True is invalid"),
         ({"n": 2, "batch_size": 0}, ValueError, r"batch_size=0 is invalid"),
-        ({"n": 2, "sampler": "euler"}, ConfigError, r"sampler='euler'"),
+        ({"n": 2, "sampler": "plms"}, ConfigError, r"sampler='plms'"),
         ({"n": 2, "steps": T + 1}, ConfigError, rf"steps={T + 1} exceeds T={T}"),
         ({"n": 2, "steps": 0}, ConfigError, r"steps=0"),
         ({"n": 2, "sampler": "ddpm", "eta": 0.5}, ConfigError, r"eta=0.5 applies to the ddim sampler only"),

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from ddpm import samplers, schedules
+from ddpm.noise import SampleNoise
 from gaussian import GaussianOracle, normal
 
 AB = schedules.alphas_cumprod("linear", 1000)
@@ -290,3 +291,25 @@ def test_deterministic_ddim_matches_diffusers_scheduler(spacing):
         x = sched.step(ORACLE.eps(x, t.repeat(len(x))), t, x, eta=0.0).prev_sample
     ours = samplers.ddim(ORACLE.eps, x_T, AB, steps=20, spacing=spacing)
     torch.testing.assert_close(ours, x, rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------- partial runs (RePaint segments)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_segments_run_back_to_back_equal_the_whole_run(sampler):
+    fn = samplers.SAMPLERS[sampler]
+    kw = {"steps": 12, **({"eta": 0.5} if sampler == "ddim" else {})}
+    x_T = normal(16, seed=4)
+    whole = fn(ORACLE.eps, x_T, AB, generator=SampleNoise(1), **kw)
+    noise, seen = SampleNoise(1), []
+    x = fn(ORACLE.eps, x_T, AB, generator=noise, stop=5, callback=seen.append, **kw)
+    x = fn(ORACLE.eps, x, AB, generator=noise, start=5, callback=seen.append, **kw)
+    torch.testing.assert_close(x, whole, rtol=0, atol=0)
+    assert [s["i"] for s in seen] == list(range(12))
+
+
+@pytest.mark.parametrize(("start", "stop"), [(-1, None), (3, 3), (0, 11), (2.0, None), (True, None)])
+def test_bad_segments_raise_clear_errors(start, stop):
+    with pytest.raises(ValueError, match=r"allowed: integers 0 <= start < stop <= 10"):
+        samplers.ddim(ORACLE.eps, normal(2), AB, steps=10, start=start, stop=stop)

@@ -1,4 +1,4 @@
-"""Typed, validated configuration: ``DDPMConfig`` (schedule, loss, sampler), optimizer and EMA.
+"""Typed, validated configuration: ``DDPMConfig`` (family, schedule, loss, sampler), optimizer and EMA.
 
 Every config is a frozen pydantic model that round-trips through a plain dict (a
 ``params.yaml`` section). An invalid field raises :class:`ConfigError`, one line naming
@@ -7,15 +7,17 @@ the field, the value and what is allowed.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from contextvars import ContextVar
 from functools import partial
 from typing import Any, Literal
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import Tensor
 
-from ddpm import losses, predictions, samplers, schedules
+from ddpm import losses, preconditioning, predictions, samplers, schedules
 
 # Name used in error messages while ``Config.from_dict`` validates a section (e.g. "train").
 _ERROR_PREFIX: ContextVar[str | None] = ContextVar("config_error_prefix", default=None)
@@ -80,10 +82,19 @@ WeightingName = Literal[losses.WEIGHTINGS]  # type: ignore[valid-type]
 SamplerName = Literal[tuple(samplers.SAMPLERS)]  # type: ignore[valid-type]
 SpacingName = Literal[samplers.SPACINGS]  # type: ignore[valid-type]
 VarianceName = Literal[samplers.VARIANCES]  # type: ignore[valid-type]
+PreconditioningName = Literal[("ddpm", *preconditioning.PRECONDITIONINGS)]  # type: ignore[valid-type]
+SigmaScheduleName = Literal[tuple(samplers.SIGMA_SCHEDULES)]  # type: ignore[valid-type]
 
 
 class DDPMConfig(Config):
-    """Noise schedule, prediction target, loss and default sampler of a discrete diffusion model."""
+    """Model family, noise schedule, training loss and default sampler of a diffusion model.
+
+    ``preconditioning='ddpm'`` is a discrete-time model (``schedule``, ``T``, ``prediction``, ``weighting``);
+    ``edm``, ``vp`` and ``ve`` are the continuous families of Karras et al. 2022, Table 1, each with its own
+    training noise distribution and loss weighting. Every family samples with the sigma samplers (a ddpm
+    model through sigma = sqrt((1 - alpha_bar) / alpha_bar), snapped to its timesteps); ddpm and ddim
+    need a ddpm model.
+    """
 
     image_size: int = Field(28, ge=1, description="image height and width in pixels")
     channels: int = Field(1, ge=1, description="image channels (1 grey, 3 RGB)")
@@ -100,11 +111,44 @@ class DDPMConfig(Config):
     spacing: SpacingName = Field("leading", description="DDIM timestep spacing")
     variance: VarianceName = Field("beta_tilde", description="DDPM reverse variance")
     clip: bool = Field(True, description="clip the predicted x0 to [-1, 1] while sampling")
+    preconditioning: PreconditioningName = Field("ddpm", description="model family: ddpm, or EDM's edm, vp, ve")
+    sigma_schedule: SigmaScheduleName = Field("karras", description="noise levels of the sigma samplers")
+    sigma_min: float = Field(0.002, gt=0, description="lowest nonzero sampling sigma (ve: also in training)")
+    sigma_max: float = Field(80.0, gt=0, description="highest sampling sigma (ve: also in training)")
+    rho: float = Field(7.0, gt=0, description="exponent of the karras sigma schedule")
+    sigma_data: float = Field(0.5, gt=0, description="edm: standard deviation of the data")
+    P_mean: float = Field(-1.2, description="edm: mean of ln(sigma) in training")
+    P_std: float = Field(1.2, gt=0, description="edm: standard deviation of ln(sigma) in training")
+    beta_d: float = Field(19.9, gt=0, description="vp: beta_d of sigma(t) (also of the vp sigma schedule)")
+    beta_min: float = Field(0.1, gt=0, description="vp: beta_min of sigma(t) (also of the vp sigma schedule)")
+    epsilon_t: float = Field(1e-5, gt=0, lt=1, description="vp: lowest training t")
+    S_churn: float = Field(0.0, ge=0, description="euler/heun: total churn of EDM Algorithm 2 (0 deterministic)")
+    S_tmin: float = Field(0.0, ge=0, description="euler/heun: churn only where sigma >= S_tmin")
+    S_tmax: float | None = Field(None, ge=0, description="euler/heun: churn only where sigma <= S_tmax; null = inf")
+    S_noise: float = Field(1.0, gt=0, description="euler/heun: scale of the churn noise")
+    p_uncond: float = Field(0.0, ge=0, le=1, description="probability of training on the null class label")
+    guidance: float = Field(1.0, ge=0, description="classifier-free guidance w (1 conditional, 0 unconditional)")
 
     @model_validator(mode="after")
-    def _steps_within_T(self) -> DDPMConfig:
-        if self.steps > self.T:
+    def _consistent(self) -> DDPMConfig:
+        family = self.preconditioning
+        if family == "ddpm" and self.steps > self.T:
             raise ValueError(f"steps={self.steps} exceeds T={self.T}; allowed: 1 <= steps <= T")
+        if self.sigma_min >= self.sigma_max:
+            raise ValueError(
+                f"sigma_min={self.sigma_min} >= sigma_max={self.sigma_max}; allowed: sigma_min < sigma_max"
+            )
+        if self.S_tmax is not None and self.S_tmin > self.S_tmax:
+            raise ValueError(f"S_tmin={self.S_tmin} > S_tmax={self.S_tmax}; allowed: S_tmin <= S_tmax")
+        if family != "ddpm" and self.sampler in samplers.TIMESTEP_SAMPLERS:
+            allowed = ", ".join(n for n in samplers.SAMPLERS if n not in samplers.TIMESTEP_SAMPLERS)
+            raise ValueError(f"sampler={self.sampler!r} needs preconditioning='ddpm'; {family!r} allows {allowed}")
+        for name, default in (("prediction", "epsilon"), ("weighting", "uniform")):
+            if family != "ddpm" and getattr(self, name) != default:
+                raise ValueError(
+                    f"{name}={getattr(self, name)!r} applies to preconditioning='ddpm' only; "
+                    f"preconditioning={family!r} fixes its own (EDM Table 1)"
+                )
         return self
 
     @classmethod
@@ -123,13 +167,76 @@ class DDPMConfig(Config):
         """Song et al. 2021: deterministic DDIM (eta = 0) with 50 leading-spaced steps."""
         return cls(**{"schedule": schedule, "sampler": "ddim", "steps": 50, "eta": 0.0, **overrides})
 
+    @classmethod
+    def from_edm(cls, **overrides: Any) -> DDPMConfig:
+        """Karras et al. 2022 (EDM): EDM preconditioning and training, Heun (Algorithm 1) over 18 karras steps."""
+        return cls(**{"preconditioning": "edm", **_SIGMA_SAMPLING, **overrides})
+
+    @classmethod
+    def from_vp(cls, **overrides: Any) -> DDPMConfig:
+        """Song et al. 2021 VP-SDE as in EDM Table 1 (preconditioning, uniform-t training); EDM's Heun sampler."""
+        return cls(**{"preconditioning": "vp", **_SIGMA_SAMPLING, **overrides})
+
+    @classmethod
+    def from_ve(cls, **overrides: Any) -> DDPMConfig:
+        """Song et al. 2021 VE-SDE as in EDM Table 1 (sigma in [0.02, 100], log-uniform); EDM's Heun sampler."""
+        return cls(**{"preconditioning": "ve", **_SIGMA_SAMPLING, "sigma_min": 0.02, "sigma_max": 100.0, **overrides})
+
     def alphas_cumprod(self) -> Tensor:
         """alpha_bar table [T] of this config's schedule (float64)."""
         return schedules.alphas_cumprod(self.schedule, self.T)
 
-    def loss_fn(self) -> losses.DiffusionLoss:
-        """The per-sample training loss of this config."""
+    def loss_fn(self) -> losses.DiffusionLoss | losses.DenoiserLoss:
+        """The per-sample training loss of this config (a denoiser loss for edm, vp and ve)."""
+        if self.preconditioning != "ddpm":
+            return losses.DenoiserLoss(self.loss, self.huber_delta)
         return losses.DiffusionLoss(self.loss, self.prediction, self.weighting, self.snr_gamma, self.huber_delta)
+
+    def preconditioner(
+        self, alphas_cumprod: Tensor | None = None
+    ) -> preconditioning.EDM | preconditioning.VP | preconditioning.VE | preconditioning.DDPM:
+        """This family's preconditioning; for ddpm, the sigma view of ``alphas_cumprod`` (default: the config's)."""
+        if self.preconditioning == "ddpm":
+            table = self.alphas_cumprod() if alphas_cumprod is None else alphas_cumprod
+            return preconditioning.DDPM(table, self.prediction)
+        if self.preconditioning == "edm":
+            return preconditioning.EDM(self.sigma_data, self.P_mean, self.P_std)
+        if self.preconditioning == "vp":
+            return preconditioning.VP(self.beta_d, self.beta_min, self.epsilon_t)
+        return preconditioning.VE(self.sigma_min, self.sigma_max)
+
+    def sigmas(self, sampler: str | None = None, steps: int | None = None) -> Tensor:
+        """Noise levels sigma_0 > ... > sigma_n = 0 the sampler visits (float64 [n + 1]).
+
+        For ddpm and ddim, those of their timesteps; for a sigma sampler on a ddpm model, the sigma schedule
+        within the trained range, snapped to trained timesteps (repeats merged, so possibly fewer steps).
+        """
+        cfg = self.replace(sampler=sampler, steps=steps)
+        if cfg.sampler == "ddim":
+            t = samplers.ddim_timesteps(cfg.T, cfg.steps, cfg.spacing)
+        elif cfg.sampler == "ddpm":
+            t = samplers.respaced_timesteps(cfg.T, cfg.steps)
+        if cfg.sampler in samplers.TIMESTEP_SAMPLERS:
+            return torch.cat([schedules.sigma(cfg.alphas_cumprod()[t]), torch.zeros(1, dtype=torch.float64)])
+        options = {"karras": {"rho": cfg.rho}, "vp": {"beta_d": cfg.beta_d, "beta_min": cfg.beta_min}}
+        make = partial(samplers.SIGMA_SCHEDULES[cfg.sigma_schedule], cfg.steps, **options.get(cfg.sigma_schedule, {}))
+        if cfg.preconditioning != "ddpm":
+            return make(cfg.sigma_min, cfg.sigma_max)
+        trained = schedules.sigma(cfg.alphas_cumprod())
+        sigma_min, sigma_max = max(cfg.sigma_min, trained[0].item()), min(cfg.sigma_max, trained[-1].item())
+        if sigma_min >= sigma_max:
+            raise ConfigError(
+                f"sigma_min={cfg.sigma_min}, sigma_max={cfg.sigma_max} miss the trained range "
+                f"[{trained[0].item():.4g}, {trained[-1].item():.4g}] of schedule={cfg.schedule!r}, T={cfg.T}"
+            )
+        return cfg.preconditioner().snap(make(sigma_min, sigma_max))
+
+    def nfe(self, sampler: str | None = None, steps: int | None = None, guidance: float | None = None) -> int:
+        """Network evaluations per image: one per step (Heun: 2n - 1), doubled by classifier-free guidance."""
+        cfg = self.replace(sampler=sampler, steps=steps, guidance=guidance)
+        n = len(cfg.sigmas()) - 1
+        calls = 2 * n - 1 if cfg.sampler == "heun" else n
+        return calls if cfg.guidance in (0.0, 1.0) else 2 * calls
 
     def replace(self, **updates: Any) -> DDPMConfig:
         """A validated copy with ``updates`` applied; ``None`` values keep the current setting."""
@@ -141,7 +248,9 @@ class DDPMConfig(Config):
     ) -> Callable[..., Tensor]:
         """The named sampler (default: this config's) bound to this config's options.
 
-        Returns ``f(model_fn, x_T, alphas_cumprod, *, generator=None, callback=None) -> x_0``.
+        ddpm and ddim: ``f(model_fn, x_T, alphas_cumprod, *, generator=None, callback=None) -> x_0``;
+        the sigma samplers: ``f(denoiser, x, sigmas, *, generator=None, callback=None) -> x_0``, with
+        ``sigmas`` from :meth:`sigmas`.
         """
         cfg = self.replace(sampler=sampler, steps=steps, eta=eta)
         common = {"steps": cfg.steps, "prediction": cfg.prediction, "clip": cfg.clip}
@@ -149,7 +258,16 @@ class DDPMConfig(Config):
             return partial(samplers.ddim, **common, eta=cfg.eta, spacing=cfg.spacing)
         if eta is not None:
             raise ConfigError(f"eta={eta!r} applies to the ddim sampler only, not {cfg.sampler!r}")
-        return partial(samplers.ddpm, **common, variance=cfg.variance)
+        if cfg.sampler == "ddpm":
+            return partial(samplers.ddpm, **common, variance=cfg.variance)
+        if cfg.sampler not in samplers.CHURN_SAMPLERS:
+            return partial(samplers.SAMPLERS[cfg.sampler])
+        S_tmax = math.inf if cfg.S_tmax is None else cfg.S_tmax
+        churn = {"S_churn": cfg.S_churn, "S_tmin": cfg.S_tmin, "S_tmax": S_tmax, "S_noise": cfg.S_noise}
+        return partial(samplers.SAMPLERS[cfg.sampler], **churn)
+
+
+_SIGMA_SAMPLING = {"sampler": "heun", "steps": 18, "sigma_schedule": "karras", "clip": False}
 
 
 class OptimConfig(Config):

@@ -3,6 +3,9 @@
 min_snr: Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting Strategy":
 the x0-space weight min(SNR, gamma) re-expressed for each prediction target, since the
 eps-loss is SNR times the x0-loss and the v-loss is (SNR + 1) times the x0-loss.
+
+DenoiserLoss: Karras et al. 2022 (EDM) eq. 2, lambda(sigma) ||D(x0 + n; sigma) - x0||^2, with the
+weighting lambda that comes with the preconditioning (``ddpm.preconditioning``).
 """
 
 from __future__ import annotations
@@ -55,9 +58,30 @@ class DiffusionLoss:
 
     def __call__(self, output: Tensor, target: Tensor, alpha_bar: Tensor) -> Tensor:
         """Loss per sample [B] for outputs [B, ...] at noise levels alpha_bar [B]."""
-        if output.shape != target.shape:
-            raise ValueError(f"output shape {tuple(output.shape)} != target shape {tuple(target.shape)}")
-        per_element = ELEMENTWISE[self.loss](output, target, self.huber_delta)
-        per_sample = per_element.flatten(1).mean(1)
+        per_sample = per_sample_loss(self.loss, output, target, self.huber_delta)
         w = snr_weight(self.weighting, self.prediction, alpha_bar, self.snr_gamma)
         return per_sample * w.to(per_sample.dtype)
+
+
+def per_sample_loss(loss: str, output: Tensor, target: Tensor, huber_delta: float = 1.0) -> Tensor:
+    """Elementwise ``loss`` averaged over all but the batch dimension: [B]."""
+    if output.shape != target.shape:
+        raise ValueError(f"output shape {tuple(output.shape)} != target shape {tuple(target.shape)}")
+    return ELEMENTWISE[loss](output, target, huber_delta).flatten(1).mean(1)
+
+
+@dataclass(frozen=True)
+class DenoiserLoss:
+    """EDM eq. 2 per sample: lambda(sigma) loss(D(x0 + n; sigma), x0); the caller reduces over the batch."""
+
+    loss: str = "mse"
+    huber_delta: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.loss not in ELEMENTWISE:
+            raise ValueError(f"loss={self.loss!r} is unknown; allowed: {', '.join(ELEMENTWISE)}")
+
+    def __call__(self, denoised: Tensor, x0: Tensor, weight: Tensor) -> Tensor:
+        """Loss per sample [B] of denoised images [B, ...] against x0, times lambda(sigma) = weight [B]."""
+        per_sample = per_sample_loss(self.loss, denoised, x0, self.huber_delta)
+        return per_sample * weight.to(per_sample.dtype)

@@ -1,8 +1,11 @@
 """Lightning module that trains a diffusion network and samples from its EMA weights.
 
-Training follows Ho et al. 2020 (Algorithm 1): uniform timesteps, forward noising
-``q_sample`` and a weighted per-sample loss on the configured prediction target.
-Sampling is delegated to :mod:`ddpm.samplers`.
+Training of a ddpm model follows Ho et al. 2020 (Algorithm 1): uniform timesteps, forward
+noising ``q_sample`` and a weighted per-sample loss on the configured prediction target.
+The edm, vp and ve families follow Karras et al. 2022 (EDM) eq. 2: sigma from the family's
+training distribution and the preconditioned denoiser's loss weighted by lambda(sigma).
+Class labels are dropped to the null class with probability ``p_uncond`` (Ho & Salimans 2022).
+Sampling is delegated to :mod:`ddpm.samplers` and :mod:`ddpm.conditioning`.
 """
 
 from __future__ import annotations
@@ -18,10 +21,11 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
-from ddpm import predictions, samplers
+from ddpm import conditioning, predictions, samplers
 from ddpm.config import DDPMConfig, EMAConfig, OptimConfig
 from ddpm.nets import UNet, UNetConfig
 from ddpm.noise import SampleNoise
+from ddpm.preconditioning import Denoiser
 
 
 @dataclass
@@ -42,8 +46,31 @@ class WarmupCosine:
         return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+@dataclass(frozen=True)
+class _Sampling:
+    """What ``sample_batches`` resolved and checked before drawing any chunk."""
+
+    config: DDPMConfig
+    run: Callable[..., Tensor]
+    sigmas: list[float]
+    labels: Tensor | None
+    known: Tensor | None
+    mask: Tensor | None
+    jump_length: int
+    resample: int
+
+
+def _rows(x: Tensor, rows: slice) -> Tensor:
+    """The rows of a per-image tensor [n, ...], or the tensor itself if it has one row shared by all."""
+    return x if len(x) == 1 else x[rows]
+
+
+def _clipped(denoiser: Callable[[Tensor, Tensor], Tensor]) -> Callable[[Tensor, Tensor], Tensor]:
+    return lambda x, sigma: denoiser(x, sigma).clamp(-1, 1)
+
+
 class DiffusionModule(pl.LightningModule):
-    """Trains ``net`` on a discrete diffusion given by ``config``; samples with the EMA copy."""
+    """Trains ``net`` on the diffusion family given by ``config``; samples with the EMA copy."""
 
     def __init__(
         self,
@@ -61,6 +88,11 @@ class DiffusionModule(pl.LightningModule):
             raise ValueError(
                 f"net (in_channels, image_size)={net_shape} does not match the config's "
                 f"(channels, image_size)={(self.config.channels, self.config.image_size)}"
+            )
+        if net.config.num_classes is None and (self.config.p_uncond > 0 or self.config.guidance != 1):
+            raise ValueError(
+                f"config p_uncond={self.config.p_uncond}, guidance={self.config.guidance} need a class-conditional "
+                "net (num_classes); allowed for this net: p_uncond=0, guidance=1"
             )
         self.net = net
         self.ema = copy.deepcopy(net).requires_grad_(False)
@@ -119,16 +151,31 @@ class DiffusionModule(pl.LightningModule):
             raise ValueError("a class-conditional net needs batches of (images, labels)")
         return x, y
 
+    def _drop_labels(self, y: Tensor | None, generator: torch.Generator | None) -> Tensor | None:
+        """Labels with each replaced by the null class (index num_classes) with probability p_uncond."""
+        if y is None or self.config.p_uncond == 0:
+            return y
+        drop = torch.rand(y.shape, device=y.device, generator=generator) < self.config.p_uncond
+        return torch.where(drop, self.net.config.num_classes, y)
+
     def model_step(self, batch: Any, generator: torch.Generator | None = None, net: UNet | None = None) -> Tensor:
-        """Per-sample loss [B] of ``net`` (default: the trained net) at uniform timesteps (Ho et al. Algorithm 1)."""
+        """Per-sample loss [B] of ``net`` (default: the trained net): Ho et al. Algorithm 1, or EDM eq. 2."""
         x0, y = self._split_batch(batch)
-        ab_table = self.alphas_cumprod(x0.device)
-        t = torch.randint(0, self.config.T, (x0.shape[0],), device=x0.device, generator=generator)
+        net = net or self.net
+        if self.config.preconditioning == "ddpm":
+            ab_table = self.alphas_cumprod(x0.device)
+            t = torch.randint(0, self.config.T, (x0.shape[0],), device=x0.device, generator=generator)
+            noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
+            ab = ab_table[t].to(x0.dtype)
+            x_t = samplers.q_sample(x0, t, ab_table, noise)
+            target = predictions.target(self.config.prediction, x0, noise, ab.view(-1, *[1] * (x0.ndim - 1)))
+            return self.loss_fn(net(x_t, t, self._drop_labels(y, generator)), target, ab)
+        precond = self.config.preconditioner()
+        sigma = precond.sample_sigma(x0.shape[0], generator=generator, device=x0.device, dtype=x0.dtype)
         noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
-        ab = ab_table[t].to(x0.dtype)
-        x_t = samplers.q_sample(x0, t, ab_table, noise)
-        target = predictions.target(self.config.prediction, x0, noise, ab.view(-1, *[1] * (x0.ndim - 1)))
-        return self.loss_fn((net or self.net)(x_t, t, y), target, ab)
+        x = x0 + sigma.view(-1, *[1] * (x0.ndim - 1)) * noise
+        denoised = Denoiser(net, precond)(x, sigma, self._drop_labels(y, generator))
+        return self.loss_fn(denoised, x0, precond.weight(sigma))
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         loss = self.model_step(batch).mean()
@@ -215,11 +262,21 @@ class DiffusionModule(pl.LightningModule):
         batch_size: int | None = None,
         use_ema: bool = True,
         callback: Callable[[dict[str, Any]], None] | None = None,
+        labels: int | Tensor | None = None,
+        guidance: float | None = None,
+        known: Tensor | None = None,
+        mask: Tensor | None = None,
+        jump_length: int = 1,
+        resample: int = 1,
     ) -> Iterator[Tensor]:
         """Iterate over ``n`` images in CPU chunks of ``batch_size``; image i depends only on (seed, i).
 
         Arguments are checked at the call. ``use_ema=False`` samples the raw weights, in eval mode
-        while the iteration runs.
+        while the iteration runs. ``labels`` (one class, or one per image) draws those classes from a
+        class-conditional net with classifier-free ``guidance`` w (default: the config's; 1 is the
+        conditional model); without labels it draws from the null class. ``known`` [n or 1, C, H, W]
+        and ``mask`` (True or 1 where known, broadcastable the same way) inpaint: the output equals
+        ``known`` there. ``jump_length`` and ``resample`` add RePaint resampling.
         """
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"n={n!r} is invalid; allowed: an integer >= 1")
@@ -227,12 +284,56 @@ class DiffusionModule(pl.LightningModule):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r} is invalid; allowed: an integer >= 1")
         run = self.config.sampler_fn(sampler, steps, eta)
+        cfg = self.config.replace(sampler=sampler, steps=steps, guidance=guidance)
+        sigmas = cfg.sigmas().tolist()
+        conditioning.repaint_segments(len(sigmas) - 1, jump_length, resample)  # checks both now
+        y = self._check_labels(labels, guidance, n)
+        known, mask = self._check_inpainting(known, mask, n)
         SampleNoise(seed)  # validates the seed now rather than at the first chunk
-        return self._chunks(run, n, seed, batch_size, self.ema if use_ema else self.net, callback)
+        plan = _Sampling(cfg, run, sigmas, y, known, mask, jump_length, resample)
+        return self._chunks(plan, n, seed, batch_size, self.ema if use_ema else self.net, callback)
+
+    def _check_labels(self, labels: int | Tensor | None, guidance: float | None, n: int) -> Tensor | None:
+        """Labels [n] (LongTensor) of the images to draw, or None for the null class."""
+        num_classes = self.net.config.num_classes
+        if labels is None:
+            if guidance is not None:
+                raise ValueError(f"guidance={guidance!r} needs labels (the classes to draw)")
+            return None
+        if num_classes is None:
+            raise ValueError("labels need a class-conditional net (num_classes)")
+        y = torch.as_tensor(labels)
+        y = y.expand(n) if y.ndim == 0 else y
+        if (
+            y.dtype.is_floating_point
+            or y.dtype == torch.bool
+            or y.shape != (n,)
+            or not bool(((y >= 0) & (y < num_classes)).all())
+        ):
+            raise ValueError(f"labels={labels!r} are invalid; allowed: one or {n} integers in [0, {num_classes})")
+        return y.long()
+
+    def _check_inpainting(self, known: Tensor | None, mask: Tensor | None, n: int) -> tuple[Tensor | None, ...]:
+        """The known images and the boolean mask of known pixels (True = known), or (None, None)."""
+        if known is None and mask is None:
+            return None, None
+        shape = (self.config.channels, self.config.image_size, self.config.image_size)
+        for name, x, full in (("known", known, shape), ("mask", mask, (1, *shape[1:]))):
+            if (
+                not isinstance(x, Tensor)
+                or x.ndim != 4
+                or x.shape[0] not in (1, n)
+                or any(d not in (f, g) for d, f, g in zip(x.shape[1:], full, shape))
+            ):
+                got = list(x.shape) if isinstance(x, Tensor) else x
+                raise ValueError(
+                    f"{name}={got!r} is invalid; allowed: a tensor [{n} or 1, {full[0]}, {shape[1]}, {shape[2]}]"
+                )
+        return known.float(), mask != 0
 
     def _chunks(
         self,
-        run: Callable[..., Tensor],
+        plan: _Sampling,
         n: int,
         seed: int,
         batch_size: int,
@@ -241,19 +342,66 @@ class DiffusionModule(pl.LightningModule):
     ) -> Iterator[Tensor]:
         """Draw the chunks of ``sample_batches`` with ``net`` in eval mode."""
         shape = (self.config.channels, self.config.image_size, self.config.image_size)
-        ab = self.alphas_cumprod(self.device)
         was_training = net.training
         net.eval()
         try:
             for start in range(0, n, batch_size):
+                rows = slice(start, min(start + batch_size, n))
                 noise = SampleNoise(seed, start)
-                x_T = noise.randn_like(torch.empty(min(batch_size, n - start), *shape, device=self.device))
+                z = noise.randn_like(torch.empty(rows.stop - start, *shape, device=self.device))
                 chunk_callback = None if callback is None else (lambda info, s=start: callback({**info, "start": s}))
                 with torch.no_grad():
-                    x_0 = run(net, x_T, ab, generator=noise, callback=chunk_callback)
+                    x_0 = self._draw(plan, net, z, rows, noise, chunk_callback)
                 yield x_0.cpu()
         finally:
             net.train(was_training)
+
+    def _draw(
+        self,
+        plan: _Sampling,
+        net: UNet,
+        z: Tensor,
+        rows: slice,
+        noise: SampleNoise,
+        callback: Callable[[dict[str, Any]], None] | None,
+    ) -> Tensor:
+        """One chunk from noise z: the planned sampler on ``net``, guided, inpainted and resampled as asked."""
+        cfg, sigmas = plan.config, plan.sigmas
+        y = None if plan.labels is None else _rows(plan.labels, rows).to(self.device)
+        known = mask = None
+        if plan.known is not None:
+            known, mask = _rows(plan.known, rows).to(z), _rows(plan.mask, rows).to(self.device)
+        null = self.net.config.num_classes
+        if cfg.sampler in samplers.TIMESTEP_SAMPLERS:
+            ab = self.alphas_cumprod(self.device)
+            model_fn = conditioning.classifier_free(net, y, cfg.guidance, null)
+            if known is not None:
+                model_fn = conditioning.masked_model_fn(model_fn, known, mask, ab, cfg.prediction)
+
+            def segment(x: Tensor, a: int, b: int) -> Tensor:
+                return plan.run(model_fn, x, ab, generator=noise, callback=callback, start=a, stop=b)
+
+            x, vp = z, True
+        else:
+            precond = cfg.preconditioner(self.alphas_cumprod(self.device))
+            denoiser = conditioning.classifier_free(Denoiser(net, precond), y, cfg.guidance, null)
+            denoiser = _clipped(denoiser) if cfg.clip else denoiser
+            if known is not None:
+                denoiser = conditioning.masked_denoiser(denoiser, known, mask)
+            levels = torch.tensor(sigmas, dtype=torch.float64)
+            churn = cfg.sampler in samplers.CHURN_SAMPLERS
+
+            def segment(x: Tensor, a: int, b: int) -> Tensor:
+                # a segment's S_churn keeps gamma_i = S_churn / n of the whole n-step schedule
+                options = {"S_churn": cfg.S_churn * (b - a) / (len(sigmas) - 1)} if churn else {}
+                at = None if callback is None else (lambda info: callback({**info, "i": info["i"] + a}))
+                return plan.run(denoiser, x, levels[a : b + 1], generator=noise, callback=at, **options)
+
+            x, vp = sigmas[0] * z, False
+        x = conditioning.repaint(
+            segment, x, sigmas, jump_length=plan.jump_length, resample=plan.resample, generator=noise, vp=vp
+        )
+        return x if known is None else torch.where(mask, known, x)
 
     def sample(self, n: int, **kwargs: Any) -> Tensor:
         """``n`` images [n, C, H, W] (about [-1, 1]) drawn with the EMA weights; see ``sample_batches``."""

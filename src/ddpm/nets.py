@@ -6,6 +6,8 @@ U-Net with sinusoidal time embedding, GroupNorm and self-attention at 16x16).
 
 The net maps a noisy image x_t, a timestep t (integer or continuous) and an
 optional class label y to a tensor of the same shape as x_t (epsilon, x_0 or v).
+Under an EDM preconditioning (``ddpm.preconditioning``) it is F: it sees c_in x and
+the noise label c_noise, and label num_classes is the null class of guidance.
 """
 
 from __future__ import annotations

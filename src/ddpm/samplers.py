@@ -1,4 +1,6 @@
-"""Samplers for discrete-time diffusion models, as pure functions over a network.
+"""Samplers for diffusion models, as pure functions over a network.
+
+Timestep samplers, over ``model_fn(x, t)`` and an ``alphas_cumprod`` table:
 
 ddpm: ancestral sampling of Ho et al. 2020, "Denoising Diffusion Probabilistic Models",
       respaced to fewer steps as in Nichol & Dhariwal 2021 (improved-diffusion).
@@ -9,10 +11,25 @@ Both are one update, x_prev = sqrt(ab_prev) x0 + c_eps eps + sigma z, applied wi
 per-step coefficient table precomputed in float64 from ``alphas_cumprod``. The model sees
 the original 0-based training timesteps. ``model_fn(x, t)`` gets ``t`` as a LongTensor [B]
 and returns the network output for ``prediction``. After the last step alpha_bar is 1.
+
+Sigma samplers, over a denoiser ``denoiser(x, sigma) -> D(x; sigma)`` (``sigma`` a Tensor [B]) and a
+decreasing noise-level tensor ``sigmas`` [n + 1] (usually ending with 0), starting from
+x = sigmas[0] * noise; Karras et al. 2022, "Elucidating the Design Space of Diffusion-Based
+Generative Models" (EDM):
+
+euler:          Euler steps of the probability-flow ODE dx/dsigma = (x - D(x; sigma)) / sigma (EDM eq. 3).
+heun:           EDM Algorithm 1 (2n - 1 denoiser calls: the last step, to sigma = 0, is Euler);
+                S_churn > 0 gives the stochastic sampler of EDM Algorithm 2.
+euler_maruyama: Euler-Maruyama steps of the reverse-time SDE (EDM eq. 6 with beta(t) = 1 / sigma).
+dpmpp_2m:       DPM-Solver++(2M) of Lu et al. 2022, "DPM-Solver++: Fast Solver for Guided Sampling of
+                Diffusion Probabilistic Models", Algorithm 2, in lambda = -ln(sigma).
+
+Per-step noise levels are Python floats, so no step synchronises with the device.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -21,10 +38,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ddpm import predictions
+from ddpm import predictions, schedules
 from ddpm.noise import SampleNoise, randn_like
 
 ModelFn = Callable[[Tensor, Tensor], Tensor]
+DenoiserFn = Callable[[Tensor, Tensor], Tensor]
 Callback = Callable[[dict[str, Any]], None]
 Generator = torch.Generator | SampleNoise | None
 
@@ -105,6 +123,14 @@ def _check_x(x: Tensor) -> None:
         raise ValueError("x must be a floating tensor [B, ...] with a batch dimension")
 
 
+def _check_span(start: int, stop: int | None, steps: int) -> tuple[int, int]:
+    """Validate the step range start .. stop - 1 of a ``steps``-step schedule (stop None: to the end)."""
+    stop = steps if stop is None else stop
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (start, stop)) or not 0 <= start < stop <= steps:
+        raise ValueError(f"start={start!r}, stop={stop!r} are invalid; allowed: integers 0 <= start < stop <= {steps}")
+    return start, stop
+
+
 def _run(
     model_fn: ModelFn,
     x: Tensor,
@@ -113,12 +139,16 @@ def _run(
     clip: bool,
     generator: Generator,
     callback: Callback | None,
+    start: int = 0,
+    stop: int | None = None,
 ) -> Tensor:
-    """Apply the planned reverse steps to x_T."""
+    """Apply the planned reverse steps start .. stop - 1 to x."""
     predictions.check(prediction)
+    start, stop = _check_span(start, stop, len(plan.t))
     sigmas = plan.sigma.tolist()
     batch = x.shape[0]
-    for i, t in enumerate(plan.t):
+    for i in range(start, stop):
+        t = plan.t[i]
         t_batch = torch.full((batch,), t, device=x.device, dtype=torch.long)
         ab_t = plan.ab_t[i]
         x0, eps = predictions.to_x0_eps(prediction, model_fn(x, t_batch), x, ab_t)
@@ -145,14 +175,19 @@ def ddim(
     clip: bool = False,
     generator: Generator = None,
     callback: Callback | None = None,
+    start: int = 0,
+    stop: int | None = None,
 ) -> Tensor:
-    """DDIM (Song et al. eq. 12): eta = 0 is deterministic, eta = 1 is the generalized DDPM."""
+    """DDIM (Song et al. eq. 12): eta = 0 is deterministic, eta = 1 is the generalized DDPM.
+
+    ``start`` and ``stop`` run only steps start .. stop - 1 (a RePaint segment); x_T is then the state at step start.
+    """
     _check_x(x_T)
     ab = _check_table(alphas_cumprod)
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta={eta!r} is invalid; allowed: a number in [0, 1]")
     plan = _Plan.build(ab, ddim_timesteps(len(ab), steps, spacing), eta)
-    return _run(model_fn, x_T, plan, prediction, clip, generator, callback)
+    return _run(model_fn, x_T, plan, prediction, clip, generator, callback, start, stop)
 
 
 def ddpm(
@@ -166,8 +201,13 @@ def ddpm(
     clip: bool = False,
     generator: Generator = None,
     callback: Callback | None = None,
+    start: int = 0,
+    stop: int | None = None,
 ) -> Tensor:
-    """Ancestral DDPM (Ho et al. Algorithm 2) with sigma^2 = beta or beta_tilde, respaced when steps < T."""
+    """Ancestral DDPM (Ho et al. Algorithm 2) with sigma^2 = beta or beta_tilde, respaced when steps < T.
+
+    ``start`` and ``stop`` run only steps start .. stop - 1, as in ``ddim``.
+    """
     _check_x(x_T)
     ab = _check_table(alphas_cumprod)
     if variance not in VARIANCES:
@@ -177,7 +217,7 @@ def ddpm(
     if variance == "beta":
         beta = 1 - plan.ab_t / plan.ab_prev
         plan = replace(plan, sigma=beta.sqrt() * (plan.ab_prev < 1))
-    return _run(model_fn, x_T, plan, prediction, clip, generator, callback)
+    return _run(model_fn, x_T, plan, prediction, clip, generator, callback, start, stop)
 
 
 def ddim_invert(
@@ -207,4 +247,206 @@ def ddim_invert(
     return x
 
 
-SAMPLERS: dict[str, Callable[..., Tensor]] = {"ddim": ddim, "ddpm": ddpm}
+# ---------------------------------------------------------------- sigma schedules (EDM section 3, Table 1)
+
+
+def _check_schedule(n: int, sigma_min: float, sigma_max: float) -> None:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n={n!r} is invalid; allowed: an integer >= 1")
+    if not 0 < sigma_min < sigma_max:
+        raise ValueError(
+            f"sigma_min={sigma_min!r}, sigma_max={sigma_max!r} are invalid; allowed: 0 < sigma_min < sigma_max"
+        )
+
+
+def _ramp(n: int) -> Tensor:
+    """i / (n - 1) for i = 0 .. n - 1 (float64; [0] when n = 1)."""
+    return torch.linspace(0.0, 1.0, n, dtype=torch.float64)
+
+
+def _append_zero(sigmas: Tensor) -> Tensor:
+    return torch.cat([sigmas, sigmas.new_zeros(1)])
+
+
+def karras_sigmas(n: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> Tensor:
+    """EDM eq. 5: (sigma_max^(1/rho) + i / (n - 1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho, then 0: [n + 1]."""
+    _check_schedule(n, sigma_min, sigma_max)
+    if not rho > 0:
+        raise ValueError(f"rho={rho!r} is invalid; allowed: a number > 0")
+    hi, lo = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+    return _append_zero((hi + _ramp(n) * (lo - hi)) ** rho)
+
+
+def exponential_sigmas(n: int, sigma_min: float = 0.002, sigma_max: float = 80.0) -> Tensor:
+    """Geometric sigmas from sigma_max to sigma_min, then 0: [n + 1] (EDM's VE discretisation, Table 1)."""
+    _check_schedule(n, sigma_min, sigma_max)
+    hi, lo = math.log(sigma_max), math.log(sigma_min)
+    return _append_zero(torch.exp(hi + _ramp(n) * (lo - hi)))
+
+
+def vp_sigmas(
+    n: int, sigma_min: float = 0.002, sigma_max: float = 80.0, beta_d: float = 19.9, beta_min: float = 0.1
+) -> Tensor:
+    """EDM Table 1 VP discretisation: sigma(t) at t uniform from t(sigma_max) to t(sigma_min), then 0: [n + 1]."""
+    _check_schedule(n, sigma_min, sigma_max)
+    t_hi, t_lo = schedules.vp_sigma_inv(torch.tensor([sigma_max, sigma_min], dtype=torch.float64), beta_d, beta_min)
+    return _append_zero(schedules.vp_sigma(t_hi + _ramp(n) * (t_lo - t_hi), beta_d, beta_min))
+
+
+SIGMA_SCHEDULES: dict[str, Callable[..., Tensor]] = {
+    "karras": karras_sigmas,
+    "exponential": exponential_sigmas,
+    "vp": vp_sigmas,
+    "ve": exponential_sigmas,  # VE: t_i geometric in sigma^2 = t, hence geometric in sigma
+}
+
+
+# ---------------------------------------------------------------- sigma samplers
+
+
+def _check_sigmas(sigmas: Tensor) -> list[float]:
+    """Validate a noise-level schedule and return it as Python floats."""
+    if not isinstance(sigmas, Tensor) or sigmas.ndim != 1 or len(sigmas) < 2:
+        raise ValueError("sigmas must be a 1-D tensor [n + 1] with n >= 1")
+    s = sigmas.detach().to("cpu", torch.float64)
+    if not bool((s[:-1] > s[1:]).all()) or s[-1].item() < 0:
+        raise ValueError("sigmas must decrease strictly to a last value >= 0")
+    return s.tolist()
+
+
+def _gammas(sigmas: list[float], S_churn: float, S_tmin: float, S_tmax: float, S_noise: float) -> list[float]:
+    """EDM Algorithm 2: gamma_i = min(S_churn / n, sqrt(2) - 1) where S_tmin <= sigma_i <= S_tmax, else 0."""
+    if not (S_churn >= 0 and S_tmin >= 0 and S_tmax >= S_tmin and S_noise > 0):
+        raise ValueError(
+            f"S_churn={S_churn!r}, S_tmin={S_tmin!r}, S_tmax={S_tmax!r}, S_noise={S_noise!r} are invalid; "
+            "allowed: S_churn >= 0, 0 <= S_tmin <= S_tmax, S_noise > 0"
+        )
+    gamma = min(S_churn / (len(sigmas) - 1), math.sqrt(2) - 1)
+    return [gamma if S_tmin <= sigma <= S_tmax else 0.0 for sigma in sigmas[:-1]]
+
+
+def _churn(x: Tensor, sigma: float, gamma: float, S_noise: float, generator: Generator) -> tuple[Tensor, float]:
+    """EDM Algorithm 2, lines 5-6: raise the noise level to sigma_hat = (1 + gamma) sigma with fresh noise."""
+    if gamma == 0:
+        return x, sigma
+    sigma_hat = sigma * (1 + gamma)
+    return x + math.sqrt(sigma_hat**2 - sigma**2) * S_noise * randn_like(x, generator), sigma_hat
+
+
+def _denoise(denoiser: DenoiserFn, x: Tensor, sigma: float) -> Tensor:
+    return denoiser(x, x.new_full((x.shape[0],), sigma))
+
+
+def euler(
+    denoiser: DenoiserFn,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    S_churn: float = 0.0,
+    S_tmin: float = 0.0,
+    S_tmax: float = math.inf,
+    S_noise: float = 1.0,
+    generator: Generator = None,
+    callback: Callback | None = None,
+) -> Tensor:
+    """Euler steps of the probability-flow ODE (EDM eq. 3), with the churn of EDM Algorithm 2."""
+    _check_x(x)
+    sigmas_ = _check_sigmas(sigmas)
+    gammas = _gammas(sigmas_, S_churn, S_tmin, S_tmax, S_noise)
+    for i, (sigma, sigma_next) in enumerate(zip(sigmas_, sigmas_[1:])):
+        x, sigma_hat = _churn(x, sigma, gammas[i], S_noise, generator)
+        denoised = _denoise(denoiser, x, sigma_hat)
+        x = x + (sigma_next - sigma_hat) / sigma_hat * (x - denoised)
+        if callback is not None:
+            callback({"i": i, "sigma": sigma, "x": x, "x0": denoised})
+    return x
+
+
+def heun(
+    denoiser: DenoiserFn,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    S_churn: float = 0.0,
+    S_tmin: float = 0.0,
+    S_tmax: float = math.inf,
+    S_noise: float = 1.0,
+    generator: Generator = None,
+    callback: Callback | None = None,
+) -> Tensor:
+    """EDM Algorithm 2 (Algorithm 1 when S_churn = 0): Heun steps, Euler for the last step to sigma = 0."""
+    _check_x(x)
+    sigmas_ = _check_sigmas(sigmas)
+    gammas = _gammas(sigmas_, S_churn, S_tmin, S_tmax, S_noise)
+    for i, (sigma, sigma_next) in enumerate(zip(sigmas_, sigmas_[1:])):
+        x_hat, sigma_hat = _churn(x, sigma, gammas[i], S_noise, generator)
+        denoised = _denoise(denoiser, x_hat, sigma_hat)
+        d = (x_hat - denoised) / sigma_hat
+        x = x_hat + (sigma_next - sigma_hat) * d
+        if sigma_next > 0:
+            d_next = (x - _denoise(denoiser, x, sigma_next)) / sigma_next
+            x = x_hat + (sigma_next - sigma_hat) * 0.5 * (d + d_next)
+        if callback is not None:
+            callback({"i": i, "sigma": sigma, "x": x, "x0": denoised})
+    return x
+
+
+def euler_maruyama(
+    denoiser: DenoiserFn,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generator: Generator = None,
+    callback: Callback | None = None,
+) -> Tensor:
+    """Euler-Maruyama for dx = -2 sigma score dsigma + sqrt(2 sigma) dw (EDM eq. 6, beta = 1 / sigma); ODE step to 0."""
+    _check_x(x)
+    sigmas_ = _check_sigmas(sigmas)
+    for i, (sigma, sigma_next) in enumerate(zip(sigmas_, sigmas_[1:])):
+        denoised = _denoise(denoiser, x, sigma)
+        if sigma_next > 0:
+            x = x + 2 * (sigma_next - sigma) / sigma * (x - denoised)
+            x = x + math.sqrt(2 * sigma * (sigma - sigma_next)) * randn_like(x, generator)
+        else:
+            x = denoised
+        if callback is not None:
+            callback({"i": i, "sigma": sigma, "x": x, "x0": denoised})
+    return x
+
+
+def dpmpp_2m(
+    denoiser: DenoiserFn,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generator: Generator = None,
+    callback: Callback | None = None,
+) -> Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2) in lambda = -ln(sigma); first-order first and last steps."""
+    _check_x(x)
+    sigmas_ = _check_sigmas(sigmas)
+    previous, h_previous = None, 0.0
+    for i, (sigma, sigma_next) in enumerate(zip(sigmas_, sigmas_[1:])):
+        denoised = _denoise(denoiser, x, sigma)
+        d = denoised
+        h = math.log(sigma / sigma_next) if sigma_next > 0 else math.inf
+        if previous is not None and sigma_next > 0:
+            r = h_previous / h
+            d = (1 + 1 / (2 * r)) * denoised - 1 / (2 * r) * previous
+        x = sigma_next / sigma * x + (1 - sigma_next / sigma) * d
+        previous, h_previous = denoised, h
+        if callback is not None:
+            callback({"i": i, "sigma": sigma, "x": x, "x0": denoised})
+    return x
+
+
+SAMPLERS: dict[str, Callable[..., Tensor]] = {
+    "ddim": ddim,
+    "ddpm": ddpm,
+    "euler": euler,
+    "heun": heun,
+    "euler_maruyama": euler_maruyama,
+    "dpmpp_2m": dpmpp_2m,
+}
+TIMESTEP_SAMPLERS = ("ddim", "ddpm")  # model_fn(x, t) over alphas_cumprod; the others take denoiser(x, sigma)
+CHURN_SAMPLERS = ("euler", "heun")  # accept S_churn, S_tmin, S_tmax, S_noise

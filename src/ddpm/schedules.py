@@ -4,6 +4,8 @@ linear: Ho et al. 2020, "Denoising Diffusion Probabilistic Models" (beta_1=1e-4 
 cosine: Nichol & Dhariwal 2021, "Improved Denoising Diffusion Probabilistic Models".
 exp: the exponential (VP-SDE-style) form alpha_bar(s) = exp(-(beta_d s^2 + beta_0) / 2), s = (t+1)/T.
 sigmoid: Jabri et al. 2022 / Chen 2023, "On the Importance of Noise Scheduling for Diffusion Models".
+vp_sigma: the VP-SDE noise level sigma(t) of Song et al. 2021, "Score-Based Generative Modeling through
+Stochastic Differential Equations", as written in Karras et al. 2022 (EDM), Table 1.
 
 Element ``t`` (0-based) of ``alphas_cumprod(name, T)`` is alpha_bar after t + 1 noising steps.
 All schedules are float64 and computed without Python loops over T.
@@ -93,3 +95,18 @@ def betas(alpha_bar: Tensor) -> Tensor:
 def snr(alpha_bar: Tensor) -> Tensor:
     """Signal-to-noise ratio alpha_bar / (1 - alpha_bar)."""
     return alpha_bar / (1.0 - alpha_bar)
+
+
+def sigma(alpha_bar: Tensor) -> Tensor:
+    """Noise level of the variance-exploding view x / sqrt(alpha_bar): sigma = sqrt((1 - alpha_bar) / alpha_bar)."""
+    return ((1.0 - alpha_bar) / alpha_bar).sqrt()
+
+
+def vp_sigma(t: Tensor, beta_d: float = 19.9, beta_min: float = 0.1) -> Tensor:
+    """VP noise level sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1) (EDM Table 1)."""
+    return torch.expm1(0.5 * beta_d * t**2 + beta_min * t).sqrt()
+
+
+def vp_sigma_inv(sigma: Tensor, beta_d: float = 19.9, beta_min: float = 0.1) -> Tensor:
+    """Inverse of ``vp_sigma``: t = (sqrt(beta_min^2 + 2 beta_d ln(1 + sigma^2)) - beta_min) / beta_d."""
+    return ((beta_min**2 + 2 * beta_d * torch.log1p(sigma**2)).sqrt() - beta_min) / beta_d
