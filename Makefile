@@ -2,9 +2,19 @@
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# The CPU build of torch; set TORCH_SPEC (e.g. "torch==2.13.0 --index-url ...") for a CUDA machine.
-TORCH_SPEC ?= torch==2.13.0
+# torch with torchvision (the Inception FID path needs torchvision); override TORCH_SPEC for another build.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
+# `make sample` overrides (empty = the params.yaml `sample` section)
+SAMPLER ?=
+STEPS ?=
+ETA ?=
+N ?=
+SEED ?=
+MODEL ?= outputs/train/model.pt
+OUT ?= outputs/make_sample
+# Run stages with the project's interpreter (dvc.yaml commands call `python`).
+RUN := PATH="$(CURDIR)/$(VENV)/bin:$$PATH"
 
 export DO_NOT_TRACK := 1
 export MLFLOW_DISABLE_TELEMETRY := true
@@ -13,7 +23,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export OMP_WAIT_POLICY ?= PASSIVE
 
 .DEFAULT_GOAL := help
-.PHONY: help install test lint clean
+.PHONY: help install test lint repro smoke sample metrics plots clean
 
 help: ## show this list of targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  make %-10s %s\n", $$1, $$2}'
@@ -21,7 +31,7 @@ help: ## show this list of targets
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,inception]"
 	touch $@
 
 install: $(VENV)/.installed ## create .venv and install the package with its dev tools
@@ -29,9 +39,26 @@ install: $(VENV)/.installed ## create .venv and install the package with its dev
 test: install ## run the test suite
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+repro: install ## run the whole DVC pipeline (prepare -> featurizer -> train -> sample -> evaluate)
+	$(RUN) dvc repro
+
+smoke: install ## the pipeline on the smoke configuration (8x8 digits, ~1 min) as a DVC experiment
+	$(RUN) dvc exp run $$($(PY) -m pipeline.overrides configs/smoke.yaml)
+
+sample: install ## draw new images from the current model: make sample SAMPLER=ddim STEPS=50 N=64 SEED=1
+	$(RUN) python -m pipeline.sample --model $(MODEL) --out $(OUT) \
+	  $(if $(SAMPLER),--sampler $(SAMPLER)) $(if $(STEPS),--steps $(STEPS)) $(if $(ETA),--eta $(ETA)) \
+	  $(if $(N),--n $(N)) $(if $(SEED),--seed $(SEED))
+
+metrics: install ## show the pipeline's metrics (dvc metrics show)
+	$(RUN) dvc metrics show
+
+plots: install ## render the loss and lr curves to dvc_plots/index.html (dvc plots show)
+	$(RUN) dvc plots show
+
 lint: install ## check the code with ruff
-	$(PY) -m ruff check src tests
-	$(PY) -m ruff format --check src tests
+	$(PY) -m ruff check src tests pipeline
+	$(PY) -m ruff format --check src tests pipeline
 
 clean: ## remove caches and build leftovers (keeps .venv)
 	rm -rf .pytest_cache .ruff_cache build src/*.egg-info

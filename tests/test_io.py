@@ -65,7 +65,7 @@ def test_saved_model_loads_weights_only_and_refuses_code(tmp_path):
             return (open, (str(marker), "w"))
 
     torch.save({"format": io.MODEL_FORMAT, "net": Evil()}, tmp_path / "evil.pt")
-    with pytest.raises(ValueError, match="cannot load model .*evil.pt"):
+    with pytest.raises(ValueError, match="evil.pt: not a readable model file"):
         io.load_payload(tmp_path / "evil.pt", "model", {"format"})
     assert not marker.exists()
     (tmp_path / "cut.pt").write_bytes(path.read_bytes()[:100])

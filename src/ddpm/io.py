@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
 import uuid
 import zipfile
 from collections.abc import Iterator
@@ -58,15 +59,23 @@ def save_model(path: str | Path, net_config: dict, config: dict, state_dict: dic
         torch.save(payload, tmp)
 
 
+def load_weights_only(path: str | Path, what: str) -> Any:
+    """``torch.load(path, weights_only=True)`` on CPU; a corrupt file or pickled code raises one line naming it."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+        raise ValueError(
+            f"{path}: not a readable {what} file: corrupt, truncated, or holding objects other than tensors and plain "
+            f"containers (read with weights_only=True: {type(e).__name__})"
+        ) from None
+
+
 def load_payload(path: str | Path, what: str, required: set[str]) -> dict[str, Any]:
-    """torch.load a dict with weights_only=True; name the file and the problem on any failure."""
+    """Load a dict saved with torch.save, without running pickled code; name the file and the problem on failure."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, corrupt, or a pickle that would run code
-        raise ValueError(f"cannot load {what} {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    payload = load_weights_only(path, what)
     if not isinstance(payload, dict) or not required <= payload.keys():
         raise ValueError(f"{path} is not a {what} (expected keys {sorted(required)})")
     return payload

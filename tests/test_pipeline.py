@@ -1,0 +1,150 @@
+"""The DVC pipeline end to end: a real `dvc repro` of the smoke configuration in a temp git repo."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from ddpm import data, io
+
+ROOT = Path(__file__).resolve().parents[1]
+PROJECT_FILES = ["params.yaml", "dvc.yaml", ".dvcignore", ".dvc/config", ".dvc/.gitignore", ".gitignore"]
+PROJECT_DIRS = ["pipeline", "src", "configs"]
+
+pytestmark = pytest.mark.slow
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env.update(DO_NOT_TRACK="1", DVC_NO_ANALYTICS="1", OMP_WAIT_POLICY="PASSIVE")
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def copy_project(dest: Path) -> Path:
+    """Copy the project's pipeline files into ``dest``, make it a git repo with one commit."""
+    for name in PROJECT_FILES:
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, dest / name)
+    for name in PROJECT_DIRS:
+        shutil.copytree(ROOT / name, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    run([sys.executable, "-m", "pipeline.overrides", "configs/smoke.yaml", "--apply", "params.yaml"], dest)
+    run(["git", "init", "-q"], dest)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A"], dest)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "smoke"], dest)
+    return dest
+
+
+def ran_stages(result: subprocess.CompletedProcess) -> set[str]:
+    return {
+        s for s in ("prepare", "featurizer", "train", "sample", "evaluate") if f"Running stage '{s}'" in result.stdout
+    }
+
+
+def digest(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*") if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def repro(tmp_path_factory):
+    project = copy_project(tmp_path_factory.mktemp("project"))
+    first = run(["dvc", "repro"], project)
+    return project, first
+
+
+def test_repro_writes_every_output(repro):
+    project, first = repro
+    assert ran_stages(first) == {"prepare", "featurizer", "train", "sample", "evaluate"}
+    out = project / "outputs"
+    train, test = data.load_npz(out / "data" / "train.npz"), data.load_npz(out / "data" / "test.npz")
+    assert train.images.shape[1:] == (8, 8, 1) and len(train) + len(test) == 1797
+    samples = io.load_samples(out / "samples" / "samples.npz")
+    assert samples.shape == (200, 8, 8, 1) and samples.dtype == np.uint8
+    for png in ("grid.png", "trajectory.png"):
+        assert (out / "samples" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "train" / "last.ckpt").is_file() and (out / "train" / "model.pt").is_file()
+    curves = (out / "train" / "curves.csv").read_text().splitlines()
+    assert curves[0] == "step,loss,lr" and len(curves) > 3
+    train_metrics = json.loads((out / "metrics" / "train.json").read_text())
+    assert {"train_loss", "val_loss", "val_loss_ema", "images_per_second"} <= train_metrics.keys()
+    evaluation = json.loads((out / "metrics" / "evaluate.json").read_text())
+    assert {"fid", "kid", "n_gen", "n_ref"} <= evaluation.keys()
+    assert evaluation["n_gen"] == 200 and evaluation["fid"] > 0
+    assert json.loads((out / "metrics" / "featurizer.json").read_text())["test_accuracy"] > 0.5
+    assert (project / "dvc.lock").is_file()
+
+
+def test_second_repro_runs_nothing(repro):
+    project, _ = repro
+    again = run(["dvc", "repro"], project)
+    assert ran_stages(again) == set(), again.stdout
+
+
+def test_changing_sample_steps_reruns_only_sample_and_evaluate(repro):
+    project, _ = repro
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["sample"]["steps"] = 5
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    result = run(["dvc", "repro"], project)
+    assert ran_stages(result) == {"sample", "evaluate"}, result.stdout
+
+
+def test_invalid_params_fail_before_any_work_and_touch_nothing(repro):
+    project, _ = repro
+    before = digest(project / "outputs")
+    params_text = (project / "params.yaml").read_text()
+    params = yaml.safe_load(params_text)
+    params["train"]["lr"] = -1
+    params["data"]["seed"] = 7  # makes `prepare` the first stage to run
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        result = run(["dvc", "repro"], project, check=False)
+    finally:
+        (project / "params.yaml").write_text(params_text)
+    assert result.returncode != 0
+    assert "error: train.lr=-1: Input should be greater than 0" in result.stderr
+    assert digest(project / "outputs") == before
+
+
+def test_sample_cli_redraws_with_overrides_without_retraining(repro):
+    project, _ = repro
+    out = project / "redraw"
+    run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.sample",
+            "--steps",
+            "4",
+            "--n",
+            "12",
+            "--seed",
+            "3",
+            "--out",
+            str(out),
+            "--quiet",
+        ],
+        project,
+    )
+    meta = json.loads((out / "meta.json").read_text())
+    assert (meta["n"], meta["steps"], meta["seed"]) == (12, 4, 3)
+    assert io.load_samples(out / "samples.npz").shape == (12, 8, 8, 1)
+    bad = run(
+        [sys.executable, "-m", "pipeline.sample", "--sampler", "ddpm", "--eta", "0.5", "--out", str(out)],
+        project,
+        check=False,
+    )
+    assert bad.returncode == 2 and "eta=0.5 applies to the ddim sampler only" in bad.stderr
