@@ -7,15 +7,20 @@ from ddpm import data, featurizer, io, metrics
 from pipeline import params
 
 
-def main(args: argparse.Namespace) -> None:
-    cfg = params.load(args.params).evaluate
+def score(fake, cfg) -> dict:
+    """FID/KID of uint8 images ``fake`` against the reference split, with the protocol (see ddpm.metrics)."""
     out = params.OUT
-    fake = io.load_samples(out / "samples" / "samples.npz")
     real = data.load_npz(out / "data" / f"{cfg.reference}.npz").images
     net = None
     if cfg.features == "classifier":
         net, _ = featurizer.load_featurizer(out / "featurizer" / "featurizer.pt")
-    result = metrics.evaluate(real, fake, cfg, featurizer=net)
+    return metrics.evaluate(real, fake, cfg, featurizer=net)
+
+
+def main(args: argparse.Namespace) -> None:
+    cfg = params.load(args.params).evaluate
+    out = params.OUT
+    result = score(io.load_samples(out / "samples" / "samples.npz"), cfg)
     meta_path = out / "samples" / "meta.json"
     if meta_path.is_file():
         meta = json.loads(meta_path.read_text())

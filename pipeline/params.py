@@ -21,12 +21,12 @@ from ddpm.data import DataConfig, native_shape
 from ddpm.featurizer import FeaturizerConfig
 from ddpm.metrics import EvaluateConfig
 from ddpm.nets import UNet, UNetConfig
-from ddpm.sampling import SampleConfig
+from ddpm.sampling import SampleConfig, SweepConfig
 from ddpm.training import TrainConfig
 
 PARAMS = Path("params.yaml")
 OUT = Path("outputs")
-SECTIONS = ("data", "featurizer", "model", "diffusion", "train", "sample", "evaluate")
+SECTIONS = ("data", "featurizer", "model", "diffusion", "train", "sample", "evaluate", "sweep")
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,7 @@ class Params:
     train: TrainConfig
     sample: SampleConfig
     evaluate: EvaluateConfig
+    sweep: SweepConfig
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -79,6 +80,12 @@ def validate(raw: dict[str, Any], sample_overrides: dict[str, Any] | None = None
     ddpm_cfg = DDPMConfig.from_dict({**diffusion, "channels": channels, "image_size": size}, "diffusion")
     sample = SampleConfig.from_dict({**(raw.get("sample") or {}), **(sample_overrides or {})}, "sample")
     ddpm_cfg.sampler_fn(sample.sampler, sample.steps, sample.eta)  # the sampler settings are compatible
+    sweep = SweepConfig.from_dict(raw.get("sweep"), "sweep")
+    for run in sweep.runs:
+        try:
+            ddpm_cfg.sampler_fn(*sweep.parse(run))
+        except ConfigError as e:
+            raise ConfigError(f"sweep.runs: {run!r}: {e}") from None
     return Params(
         data=data,
         featurizer=FeaturizerConfig.from_dict(raw.get("featurizer"), "featurizer"),
@@ -87,6 +94,7 @@ def validate(raw: dict[str, Any], sample_overrides: dict[str, Any] | None = None
         train=TrainConfig.from_dict(raw.get("train"), "train"),
         sample=sample,
         evaluate=EvaluateConfig.from_dict(raw.get("evaluate"), "evaluate"),
+        sweep=sweep,
     )
 
 

@@ -1,6 +1,7 @@
 """Stage ``sample``: draw ``sample.n`` images from the EMA model (``make sample`` redraws with overrides)."""
 
 import argparse
+import sys
 from pathlib import Path
 
 from ddpm import io, sampling, training
@@ -13,7 +14,7 @@ def main(args: argparse.Namespace) -> None:
     cfg = params.load(args.params, sample_overrides=overrides).sample
     module = training.load_model(args.model)
     module.config.sampler_fn(cfg.sampler, cfg.steps, cfg.eta)  # the model's config accepts these settings
-    meta = sampling.draw(module, cfg, args.out, progress=not args.quiet)
+    meta = sampling.draw(module, cfg, args.out, progress=sys.stderr.isatty() and not args.quiet)
     io.write_json(Path(args.out) / "meta.json", meta)
     print(f"sample: {meta['n']} images, {meta['sampler']}, {meta['nfe']} NFE, {meta['seconds']} s -> {args.out}")
 

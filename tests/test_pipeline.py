@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -47,9 +48,7 @@ def copy_project(dest: Path) -> Path:
 
 
 def ran_stages(result: subprocess.CompletedProcess) -> set[str]:
-    return {
-        s for s in ("prepare", "featurizer", "train", "sample", "evaluate") if f"Running stage '{s}'" in result.stdout
-    }
+    return set(re.findall(r"Running stage '([^']+)'", result.stdout))
 
 
 def digest(folder: Path) -> dict[str, str]:
@@ -67,7 +66,8 @@ def repro(tmp_path_factory):
 
 def test_repro_writes_every_output(repro):
     project, first = repro
-    assert ran_stages(first) == {"prepare", "featurizer", "train", "sample", "evaluate"}
+    sweep = {"sweep@ddim-5", "sweep@dpmpp_2m-5", "sweep_report"}
+    assert ran_stages(first) == {"prepare", "featurizer", "train", "sample", "evaluate"} | sweep
     out = project / "outputs"
     train, test = data.load_npz(out / "data" / "train.npz"), data.load_npz(out / "data" / "test.npz")
     assert train.images.shape[1:] == (8, 8, 1) and len(train) + len(test) == 1797
@@ -85,6 +85,9 @@ def test_repro_writes_every_output(repro):
     assert evaluation["n_gen"] == 200 and evaluation["fid"] > 0
     assert json.loads((out / "metrics" / "featurizer.json").read_text())["test_accuracy"] > 0.5
     assert (project / "dvc.lock").is_file()
+    table = (out / "sweep_report" / "fid_vs_nfe.csv").read_text().splitlines()
+    assert table[0] == "sampler,steps,nfe,fid,kid,seconds" and len(table) == 3
+    assert "Best FID" in (out / "sweep_report" / "table.md").read_text()
 
 
 def test_second_repro_runs_nothing(repro):

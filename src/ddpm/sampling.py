@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, field_validator
 from tqdm.auto import tqdm
 
 from ddpm import data, io
@@ -27,6 +27,33 @@ class SampleConfig(Config):
     grid_size: int = Field(8, ge=1, description="the grid PNG shows grid_size x grid_size images")
     trajectory_samples: int = Field(6, ge=1, description="rows of the trajectory strip")
     trajectory_points: int = Field(8, ge=2, description="columns of the trajectory strip (noise -> image)")
+
+
+class SweepConfig(Config):
+    """The ``sweep`` section: FID against network evaluations for several samplers of one model."""
+
+    runs: list[str] = Field(
+        ["ddim-10", "ddim-25", "dpmpp_2m-10", "heun-10"], min_length=1, description="sampler-steps pairs"
+    )
+    n: int = Field(500, ge=2, description="images per run")
+    seed: int = Field(0, ge=0, description="noise seed (the same noise for every run)")
+    batch_size: int = Field(250, ge=1, description="images per chunk")
+
+    @field_validator("runs")
+    @classmethod
+    def _sampler_steps(cls, runs: list[str]) -> list[str]:
+        for run in runs:
+            sampler, _, steps = run.rpartition("-")
+            if not sampler or not steps.isdigit() or int(steps) < 1:
+                raise ValueError(f"run {run!r} must look like <sampler>-<steps>, e.g. ddim-50")
+        if len(set(runs)) != len(runs):
+            raise ValueError("runs must be distinct")
+        return runs
+
+    def parse(self, run: str) -> tuple[str, int]:
+        """(sampler, steps) of a run name."""
+        sampler, _, steps = run.rpartition("-")
+        return sampler, int(steps)
 
 
 def draw(module: DiffusionModule, cfg: SampleConfig, out_dir: str | Path, progress: bool = True) -> dict[str, Any]:
