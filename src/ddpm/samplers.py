@@ -337,6 +337,35 @@ def _denoise(denoiser: DenoiserFn, x: Tensor, sigma: float) -> Tensor:
     return denoiser(x, x.new_full((x.shape[0],), sigma))
 
 
+def _edm_steps(
+    denoiser: DenoiserFn,
+    x: Tensor,
+    sigmas: Tensor,
+    second_order: bool,
+    S_churn: float,
+    S_tmin: float,
+    S_tmax: float,
+    S_noise: float,
+    generator: Generator,
+    callback: Callback | None,
+) -> Tensor:
+    """EDM Algorithm 2: churn, an Euler step, and (if ``second_order``) Heun's correction except to sigma = 0."""
+    _check_x(x)
+    sigmas_ = _check_sigmas(sigmas)
+    gammas = _gammas(sigmas_, S_churn, S_tmin, S_tmax, S_noise)
+    for i, (sigma, sigma_next) in enumerate(zip(sigmas_, sigmas_[1:])):
+        x_hat, sigma_hat = _churn(x, sigma, gammas[i], S_noise, generator)
+        denoised = _denoise(denoiser, x_hat, sigma_hat)
+        d = (x_hat - denoised) / sigma_hat
+        x = x_hat + (sigma_next - sigma_hat) * d
+        if second_order and sigma_next > 0:
+            d_next = (x - _denoise(denoiser, x, sigma_next)) / sigma_next
+            x = x_hat + (sigma_next - sigma_hat) * 0.5 * (d + d_next)
+        if callback is not None:
+            callback({"i": i, "sigma": sigma, "x": x, "x0": denoised})
+    return x
+
+
 def euler(
     denoiser: DenoiserFn,
     x: Tensor,
@@ -350,16 +379,7 @@ def euler(
     callback: Callback | None = None,
 ) -> Tensor:
     """Euler steps of the probability-flow ODE (EDM eq. 3), with the churn of EDM Algorithm 2."""
-    _check_x(x)
-    sigmas_ = _check_sigmas(sigmas)
-    gammas = _gammas(sigmas_, S_churn, S_tmin, S_tmax, S_noise)
-    for i, (sigma, sigma_next) in enumerate(zip(sigmas_, sigmas_[1:])):
-        x, sigma_hat = _churn(x, sigma, gammas[i], S_noise, generator)
-        denoised = _denoise(denoiser, x, sigma_hat)
-        x = x + (sigma_next - sigma_hat) / sigma_hat * (x - denoised)
-        if callback is not None:
-            callback({"i": i, "sigma": sigma, "x": x, "x0": denoised})
-    return x
+    return _edm_steps(denoiser, x, sigmas, False, S_churn, S_tmin, S_tmax, S_noise, generator, callback)
 
 
 def heun(
@@ -375,20 +395,7 @@ def heun(
     callback: Callback | None = None,
 ) -> Tensor:
     """EDM Algorithm 2 (Algorithm 1 when S_churn = 0): Heun steps, Euler for the last step to sigma = 0."""
-    _check_x(x)
-    sigmas_ = _check_sigmas(sigmas)
-    gammas = _gammas(sigmas_, S_churn, S_tmin, S_tmax, S_noise)
-    for i, (sigma, sigma_next) in enumerate(zip(sigmas_, sigmas_[1:])):
-        x_hat, sigma_hat = _churn(x, sigma, gammas[i], S_noise, generator)
-        denoised = _denoise(denoiser, x_hat, sigma_hat)
-        d = (x_hat - denoised) / sigma_hat
-        x = x_hat + (sigma_next - sigma_hat) * d
-        if sigma_next > 0:
-            d_next = (x - _denoise(denoiser, x, sigma_next)) / sigma_next
-            x = x_hat + (sigma_next - sigma_hat) * 0.5 * (d + d_next)
-        if callback is not None:
-            callback({"i": i, "sigma": sigma, "x": x, "x0": denoised})
-    return x
+    return _edm_steps(denoiser, x, sigmas, True, S_churn, S_tmin, S_tmax, S_noise, generator, callback)
 
 
 def euler_maruyama(
