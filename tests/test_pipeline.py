@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -151,3 +152,21 @@ def test_sample_cli_redraws_with_overrides_without_retraining(repro):
         check=False,
     )
     assert bad.returncode == 2 and "eta=0.5 applies to the ddim sampler only" in bad.stderr
+
+
+def test_killed_stage_leaves_outputs_that_dvc_still_accepts(repro):
+    project, _ = repro
+    before = digest(project / "outputs" / "samples")
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    cmd = [sys.executable, "-m", "pipeline.sample", "--n", "200000", "--batch-size", "100", "--quiet"]
+    proc = subprocess.Popen(cmd, cwd=project, env=env)
+    deadline = time.monotonic() + 120
+    while not list((project / "outputs" / "samples").glob(".samples.npz.*.tmp")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)  # mid-stream
+    proc.kill()
+    proc.wait()
+    after = {k: v for k, v in digest(project / "outputs" / "samples").items() if not k.endswith(".tmp")}
+    assert after == before, "the previous outputs are intact"
+    status = run(["dvc", "status"], project)
+    assert "sample" not in status.stdout, status.stdout
