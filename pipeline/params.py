@@ -22,11 +22,13 @@ from ddpm.featurizer import FeaturizerConfig
 from ddpm.metrics import EvaluateConfig
 from ddpm.nets import UNet, UNetConfig
 from ddpm.sampling import SampleConfig, SweepConfig
+from ddpm.tracking import TrackingConfig
 from ddpm.training import TrainConfig
+from pipeline.schedule import ScheduleConfig
 
 PARAMS = Path("params.yaml")
 OUT = Path("outputs")
-SECTIONS = ("data", "featurizer", "model", "diffusion", "train", "sample", "evaluate", "sweep")
+SECTIONS = ("data", "featurizer", "model", "diffusion", "train", "sample", "evaluate", "sweep", "tracking", "schedule")
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,8 @@ class Params:
     sample: SampleConfig
     evaluate: EvaluateConfig
     sweep: SweepConfig
+    tracking: TrackingConfig
+    schedule: ScheduleConfig
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -95,6 +99,8 @@ def validate(raw: dict[str, Any], sample_overrides: dict[str, Any] | None = None
         sample=sample,
         evaluate=EvaluateConfig.from_dict(raw.get("evaluate"), "evaluate"),
         sweep=sweep,
+        tracking=TrackingConfig.from_dict(raw.get("tracking"), "tracking"),
+        schedule=ScheduleConfig.from_dict(raw.get("schedule"), "schedule"),
     )
 
 

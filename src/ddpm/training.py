@@ -11,6 +11,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from pydantic import Field
+from pytorch_lightning.loggers import Logger
 from torch.utils.data import DataLoader, TensorDataset
 
 from ddpm import data, io
@@ -77,6 +78,23 @@ class CurveRecorder(pl.Callback):
         self.seconds = time.perf_counter() - self.started
 
 
+class ThroughputLogger(pl.Callback):
+    """Log ``train/images_per_second`` (all devices) over each window of ``every`` steps; no extra host sync."""
+
+    def __init__(self, every: int, batch_size: int) -> None:
+        self.every, self.batch_size, self.mark = every, batch_size, (0, 0.0)
+
+    def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        self.mark = (trainer.global_step, time.perf_counter())
+
+    def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, *args: Any) -> None:
+        step, now = trainer.global_step, time.perf_counter()
+        if step - self.mark[0] >= self.every and trainer.logger is not None:
+            images = (step - self.mark[0]) * self.batch_size * trainer.world_size
+            trainer.logger.log_metrics({"train/images_per_second": images / (now - self.mark[1])}, step=step)
+            self.mark = (step, now)
+
+
 def image_loader(images: np.ndarray, labels: np.ndarray, batch_size: int, shuffle: bool, seed: int, workers: int):
     """A DataLoader of (x in [-1, 1] [B, C, H, W], label) from uint8 [N, H, W, C]."""
     dataset = TensorDataset(data.to_tensor(images), torch.from_numpy(labels).long())
@@ -86,9 +104,7 @@ def image_loader(images: np.ndarray, labels: np.ndarray, batch_size: int, shuffl
     )
 
 
-def build_module(
-    images_shape: tuple[int, ...], model: dict, diffusion: dict, cfg: TrainConfig, num_classes: int | None = None
-) -> DiffusionModule:
+def build_module(images_shape: tuple[int, ...], model: dict, diffusion: dict, cfg: TrainConfig) -> DiffusionModule:
     """DiffusionModule for images [N, H, W, C] from the ``model`` and ``diffusion`` params sections."""
     _, h, w, c = images_shape
     if h != w:
@@ -106,11 +122,14 @@ def train(
     cfg: TrainConfig,
     out_dir: str | Path,
     progress: bool = True,
+    logger: Logger | None = None,
 ) -> dict[str, float]:
     """Fit on ``train_set`` (an ImageSet), validate on ``val_set``; write checkpoint, EMA model and curves.
 
     Writes ``out_dir/last.ckpt`` (resumable Lightning checkpoint), ``out_dir/model.pt`` (EMA sampling model)
-    and ``out_dir/curves.csv``; returns the final metrics.
+    and ``out_dir/curves.csv``; returns the final metrics. ``logger`` (e.g. Lightning's ``MLFlowLogger``)
+    receives Lightning's metrics: train loss and lr every ``log_every`` steps, val losses, and the
+    throughput (``train/images_per_second``); Lightning calls loggers on rank 0 only.
     """
     out_dir = Path(out_dir)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -126,8 +145,8 @@ def train(
         val_check_interval=min(cfg.val_every, cfg.max_steps),
         check_val_every_n_epoch=None,
         log_every_n_steps=cfg.log_every,
-        callbacks=[recorder],
-        logger=False,
+        callbacks=[recorder] + ([ThroughputLogger(cfg.log_every, cfg.batch_size)] if logger else []),
+        logger=logger if logger is not None else False,
         enable_checkpointing=False,
         enable_model_summary=False,
         enable_progress_bar=progress,

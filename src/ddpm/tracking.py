@@ -1,0 +1,21 @@
+"""MLflow tracking of a pipeline execution: one run shared by the stages, artifacts, and the model registry."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from ddpm.config import Config
+
+
+class TrackingConfig(Config):
+    """The ``tracking`` section: where MLflow runs go and what the registry calls the model."""
+
+    enabled: bool = Field(True, description="log runs to MLflow; false = no tracking at all")
+    uri: str | None = Field(
+        None, description="tracking URI; null = $MLFLOW_TRACKING_URI, else the local store sqlite:///mlflow.db"
+    )
+    experiment: str = Field("ddpm-pipeline", min_length=1, description="MLflow experiment name")
+    registered_model: str | None = Field(
+        None, min_length=1, description="registry name of the EMA model; null = ddpm-<data.dataset>"
+    )
+    log_checkpoint: bool = Field(True, description="upload last.ckpt (resumable) beside the EMA model")
