@@ -23,7 +23,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export OMP_WAIT_POLICY ?= PASSIVE
 
 .DEFAULT_GOAL := help
-.PHONY: help install test lint repro smoke sample metrics plots clean
+.PHONY: help install test lint repro smoke sample metrics plots clean ui prefect-server serve deploy
 
 help: ## show this list of targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  make %-10s %s\n", $$1, $$2}'
@@ -45,7 +45,7 @@ repro: install ## run the whole DVC pipeline (prepare -> featurizer -> train -> 
 smoke: install ## the pipeline on the smoke configuration (8x8 digits, ~1 min) as a DVC experiment
 	$(RUN) dvc exp run $$($(PY) -m pipeline.overrides configs/smoke.yaml)
 
-sample: install ## draw new images from the current model: make sample SAMPLER=ddim STEPS=50 N=64 SEED=1
+sample: install ## draw new images: make sample SAMPLER=ddim STEPS=50 N=64 SEED=1 [MODEL=champion|models:/..|runs:/..]
 	$(RUN) python -m pipeline.sample --model $(MODEL) --out $(OUT) \
 	  $(if $(SAMPLER),--sampler $(SAMPLER)) $(if $(STEPS),--steps $(STEPS)) $(if $(ETA),--eta $(ETA)) \
 	  $(if $(N),--n $(N)) $(if $(SEED),--seed $(SEED))
@@ -53,8 +53,21 @@ sample: install ## draw new images from the current model: make sample SAMPLER=d
 metrics: install ## show the pipeline's metrics (dvc metrics show)
 	$(RUN) dvc metrics show
 
+ui: install ## MLflow UI over the local store (mlflow.db, mlartifacts/) on http://127.0.0.1:5000
+	$(PY) -m mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
+
 plots: install ## render the loss and lr curves to dvc_plots/index.html (dvc plots show)
 	$(RUN) dvc plots show
+
+prefect-server: install ## a local Prefect server (API and UI) on http://127.0.0.1:4200
+	$(VENV)/bin/prefect server start --host 127.0.0.1
+
+serve: install ## serve the retrain flow on params.yaml's schedule.cron (against $PREFECT_API_URL)
+	$(RUN) python -m pipeline.flows serve
+
+deploy: install ## check prefect.yaml against params.yaml, then deploy it to its work pool
+	$(RUN) python -m pipeline.flows check
+	$(RUN) prefect deploy --all
 
 lint: install ## check the code with ruff
 	$(PY) -m ruff check src tests pipeline

@@ -8,6 +8,7 @@ import numpy as np
 
 from ddpm import data, io, training
 from pipeline import evaluate, params
+from pipeline import tracking as stage_tracking
 
 SWEEP = params.OUT / "sweep"
 REPORT = params.OUT / "sweep_report"
@@ -17,6 +18,7 @@ def run_one(p: params.Params, run: str) -> None:
     if run not in p.sweep.runs:
         raise ValueError(f"run {run!r} is not in sweep.runs {p.sweep.runs}")
     sampler, steps = p.sweep.parse(run)
+    run_log = stage_tracking.reopen(p)
     module = training.load_model(params.OUT / "train" / "model.pt")
     cfg = module.config.replace(sampler=sampler, steps=steps)
     started = time.perf_counter()
@@ -28,6 +30,9 @@ def run_one(p: params.Params, run: str) -> None:
     result = evaluate.score(fake, p.evaluate)
     timing = {"sampler": sampler, "steps": steps, "nfe": cfg.nfe(), "seconds": round(seconds, 2)}
     io.write_json(SWEEP / f"{run}.json", {**result, **timing})
+    if run_log is not None:
+        key = f"{sampler}_{steps}"
+        run_log.log_metrics({f"sweep/fid/{key}": result["fid"], f"sweep/kid/{key}": result["kid"]}, step=cfg.nfe())
     print(f"sweep {run}: FID {result['fid']:.3f} at {cfg.nfe()} NFE")
 
 
@@ -45,6 +50,9 @@ def report(p: params.Params) -> None:
     table.append(f"\nBest FID: {best[0]} with {best[1]} steps ({best[2]} NFE): {best[3]}")
     with io.atomic_path(REPORT / "table.md") as tmp:
         tmp.write_text("\n".join(table) + "\n")
+    run_log = stage_tracking.reopen(p)
+    if run_log is not None:
+        run_log.log_artifacts([REPORT / "table.md", REPORT / "fid_vs_nfe.csv"], "sweep")
     print("\n".join(table))
 
 

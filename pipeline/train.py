@@ -1,19 +1,67 @@
-"""Stage ``train``: fit the diffusion model; write the resumable checkpoint, the EMA model and the curves."""
+"""Stage ``train``: fit the diffusion model; write the resumable checkpoint, the EMA model and the curves.
+
+With tracking on, the stage opens the pipeline execution's MLflow run (params, tags), streams Lightning's
+metrics into it, uploads the checkpoint, the EMA model, the curves and the loss plot, and records the run
+in ``outputs/train/run.json`` for the later stages.
+"""
 
 import argparse
 import sys
+import tempfile
+from pathlib import Path
 
-from ddpm import data, io, training
+from pytorch_lightning.utilities import rank_zero_only
+
+from ddpm import data, io, tracking, training
 from pipeline import params
+from pipeline import tracking as stage_tracking
+
+TRACKED_SECTIONS = ("data", "featurizer", "model", "diffusion", "train", "sample", "evaluate")
+
+
+def open_run(p: params.Params, raw: dict, train_set: data.ImageSet):
+    """(run.json record, Lightning MLFlowLogger or None); fails before training if the server is unreachable."""
+    if not p.tracking.enabled or rank_zero_only.rank != 0:
+        return stage_tracking.OFF, None
+    from pytorch_lightning.loggers import MLFlowLogger
+
+    tags = tracking.run_tags(p.data.dataset, data.content_hash(train_set))
+    record = tracking.start_run(p.tracking, stage_tracking.sections(raw, TRACKED_SECTIONS), tags)
+    logger = MLFlowLogger(tracking_uri=record["tracking_uri"], run_id=record["run_id"])
+    return record, logger
+
+
+def upload(record: dict, p: params.Params, out: Path, metrics: dict, params_file: str) -> None:
+    """Final metrics and the artifacts: EMA model (the registry's source), checkpoint, curves, loss plot."""
+    run = tracking.Run(record)
+    run.log_metrics({f"final/{k}": v for k, v in metrics.items()}, step=int(metrics["steps"]))
+    run.log_artifacts([out / "model.pt"], "model")
+    if p.tracking.log_checkpoint:
+        run.log_artifacts([out / "last.ckpt"], "checkpoints")
+    with tempfile.TemporaryDirectory() as tmp:
+        plot = Path(tmp) / "loss.png"
+        tracking.loss_plot(out / "curves.csv", plot)
+        run.log_artifacts([plot, out / "curves.csv"], "plots")
+    run.log_artifacts([params_file], "config")
 
 
 def main(args: argparse.Namespace) -> None:
-    p = params.load(args.params)
+    raw = params.read_yaml(args.params)
+    p = params.validate(raw)
     out = params.OUT
     train_set, test_set = data.load_npz(out / "data" / "train.npz"), data.load_npz(out / "data" / "test.npz")
+    record, logger = open_run(p, raw, train_set)
+    if rank_zero_only.rank == 0:
+        io.write_json(stage_tracking.RUN_RECORD, record)
     progress = sys.stderr.isatty()
-    metrics = training.train(train_set, test_set, p.model, p.diffusion, p.train, out / "train", progress=progress)
-    io.write_json(out / "metrics" / "train.json", metrics)
+    metrics = training.train(
+        train_set, test_set, p.model, p.diffusion, p.train, out / "train", progress=progress, logger=logger
+    )
+    if rank_zero_only.rank == 0:
+        if record["enabled"]:
+            upload(record, p, out / "train", metrics, args.params)
+            print(f"tracking: {record['run_url']}")
+        io.write_json(out / "metrics" / "train.json", metrics)
     print(f"train: {metrics}")
 
 

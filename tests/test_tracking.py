@@ -1,0 +1,206 @@
+"""MLflow tracking against a real `mlflow server` process (SQLite backend, artifact root in a temp dir).
+
+The smoke pipeline runs through `dvc repro evaluate` in a temp git repo with MLFLOW_TRACKING_URI pointed at
+the server: three trainings of different length give three runs whose FIDs exercise the champion rule.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+
+from ddpm import tracking
+from ddpm.module import DiffusionModule
+from test_pipeline import copy_project, ran_stages, run
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A real tracking server on a free port; stopped (and its output shown on failure) afterwards."""
+    root = tmp_path_factory.mktemp("mlflow_server")
+    port = free_port()
+    log = open(root / "server.log", "w")  # noqa: SIM115 (open while the server runs)
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    cmd += ["--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "art")]
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1"}
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"mlflow server did not start:\n{(root / 'server.log').read_text()[-3000:]}")
+        time.sleep(0.5)
+    yield uri
+    os.killpg(proc.pid, 15)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+    log.close()
+
+
+def set_params(project: Path, **sections) -> None:
+    raw = yaml.safe_load((project / "params.yaml").read_text())
+    for section, values in sections.items():
+        raw.setdefault(section, {}).update(values)
+    (project / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+def tracked(cmd: list[str], project: Path, uri: str, check: bool = True) -> subprocess.CompletedProcess:
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    try:
+        return run(cmd, project, check=check)
+    finally:
+        del os.environ["MLFLOW_TRACKING_URI"]
+
+
+def records(project: Path) -> tuple[dict, dict, dict]:
+    out = project / "outputs"
+    return tuple(json.loads(p.read_text()) for p in (out / "train/run.json", out / "evaluate/registry.json",
+                                                      out / "metrics/evaluate.json"))  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def runs(server, tmp_path_factory):
+    """Three pipeline executions: 24 steps (baseline), 2 steps (worse), 150 steps (better)."""
+    project = copy_project(tmp_path_factory.mktemp("tracked"))
+    set_params(project, sample={"n": 100}, tracking={"experiment": "smoke", "registered_model": "ddpm-smoke"})
+    results = []
+    for steps in (24, 2, 150):
+        set_params(project, train={"max_steps": steps, "warmup_steps": min(10, steps - 1), "val_every": steps})
+        result = tracked(["dvc", "repro", "evaluate"], project, server)
+        results.append((ran_stages(result), *records(project)))
+    return project, results
+
+
+def test_the_run_record_has_params_curves_fid_and_artifacts(server, runs):
+    _, results = runs
+    stages, record, decision, scores = results[0]
+    assert {"train", "sample", "evaluate"} <= stages
+    client = MlflowClient(server)
+    run = client.get_run(record["run_id"])
+    params = run.data.params
+    assert params["train.max_steps"] == "24" and params["data.dataset"] == "digits"
+    assert params["config/T"] == "100"  # the resolved DDPMConfig, from Lightning's hyperparameters
+    assert run.data.tags["dataset"] == "digits" and len(run.data.tags["dataset.sha256"]) == 64
+    assert {"git.commit", "host", "device"} <= run.data.tags.keys()
+    history = client.get_metric_history(record["run_id"], "train/loss")
+    assert len({m.step for m in history}) > 1
+    assert client.get_metric_history(record["run_id"], "train/images_per_second")
+    key = f"{scores['sampler']}_{scores['steps']}"
+    assert run.data.metrics[f"fid/{key}"] == pytest.approx(scores["fid"])
+    assert 0 < run.data.metrics["featurizer/test_accuracy"] <= 1
+    assert run.data.metrics[f"sample/nfe/{key}"] == scores["nfe"]
+    folders = ("model", "checkpoints", "plots", "config", f"samples/{key}")
+    artifacts = {a.path for folder in folders for a in client.list_artifacts(record["run_id"], folder)}
+    assert {"model/model.pt", "checkpoints/last.ckpt", "plots/loss.png", f"samples/{key}/grid.png"} <= artifacts
+    assert {"config/params.yaml", "config/dvc.lock"} <= artifacts
+    assert record["run_url"].startswith(server) and record["run_id"] in record["run_url"]
+
+
+def test_checkpoint_artifact_loads_and_samples(server, runs, tmp_path):
+    _, results = runs
+    record = results[0][1]
+    mlflow.set_tracking_uri(server)
+    path = mlflow.artifacts.download_artifacts(f"runs:/{record['run_id']}/checkpoints/last.ckpt", dst_path=tmp_path)
+    module = DiffusionModule.from_checkpoint(path)
+    images = module.sample(4, sampler="ddim", steps=5, seed=0)
+    assert images.shape == (4, 1, 8, 8) and torch.isfinite(images).all()
+
+
+def test_registry_keeps_champion_on_worse_and_moves_it_on_better(server, runs):
+    _, results = runs
+    (_, _, first, _), (_, _, worse, _), (_, _, better, _) = results
+    assert first["alias"] == "champion" and first["promoted"] and first["reason"] == "no champion yet"
+    assert worse["fid"] > first["fid"], "2 training steps must score worse than 24"
+    assert worse["alias"] == "challenger" and not worse["promoted"]
+    assert better["fid"] < first["fid"], "150 training steps must score better than 24"
+    assert better["alias"] == "champion" and better["promoted"]
+    client = MlflowClient(server)
+    assert client.get_model_version_by_alias("ddpm-smoke", "champion").version == better["version"]
+    assert len({first["version"], worse["version"], better["version"]}) == 3
+    # the promotion is idempotent: asking again changes nothing
+    assert tracking.promote(server, "ddpm-smoke", better["version"])["alias"] == "champion"
+    assert tracking.promote(server, "ddpm-smoke", worse["version"])["alias"] == "challenger"
+
+
+def test_search_runs_orders_runs_by_fid(server, runs):
+    _, results = runs
+    key = "fid/" + "_".join(str(results[0][3][k]) for k in ("sampler", "steps"))
+    client = MlflowClient(server)
+    experiment = client.get_experiment_by_name("smoke")
+    found = client.search_runs([experiment.experiment_id], order_by=[f"metrics.`{key}` ASC"])
+    by_fid = [r.info.run_id for r in found]
+    expected = [r[1]["run_id"] for r in sorted(results, key=lambda r: r[3]["fid"])]
+    assert by_fid == expected
+
+
+def test_make_sample_draws_from_the_champion(server, runs):
+    project, results = runs
+    out = project / "outputs" / "from_champion"
+    result = tracked([sys.executable, "-m", "pipeline.sample", "--model", "champion", "--out", str(out),
+                      "--n", "9", "--quiet"], project, server)  # fmt: skip
+    assert "models:/ddpm-smoke@champion" in result.stdout
+    assert (out / "samples.npz").is_file() and json.loads((out / "meta.json").read_text())["n"] == 9
+
+
+def test_rerunning_only_evaluate_updates_the_same_run(server, runs):
+    project, results = runs
+    record = results[-1][1]
+    set_params(project, evaluate={"kid_subsets": 7})
+    result = tracked(["dvc", "repro", "evaluate"], project, server)
+    assert ran_stages(result) == {"evaluate"}
+    again, decision, _ = records(project)
+    assert again["run_id"] == record["run_id"] and decision["run_id"] == record["run_id"]
+    client = MlflowClient(server)
+    logged = client.get_run(record["run_id"]).data
+    # params are immutable in MLflow: the value the run started with stays, the re-run's value is a tag
+    assert logged.params["evaluate.kid_subsets"] == "100" and logged.tags["latest.evaluate.kid_subsets"] == "7"
+
+
+def test_unreachable_server_fails_before_training(runs):
+    project, _ = runs
+    before = (project / "outputs" / "train" / "last.ckpt").stat().st_mtime_ns
+    uri = f"http://127.0.0.1:{free_port()}"
+    result = tracked([sys.executable, "-m", "pipeline.train"], project, uri, check=False)
+    assert result.returncode == 2
+    assert f"error: MLflow tracking server {uri} is not reachable" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert (project / "outputs" / "train" / "last.ckpt").stat().st_mtime_ns == before
+
+
+def test_tracking_off_logs_nothing(tmp_path):
+    project = copy_project(tmp_path)
+    set_params(project, tracking={"enabled": False}, train={"max_steps": 2, "warmup_steps": 1, "val_every": 2})
+    set_params(project, sample={"n": 20}, featurizer={"epochs": 1})
+    run(["dvc", "repro", "evaluate"], project)
+    assert json.loads((project / "outputs/train/run.json").read_text()) == {"enabled": False}
+    assert json.loads((project / "outputs/evaluate/registry.json").read_text()) == {"enabled": False}
+    assert not (project / "mlflow.db").exists() and not (project / "mlartifacts").exists()
