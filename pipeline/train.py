@@ -23,11 +23,9 @@ def open_run(p: params.Params, raw: dict, train_set: data.ImageSet):
     """(run.json record, Lightning MLFlowLogger or None); fails before training if the server is unreachable."""
     if not p.tracking.enabled or rank_zero_only.rank != 0:
         return stage_tracking.OFF, None
-    from pytorch_lightning.loggers import MLFlowLogger
-
     tags = tracking.run_tags(p.data.dataset, data.content_hash(train_set))
     record = tracking.start_run(p.tracking, stage_tracking.sections(raw, TRACKED_SECTIONS), tags)
-    logger = MLFlowLogger(tracking_uri=record["tracking_uri"], run_id=record["run_id"])
+    logger = tracking.BufferedMLFlowLogger(tracking_uri=record["tracking_uri"], run_id=record["run_id"])
     return record, logger
 
 
@@ -43,6 +41,7 @@ def upload(record: dict, p: params.Params, out: Path, metrics: dict, params_file
         tracking.loss_plot(out / "curves.csv", plot)
         run.log_artifacts([plot, out / "curves.csv"], "plots")
     run.log_artifacts([params_file], "config")
+    run.client.set_terminated(run.run_id, "FINISHED")
 
 
 def main(args: argparse.Namespace) -> None:
@@ -59,6 +58,7 @@ def main(args: argparse.Namespace) -> None:
     )
     if rank_zero_only.rank == 0:
         if record["enabled"]:
+            logger.flush(p.tracking.wait_seconds)  # metrics buffered during a server outage
             upload(record, p, out / "train", metrics, args.params)
             print(f"tracking: {record['run_url']}")
         io.write_json(out / "metrics" / "train.json", metrics)

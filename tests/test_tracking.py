@@ -6,8 +6,10 @@ the server: three trainings of different length give three runs whose FIDs exerc
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -34,36 +36,46 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """A real tracking server on a free port; stopped (and its output shown on failure) afterwards."""
-    root = tmp_path_factory.mktemp("mlflow_server")
-    port = free_port()
-    log = open(root / "server.log", "w")  # noqa: SIM115 (open while the server runs)
+def start_server(root: Path, port: int) -> tuple[subprocess.Popen, str]:
+    """`mlflow server` with a SQLite backend and an artifact root under ``root``, answering /health."""
+    root.mkdir(parents=True, exist_ok=True)
+    log = open(root / "server.log", "a")  # noqa: SIM115 (open while the server runs)
     cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     cmd += ["--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "art")]
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1"}
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root, start_new_session=True)
+    log.close()
     uri = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while True:
         try:
             with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
                 if r.status == 200:
-                    break
+                    return proc, uri
         except OSError:
             pass
         if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
+            stop_server(proc)
             raise RuntimeError(f"mlflow server did not start:\n{(root / 'server.log').read_text()[-3000:]}")
         time.sleep(0.5)
-    yield uri
-    os.killpg(proc.pid, 15)
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
     try:
         proc.wait(timeout=20)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
-    log.close()
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A real tracking server on a free port for the module; stopped afterwards."""
+    proc, uri = start_server(tmp_path_factory.mktemp("mlflow_server"), free_port())
+    yield uri
+    stop_server(proc)
 
 
 def set_params(project: Path, **sections) -> None:
@@ -204,3 +216,36 @@ def test_tracking_off_logs_nothing(tmp_path):
     assert json.loads((project / "outputs/train/run.json").read_text()) == {"enabled": False}
     assert json.loads((project / "outputs/evaluate/registry.json").read_text()) == {"enabled": False}
     assert not (project / "mlflow.db").exists() and not (project / "mlartifacts").exists()
+
+
+def test_server_outage_during_training_buffers_and_sends_the_metrics(tmp_path):
+    """The server stops while the train stage runs and comes back: the run's loss curve has no gap."""
+    root, port = tmp_path / "server", free_port()
+    proc, uri = start_server(root, port)
+    try:
+        project = copy_project(tmp_path / "project")
+        set_params(project, tracking={"experiment": "outage", "wait_seconds": 120})
+        set_params(project, train={"max_steps": 150, "log_every": 5, "val_every": 150, "warmup_steps": 10})
+        run([sys.executable, "-m", "pipeline.prepare"], project)
+        env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "OMP_WAIT_POLICY": "PASSIVE"}
+        train = subprocess.Popen([sys.executable, "-m", "pipeline.train"], cwd=project, env=env, text=True,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+        client, record_path = MlflowClient(uri), project / "outputs" / "train" / "run.json"
+        deadline = time.monotonic() + 300
+        while not (record_path.is_file() and client.get_metric_history(
+                json.loads(record_path.read_text())["run_id"], "train/loss")):  # fmt: skip
+            assert train.poll() is None and time.monotonic() < deadline, train.communicate()[0]
+            time.sleep(0.2)
+        stop_server(proc)  # the outage: training goes on and buffers
+        time.sleep(5)
+        proc, _ = start_server(root, port)
+        output = train.communicate(timeout=600)[0]
+        assert train.returncode == 0, output
+        assert "buffering metrics" in output and "buffered metrics sent" in output
+        run_id = json.loads(record_path.read_text())["run_id"]
+        steps = sorted({m.step for m in client.get_metric_history(run_id, "train/loss")})
+        assert steps[-1] >= 145 and all(b - a == 5 for a, b in zip(steps, steps[1:])), steps
+        assert client.get_run(run_id).info.status == "FINISHED"
+        assert "model/model.pt" in {a.path for a in client.list_artifacts(run_id, "model")}
+    finally:
+        stop_server(proc)
