@@ -249,3 +249,20 @@ def test_server_outage_during_training_buffers_and_sends_the_metrics(tmp_path):
         assert "model/model.pt" in {a.path for a in client.list_artifacts(run_id, "model")}
     finally:
         stop_server(proc)
+
+
+def test_ddp_training_logs_one_run_from_rank_zero(tmp_path):
+    """A 2-process DDP train stage (CPU, gloo) into the embedded store: one run, one curve."""
+    project = copy_project(tmp_path)
+    set_params(project, tracking={"experiment": "ddp"})
+    ddp = {"accelerator": "cpu", "devices": 2, "strategy": "ddp", "precision": "32-true"}
+    set_params(project, train={"max_steps": 6, "log_every": 2, "val_every": 6, "warmup_steps": 2, **ddp})
+    run([sys.executable, "-m", "pipeline.prepare"], project)
+    run([sys.executable, "-m", "pipeline.train"], project)
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("ddp")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")]
+    assert len(steps) == len(set(steps)) >= 2  # rank 1 logged nothing: no step twice
+    assert json.loads((project / "outputs/train/run.json").read_text())["run_id"] == runs[0].info.run_id
