@@ -64,7 +64,7 @@ def stop_server(proc: subprocess.Popen) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGTERM)
     try:
-        proc.wait(timeout=20)
+        proc.wait(timeout=3)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -105,10 +105,14 @@ def runs(server, tmp_path_factory):
     project = copy_project(tmp_path_factory.mktemp("tracked"))
     set_params(project, sample={"n": 100}, tracking={"experiment": "smoke", "registered_model": "ddpm-smoke"})
     results = []
-    for steps in (24, 2, 150):
+    for steps in (24, 2):
         set_params(project, train={"max_steps": steps, "warmup_steps": min(10, steps - 1), "val_every": steps})
         result = tracked(["dvc", "repro", "evaluate"], project, server)
         results.append((ran_stages(result), *records(project)))
+    # the third as a named DVC experiment, which the run carries as its name and tag
+    exp = ["dvc", "exp", "run", "-n", "longer", "-S", "train.max_steps=150", "-S", "train.val_every=150", "evaluate"]
+    result = tracked(exp, project, server)
+    results.append((ran_stages(result), *records(project)))
     return project, results
 
 
@@ -135,6 +139,9 @@ def test_the_run_record_has_params_curves_fid_and_artifacts(server, runs):
     assert {"model/model.pt", "checkpoints/last.ckpt", "plots/loss.png", f"samples/{key}/grid.png"} <= artifacts
     assert {"config/params.yaml", "config/dvc.lock"} <= artifacts
     assert record["run_url"].startswith(server) and record["run_id"] in record["run_url"]
+    assert "dvc.experiment" not in run.data.tags
+    longer = client.get_run(results[2][1]["run_id"])
+    assert longer.data.tags["dvc.experiment"] == "longer" and longer.info.run_name == "longer"
 
 
 def test_checkpoint_artifact_loads_and_samples(server, runs, tmp_path):
@@ -211,10 +218,11 @@ def test_unreachable_server_fails_before_training(runs):
 def test_tracking_off_logs_nothing(tmp_path):
     project = copy_project(tmp_path)
     set_params(project, tracking={"enabled": False}, train={"max_steps": 2, "warmup_steps": 1, "val_every": 2})
-    set_params(project, sample={"n": 20}, featurizer={"epochs": 1})
-    run(["dvc", "repro", "evaluate"], project)
+    set_params(project, sample={"n": 20})
+    for stage in (["pipeline.prepare"], ["pipeline.train"], ["pipeline.sample", "--track"]):
+        run([sys.executable, "-m", *stage], project)
     assert json.loads((project / "outputs/train/run.json").read_text()) == {"enabled": False}
-    assert json.loads((project / "outputs/evaluate/registry.json").read_text()) == {"enabled": False}
+    assert (project / "outputs/samples/samples.npz").is_file()
     assert not (project / "mlflow.db").exists() and not (project / "mlartifacts").exists()
 
 
