@@ -1,0 +1,329 @@
+"""Prefect flows against a real Prefect server (prefect_test_harness) and a real DVC project.
+
+The project is a temp git repo copy of this one on a shrunk smoke configuration; its DVC runs are shared
+by the tests of this module (retrain, then nothing to do, a retried failure, a timed-out run, a sweep).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from uuid import UUID
+
+import pytest
+import yaml
+from pipeline import flows, params
+from pipeline.schedule import ScheduleConfig
+from prefect import flow
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import WorkPoolCreate
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterKey,
+    FlowRunFilter,
+    FlowRunFilterId,
+    LogFilter,
+    LogFilterFlowRunId,
+)
+from prefect.logging.handlers import APILogHandler
+from prefect.settings import PREFECT_API_URL, PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+from prefect.testing.utilities import prefect_test_harness
+
+from ddpm.config import ConfigError
+from test_pipeline import ROOT, copy_project, digest, run
+
+pytestmark = pytest.mark.slow
+
+# On top of configs/smoke.yaml: the whole pipeline in ~1 min of mostly process start-up on 2 cores.
+SHRINK = {
+    "featurizer.epochs": 1,
+    "train.max_steps": 20,
+    "train.val_every": 10,
+    "sample.n": 64,
+    "sample.batch_size": 64,
+    "evaluate.batch_size": 64,
+    "evaluate.kid_subset_size": 32,
+    "evaluate.kid_subsets": 10,
+    "sweep.runs": ["ddim-5"],
+    "sweep.n": 64,
+    "tracking.enabled": False,  # tracking has its own tests; the promote contract is checked below with a stub
+}
+ALL_STAGES = ["prepare", "featurizer", "train", "sample", "evaluate", "sweep@ddim-5", "sweep_report"]
+FAST = {"retry_delay_seconds": 0}
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    storage = tmp_path_factory.mktemp("prefect-storage")  # failed runs' exceptions, not ~/.prefect/storage
+    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: storage}), prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    root = copy_project(tmp_path_factory.mktemp("flows"))
+    (root / "shrink.yaml").write_text(yaml.safe_dump(SHRINK))
+    run([sys.executable, "-m", "pipeline.overrides", "shrink.yaml", "--apply", "params.yaml"], root)
+    (root / "shrink.yaml").unlink()
+    commit(root, "shrink")
+    return root
+
+
+@pytest.fixture(scope="module")
+def retrained(prefect_server, project):
+    """The first retrain (runs the whole pipeline) and a second one right after it (nothing to do)."""
+    first = flows.retrain(project=str(project), **FAST, return_state=True)
+    second = flows.retrain(project=str(project), **FAST, return_state=True)
+    return first, second
+
+
+def commit(root: Path, message: str) -> None:
+    run(["git", "add", "-A"], root)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", message], root)
+
+
+def flow_run_id(state) -> UUID:
+    return state.state_details.flow_run_id
+
+
+def task_runs(state) -> dict[str, list]:
+    """Task runs of the flow run that ended in ``state``, by task name."""
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id(state)])))
+    by_task: dict[str, list] = {}
+    for r in runs:
+        by_task.setdefault(r.name.rsplit("-", 1)[0], []).append(r)
+    return by_task
+
+
+def logs(state) -> str:
+    """Every log line of the flow run that ended in ``state`` (flushed to the server first)."""
+    APILogHandler().flush()
+    lines, page = [], 200
+    with get_client(sync_client=True) as client:
+        while True:
+            batch = client.read_logs(
+                LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id(state)])), limit=page, offset=len(lines)
+            )
+            lines += [entry.message for entry in batch]
+            if len(batch) < page:
+                return "\n".join(lines)
+
+
+def artifact(key: str, state) -> str:
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id(state)])),
+        )
+    assert len(found) == 1, found
+    return found[0].data
+
+
+def workspace_state(root: Path) -> dict[str, str]:
+    """Digests of the outputs, params.yaml and dvc.lock."""
+    return {**digest(root / "outputs"), **{name: (root / name).read_text() for name in ("params.yaml", "dvc.lock")}}
+
+
+def read_params(root: Path) -> dict:
+    return yaml.safe_load((root / "params.yaml").read_text())
+
+
+def test_bad_parameters_are_rejected_before_any_work(prefect_server, project):
+    before, params_text = digest(project), (project / "params.yaml").read_text()
+    where = str(project)
+    cases = [
+        (dict(retries=-1), "retrain.retries=-1: Input should be greater than or equal to 0"),
+        (dict(timeout_seconds=0), "retrain.timeout_seconds=0: Input should be greater than 0"),
+        (dict(overrides={"train.lr": -1}), "train.lr=-1: Input should be greater than 0"),
+        (dict(overrides={"lr": 0.1}), "retrain.overrides: keys must look like section.key, got ['lr']"),
+        (dict(overrides={"train.nope": 1}), "train.nope: unknown key; allowed keys:"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ConfigError) as e:
+            flows.retrain(project=where, **kwargs)
+        assert str(e.value).startswith(message) and "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match=r"^retrain.project='/no/such/dir': expected a DVC project folder"):
+        flows.retrain(project="/no/such/dir")
+    with pytest.raises(ConfigError, match=r"^sweep.grid=.*: no values for \['sample.steps'\]$"):
+        flows.sweep(grid={"sample.steps": []}, project=where)
+    with pytest.raises(ConfigError, match=r"^sample.n=0: "):
+        flows.sweep(grid={"sample.steps": [5], "sample.n": [64, 0]}, project=where)
+    state = flows.retrain(project=where, overrides={"train.lr": -1}, return_state=True)
+    assert state.is_failed() and "train.lr=-1" in state.message
+    assert task_runs(state) == {}, "no task ran"
+    assert digest(project) == before and (project / "params.yaml").read_text() == params_text
+
+
+def test_retrain_runs_the_pipeline_end_to_end(retrained, project):
+    first, _ = retrained
+    assert first.is_completed(), first.message
+    summary = first.result()
+    assert summary["ran"] and summary["stages"] == ALL_STAGES and summary["command"] == "dvc repro"
+    evaluation = json.loads((project / "outputs" / "metrics" / "evaluate.json").read_text())
+    assert summary["fid"] == evaluation["fid"] > 0
+    assert summary["promoted"] is None and summary["run_url"] is None  # tracking off
+    assert "stage train" in summary["changes"]
+    with get_client(sync_client=True) as client:
+        flow_run = client.read_flow_run(flow_run_id(first))
+    assert flow_run.state.is_completed() and flow_run.parameters["project"] == str(project)
+    tasks = task_runs(first)
+    assert set(tasks) == {"check-changes", "run-pipeline", "read-metrics", "promote"}
+    assert all(len(runs) == 1 and runs[0].state.is_completed() for runs in tasks.values())
+    text = logs(first)
+    assert "Running stage 'train'" in text and summary["message"] in text
+    table = artifact("retrain-summary", first)
+    assert f"| FID | {summary['fid']:.4f} |" in table and "| promoted | tracking off |" in table
+
+
+def test_retrain_with_nothing_changed_runs_no_stage(retrained):
+    _, second = retrained
+    assert second.is_completed(), second.message
+    summary = second.result()
+    assert not summary["ran"] and summary["stages"] == [] and summary["changes"] == []
+    assert summary["message"].startswith("retrain: nothing changed, no DVC stage ran; FID")
+    assert summary["fid"] == retrained[0].result()["fid"]
+    assert "run-pipeline" not in task_runs(second)
+    assert "nothing changed, no DVC stage ran" in logs(second)
+
+
+def test_transient_failure_is_retried(retrained, project, tmp_path, monkeypatch):
+    marker = tmp_path / "fail-once"
+    marker.touch()
+    monkeypatch.setenv(flows.FAIL_ONCE, str(marker))
+    state = flows.retrain(project=str(project), overrides={"sample.steps": 5}, retries=2, **FAST, return_state=True)
+    assert state.is_completed(), state.message
+    assert not marker.exists()
+    summary = state.result()
+    assert summary["stages"] == ["sample", "evaluate"], "only what the override touches runs"
+    assert summary["command"] == "dvc exp run -S sample.steps=5" and summary["experiment"]
+    assert summary["changes"] == ["param sample.steps: 10 -> 5"]
+    (attempt,) = task_runs(state)["run-pipeline"]
+    assert attempt.state.is_completed() and attempt.run_count == 2
+    assert "injected transient failure" in logs(state)
+    assert read_params(project)["sample"]["steps"] == 5, "dvc exp run leaves the experiment in the workspace"
+
+
+def test_permanent_failure_fails_the_flow_and_leaves_outputs_whole(retrained, project):
+    outputs, params_text = digest(project / "outputs"), (project / "params.yaml").read_text()
+    changed = read_params(project)
+    changed["train"]["seed"] = 1
+    (project / "params.yaml").write_text(yaml.safe_dump(changed, sort_keys=False))
+    try:
+        state = flows.retrain(project=str(project), retries=1, timeout_seconds=3, **FAST, return_state=True)
+        status = json.loads(run([sys.executable, "-m", "dvc", "status", "--json"], project).stdout)
+    finally:
+        (project / "params.yaml").write_text(params_text)
+    assert state.is_failed()
+    (attempt,) = task_runs(state)["run-pipeline"]
+    assert attempt.state.is_failed() and attempt.run_count == 2
+    assert "exceeded timeout of 3" in logs(state)
+    assert digest(project / "outputs") == outputs, "no half outputs: the previous ones stay, no temp files"
+    assert "train" in status, "DVC recorded nothing for the interrupted stage"
+
+
+def test_sweep_runs_dvc_experiments_and_reports_the_best(retrained, project):
+    commit(project, "pipeline outputs")  # experiments start from the last commit: dvc.lock must be in it
+    workspace = workspace_state(project)
+    state = flows.sweep(grid={"sample.steps": [5, 10]}, project=str(project), **FAST, return_state=True)
+    assert state.is_completed(), state.message
+    result = state.result()
+    assert [r["overrides"] for r in result["runs"]] == [{"sample.steps": 5}, {"sample.steps": 10}]
+    assert result["best"] == min(result["runs"], key=lambda r: r["fid"]) and not result["failed"]
+    # seeded: each point reproduces the FID the workspace had with the same steps (5 now, 10 in the first retrain)
+    steps5 = json.loads((project / "outputs" / "metrics" / "evaluate.json").read_text())["fid"]
+    assert [r["fid"] for r in result["runs"]] == pytest.approx([steps5, retrained[0].result()["fid"]])
+    assert set(re.findall(r"Running stage '([^']+)'", logs(state))) == {"sample", "evaluate"}, "only what steps touch"
+    assert workspace_state(project) == workspace, "experiments run in temp copies; the workspace is untouched"
+    shown = run([sys.executable, "-m", "dvc", "exp", "show", "--json"], project).stdout
+    assert all(r["experiment"] in shown for r in result["runs"])
+    assert f"best FID {result['best']['fid']:.4f}" in artifact("sweep-summary", state)
+
+
+def test_promote_reports_the_registry_decision(prefect_server, tmp_path, monkeypatch):
+    record = {"enabled": True, "tracking_uri": "sqlite:////x/mlflow.db", "experiment_id": "1", "run_id": "r1"}
+    record["run_url"] = "http://127.0.0.1:5000/#/experiments/1/runs/r1"
+    registry = {"enabled": True, "model_name": "ddpm-digits", "version": "3", "alias": "challenger", "promoted": False}
+    for path, data in ((flows.RUN_RECORD, record), (flows.REGISTRY_RECORD, registry)):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text(json.dumps(data))
+    calls = []
+
+    def promote(tracking_uri: str, model_name: str, version: str) -> dict:
+        calls.append((tracking_uri, model_name, version))
+        return {
+            **registry,
+            "alias": "champion",
+            "promoted": True,
+            "reason": "no champion yet",
+            "fid": 2.0,
+            "champion_fid": None,
+            "run_id": "r1",
+            "run_url": record["run_url"],
+        }
+
+    monkeypatch.setattr(flows.tracking, "promote", promote, raising=False)
+
+    @flow
+    def promote_only() -> dict:
+        return flows.promote(tmp_path)
+
+    decision = promote_only()
+    assert calls == [("sqlite:////x/mlflow.db", "ddpm-digits", "3")]
+    summary = flows.summarize([], None, {"evaluate": {"fid": 2.0, "kid": 0.1}}, decision)
+    assert summary["promoted"] is True and summary["run_url"] == record["run_url"]
+    assert summary["message"].endswith("; FID 2.0000; ddpm-digits v3 -> champion")
+
+
+def test_served_deployment_has_the_schedule_and_concurrency_limit_1(prefect_server):
+    cfg = params.load(ROOT / "params.yaml").schedule
+    deployment_id = flows.deployment(cfg).apply()
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment(deployment_id)
+    (schedule,) = deployment.schedules
+    assert (schedule.schedule.cron, schedule.schedule.timezone) == (cfg.cron, cfg.timezone)
+    assert deployment.name == cfg.deployment and deployment.global_concurrency_limit.limit == 1
+    assert deployment.entrypoint == flows.ENTRYPOINT
+    with pytest.raises(ConfigError, match=r"^schedule.cron='99 3 \* \* \*': Invalid cron string"):
+        flows.deployment(ScheduleConfig(cron="99 3 * * *"))
+    with pytest.raises(ConfigError, match=r"^schedule.cron='0 3 \* \*': expected a cron expression of 5 fields"):
+        ScheduleConfig.from_dict({"cron": "0 3 * *"}, "schedule")
+    with pytest.raises(ConfigError, match=r"^schedule.timezone='Mars/Olympus': expected an IANA time zone"):
+        ScheduleConfig.from_dict({"timezone": "Mars/Olympus"}, "schedule")
+
+
+def test_prefect_yaml_agrees_with_params_and_deploys_to_the_pool(prefect_server, project):
+    cfg = params.load(ROOT / "params.yaml").schedule
+    assert flows.prefect_yaml_mismatches(cfg, ROOT / "prefect.yaml") == []
+    other = cfg.model_copy(update={"cron": "0 4 * * *", "work_pool": "cpu"})
+    assert flows.prefect_yaml_mismatches(other, ROOT / "prefect.yaml") == [
+        "work_pool.name='gpu', expected 'cpu'",
+        "schedules[0].cron='0 3 * * *', expected '0 4 * * *'",
+    ]
+    (project / "prefect.yaml").write_text((ROOT / "prefect.yaml").read_text())
+    with get_client(sync_client=True) as client:
+        client.create_work_pool(WorkPoolCreate(name=cfg.work_pool, type="process"))
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+    deploy = subprocess.run(
+        [str(Path(sys.executable).parent / "prefect"), "--no-prompt", "deploy", "--all"],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert deploy.returncode == 0, deploy.stdout + deploy.stderr
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name(f"retrain/{cfg.deployment}")
+    (schedule,) = deployment.schedules
+    assert (schedule.schedule.cron, schedule.schedule.timezone) == (cfg.cron, cfg.timezone)
+    assert deployment.global_concurrency_limit.limit == 1 and deployment.work_pool_name == cfg.work_pool
+    assert deployment.job_variables["env"]["CUDA_VISIBLE_DEVICES"] == "0"
+    assert deployment.parameters["overrides"]["train.accelerator"] == "gpu"
+    assert deployment.entrypoint == flows.ENTRYPOINT
+    (pull,) = deployment.pull_steps
+    assert pull["prefect.deployments.steps.set_working_directory"]["directory"] == str(project.resolve())
