@@ -9,8 +9,11 @@ stages are never recomputed; no task uses Prefect's result caching or persistenc
 champion rule, through ``ddpm.tracking.promote`` when tracking is on) and a summary: logged, returned and
 published as the markdown artifact ``retrain-summary``.
 
-Test hook: when ``$DDPM_FLOW_FAIL_ONCE`` names an existing file, the next ``run-pipeline`` or
+Test hooks: when ``$DDPM_FLOW_FAIL_ONCE`` names an existing file, the next ``run-pipeline`` or
 ``sweep-point`` attempt deletes the file and fails before starting DVC (an injected transient failure).
+When ``$DDPM_FLOW_PREEMPT_ONCE`` names an existing file, the next ``run-pipeline`` attempt deletes it and
+interrupts DVC as soon as the train stage has written its first resume checkpoint (an injected preemption:
+the stage checkpoints and stops, the attempt fails, and the retry resumes training).
 
     python -m pipeline.flows retrain [--force] [-S train.lr=3e-4 ...]   # one run now
     python -m pipeline.flows sweep -G 'sample.steps=[10, 25]' [-G ...]   # a grid of DVC experiments
@@ -30,6 +33,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -54,6 +58,7 @@ PREFECT_YAML = Path("prefect.yaml")
 CONCURRENCY_LIMIT = 1
 METRICS = params.OUT / "metrics"
 FAIL_ONCE = "DDPM_FLOW_FAIL_ONCE"
+PREEMPT_ONCE = "DDPM_FLOW_PREEMPT_ONCE"
 GRACE_SECONDS = 30  # after SIGINT, how long DVC and its stage get to exit before SIGKILL
 NO_RESULT_CACHE = {"cache_policy": NO_CACHE, "persist_result": False}
 
@@ -172,7 +177,9 @@ def last_line(text: str) -> str:
     return lines[-1] if lines else "no output"
 
 
-def stream(root: Path, args: list[str], log: Callable[[str], None]) -> list[str]:
+def stream(
+    root: Path, args: list[str], log: Callable[[str], None], watch: Callable[[subprocess.Popen], None] | None = None
+) -> list[str]:
     """Run a long DVC command, logging its output line by line; interrupt it if this thread is interrupted.
 
     DVC runs in its own process group. A Prefect timeout (or any exception here) sends it SIGINT, so DVC
@@ -190,6 +197,8 @@ def stream(root: Path, args: list[str], log: Callable[[str], None]) -> list[str]
     )
     lines: queue.Queue[str | None] = queue.Queue()
     threading.Thread(target=pump, args=(proc.stdout, lines), daemon=True).start()
+    if watch is not None:
+        threading.Thread(target=watch, args=(proc,), daemon=True).start()
     output = []
     try:
         while (line := next_line(lines)) is not None:
@@ -251,6 +260,24 @@ def inject_failure() -> None:
         raise TransientFailure(f"injected transient failure (test hook ${FAIL_ONCE}={marker})")
 
 
+def preemption(root: Path) -> Callable[[subprocess.Popen], None] | None:
+    """The ``$DDPM_FLOW_PREEMPT_ONCE`` test hook: a watcher that interrupts DVC after the first resume checkpoint."""
+    marker = os.environ.get(PREEMPT_ONCE)
+    if not marker or not Path(marker).is_file():
+        return None
+    checkpoint = root / params.OUT / "train" / "resume.ckpt"
+
+    def watch(proc: subprocess.Popen) -> None:
+        while proc.poll() is None:
+            if checkpoint.is_file():
+                Path(marker).unlink(missing_ok=True)
+                os.killpg(proc.pid, signal.SIGINT)  # the train stage checkpoints this step and exits
+                return
+            time.sleep(0.05)
+
+    return watch
+
+
 def read_json(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
@@ -284,7 +311,7 @@ def run_pipeline(root: Path, overrides: dict[str, Any], force: bool) -> dict[str
     before = params_file.read_bytes()
     logger.info("$ dvc %s", " ".join(args))
     try:
-        output = stream(root, args, logger.info)
+        output = stream(root, args, logger.info, watch=preemption(root))
     except BaseException:
         if params_file.read_bytes() != before:  # `dvc exp run -S` wrote the overrides before failing
             params_file.write_bytes(before)

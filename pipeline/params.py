@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
-from ddpm.config import ConfigError, DDPMConfig
+from ddpm.config import ConfigError, DDPMConfig, short_repr
 from ddpm.data import DataConfig, native_shape
 from ddpm.featurizer import FeaturizerConfig
 from ddpm.metrics import EvaluateConfig
@@ -53,38 +54,56 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"params file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: YAML nested too deeply") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
     return raw
 
 
+def section(raw: dict[str, Any], name: str) -> dict[str, Any]:
+    """The mapping of section ``name`` (empty when absent or null); anything else is a ConfigError."""
+    value = raw.get(name)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{name}={short_repr(value)}: expected a mapping of keys to values")
+    bad = [k for k in value if not isinstance(k, str)]
+    if bad:
+        raise ConfigError(f"{name}: keys must be names, got {short_repr(bad)}")
+    return value
+
+
 def validate(raw: dict[str, Any], sample_overrides: dict[str, Any] | None = None) -> Params:
     """Validate every section; raise one-line ConfigError on the first problem found."""
-    unknown = sorted(set(raw) - set(SECTIONS))
+    if not isinstance(raw, dict):
+        raise ConfigError(f"params: expected a mapping of sections, got {type(raw).__name__}")
+    unknown = sorted((repr(k) if not isinstance(k, str) else k for k in raw if k not in SECTIONS), key=str)
     if unknown:
-        raise ConfigError(f"params: unknown section(s) {unknown}; allowed: {', '.join(SECTIONS)}")
-    data = DataConfig.from_dict(raw.get("data"), "data")
+        raise ConfigError(f"params: unknown section(s) {short_repr(unknown)}; allowed: {', '.join(SECTIONS)}")
+    sections = {name: section(raw, name) for name in SECTIONS}
+    data = DataConfig.from_dict(sections["data"], "data")
     size, channels = native_shape(data)
-    model = raw.get("model") or {}
-    diffusion = raw.get("diffusion") or {}
-    for name, section in (("model", model), ("diffusion", diffusion)):
-        if not isinstance(section, dict):
-            raise ConfigError(f"{name}={section!r}: expected a mapping of keys to values")
+    model, diffusion = sections["model"], sections["diffusion"]
+    for name, values in (("model", model), ("diffusion", diffusion)):
         shaped = {"in_channels", "image_size"} if name == "model" else {"channels", "image_size"}
-        if shaped & section.keys():
-            raise ConfigError(f"{name}: {sorted(shaped & section.keys())} come from the data; remove them")
+        if shaped & values.keys():
+            raise ConfigError(f"{name}: {sorted(shaped & values.keys())} come from the data; remove them")
     net_cfg = UNetConfig.from_dict({**model, "in_channels": channels, "image_size": size}, "model")
     try:
-        UNet(net_cfg)  # structural checks: sizes per level, attention resolutions, groups, heads
-    except ValueError as e:
-        raise ConfigError(f"model: {e}") from None
+        with torch.device("meta"):  # structural checks (sizes per level, attention, groups, heads); no memory
+            UNet(net_cfg)
+    except (ValueError, RuntimeError, OverflowError, TypeError) as e:  # huge sizes overflow torch's int64
+        raise ConfigError(f"model: {str(e).splitlines()[0][:200]}") from None
     ddpm_cfg = DDPMConfig.from_dict({**diffusion, "channels": channels, "image_size": size}, "diffusion")
-    sample = SampleConfig.from_dict({**(raw.get("sample") or {}), **(sample_overrides or {})}, "sample")
+    sample = SampleConfig.from_dict({**sections["sample"], **(sample_overrides or {})}, "sample")
     ddpm_cfg.sampler_fn(sample.sampler, sample.steps, sample.eta)  # the sampler settings are compatible
-    sweep = SweepConfig.from_dict(raw.get("sweep"), "sweep")
+    sweep = SweepConfig.from_dict(sections["sweep"], "sweep")
     for run in sweep.runs:
         try:
             ddpm_cfg.sampler_fn(*sweep.parse(run))
@@ -92,15 +111,15 @@ def validate(raw: dict[str, Any], sample_overrides: dict[str, Any] | None = None
             raise ConfigError(f"sweep.runs: {run!r}: {e}") from None
     return Params(
         data=data,
-        featurizer=FeaturizerConfig.from_dict(raw.get("featurizer"), "featurizer"),
+        featurizer=FeaturizerConfig.from_dict(sections["featurizer"], "featurizer"),
         model=model,
         diffusion=diffusion,
-        train=TrainConfig.from_dict(raw.get("train"), "train"),
+        train=TrainConfig.from_dict(sections["train"], "train"),
         sample=sample,
-        evaluate=EvaluateConfig.from_dict(raw.get("evaluate"), "evaluate"),
+        evaluate=EvaluateConfig.from_dict(sections["evaluate"], "evaluate"),
         sweep=sweep,
-        tracking=TrackingConfig.from_dict(raw.get("tracking"), "tracking"),
-        schedule=ScheduleConfig.from_dict(raw.get("schedule"), "schedule"),
+        tracking=TrackingConfig.from_dict(sections["tracking"], "tracking"),
+        schedule=ScheduleConfig.from_dict(sections["schedule"], "schedule"),
     )
 
 
@@ -114,7 +133,7 @@ def run_stage(main: Callable[[argparse.Namespace], None], parser: argparse.Argum
     args = parser.parse_args()
     try:
         main(args)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, OSError, ValueError, FloatingPointError) as e:  # bad input, disk full, a nan/inf loss
         if os.environ.get("DDPM_DEBUG"):
             raise
         print(f"error: {e}", file=sys.stderr)

@@ -6,6 +6,8 @@ in ``outputs/train/run.json`` for the later stages.
 """
 
 import argparse
+import os
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -19,14 +21,34 @@ from pipeline import tracking as stage_tracking
 TRACKED_SECTIONS = ("data", "featurizer", "model", "diffusion", "train", "sample", "evaluate")
 
 
-def open_run(p: params.Params, raw: dict, train_set: data.ImageSet):
-    """(run.json record, Lightning MLFlowLogger or None); fails before training if the server is unreachable."""
+def open_run(p: params.Params, raw: dict, train_set: data.ImageSet, resume: training.Resume | None):
+    """(run.json record, logger or None); fails before training if the server is unreachable.
+
+    A training that resumes an interrupted one continues the interrupted run (same run id, metrics from the
+    resumed step on) instead of forking a new run.
+    """
     if not p.tracking.enabled or rank_zero_only.rank != 0:
         return stage_tracking.OFF, None
-    tags = tracking.run_tags(p.data.dataset, data.content_hash(train_set))
-    record = tracking.start_run(p.tracking, stage_tracking.sections(raw, TRACKED_SECTIONS), tags)
+    record = continued_run(p, resume)
+    if record is None:
+        tags = tracking.run_tags(p.data.dataset, data.content_hash(train_set))
+        record = tracking.start_run(p.tracking, stage_tracking.sections(raw, TRACKED_SECTIONS), tags)
     logger = tracking.BufferedMLFlowLogger(tracking_uri=record["tracking_uri"], run_id=record["run_id"])
     return record, logger
+
+
+def continued_run(p: params.Params, resume: training.Resume | None) -> dict | None:
+    """The interrupted run's record when this training resumes it (its checkpoint names the run), else None."""
+    if resume is None or resume.logger_version is None:
+        return None
+    uri = tracking.resolve_uri(p.tracking)
+    record = {"enabled": True, "tracking_uri": uri, "run_id": resume.logger_version}
+    run = tracking.Run(record)  # checks the server and that it still knows the run
+    experiment_id = run.client.get_run(run.run_id).info.experiment_id
+    run.client.update_run(run.run_id, status="RUNNING")
+    run.set_tags({"resumed_from_step": str(resume.step)})
+    print(f"tracking: continuing run {run.run_id} from step {resume.step}")
+    return {**record, "experiment_id": experiment_id, "run_url": tracking.run_url(uri, experiment_id, run.run_id)}
 
 
 def upload(record: dict, p: params.Params, out: Path, metrics: dict, params_file: str) -> None:
@@ -44,14 +66,20 @@ def upload(record: dict, p: params.Params, out: Path, metrics: dict, params_file
     run.client.set_terminated(run.run_id, "FINISHED")
 
 
+def interrupt_as_preemption() -> None:
+    """Ctrl-C, or the SIGINT of an orchestrator's timeout, stops training like a preemption (SIGTERM): the
+    resume checkpoint is written at the current step and the stage exits with status 143."""
+    signal.signal(signal.SIGINT, lambda signum, frame: os.kill(os.getpid(), signal.SIGTERM))
+
+
 def main(args: argparse.Namespace) -> None:
+    interrupt_as_preemption()
     raw = params.read_yaml(args.params)
     p = params.validate(raw)
     out = params.OUT
     train_set, test_set = data.load_npz(out / "data" / "train.npz"), data.load_npz(out / "data" / "test.npz")
-    record, logger = open_run(p, raw, train_set)
-    if rank_zero_only.rank == 0:
-        io.write_json(stage_tracking.RUN_RECORD, record)
+    resume = training.resume_checkpoint(out / "train", train_set, test_set, p.model, p.diffusion, p.train)
+    record, logger = open_run(p, raw, train_set, resume)
     progress = sys.stderr.isatty()
     metrics = training.train(
         train_set, test_set, p.model, p.diffusion, p.train, out / "train", progress=progress, logger=logger
@@ -62,6 +90,7 @@ def main(args: argparse.Namespace) -> None:
             upload(record, p, out / "train", metrics, args.params)
             print(f"tracking: {record['run_url']}")
         io.write_json(out / "metrics" / "train.json", metrics)
+        io.write_json(stage_tracking.RUN_RECORD, record)  # after training: a killed stage leaves the old one
     print(f"train: {metrics}")
 
 

@@ -1,3 +1,8 @@
+import errno
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -65,12 +70,55 @@ def test_saved_model_loads_weights_only_and_refuses_code(tmp_path):
             return (open, (str(marker), "w"))
 
     torch.save({"format": io.MODEL_FORMAT, "net": Evil()}, tmp_path / "evil.pt")
-    with pytest.raises(ValueError, match="evil.pt: not a readable model file"):
+    with pytest.raises(io.UnsafeFileError, match=r"evil\.pt: refused to load this model: it pickles io\.open"):
         io.load_payload(tmp_path / "evil.pt", "model", {"format"})
     assert not marker.exists()
     (tmp_path / "cut.pt").write_bytes(path.read_bytes()[:100])
-    with pytest.raises(ValueError, match="cut.pt"):
+    with pytest.raises(ValueError, match=r"cut\.pt: not a readable model file: corrupt or truncated"):
         io.load_payload(tmp_path / "cut.pt", "model", {"format"})
+    torch.save({"format": io.MODEL_FORMAT}, tmp_path / "keys.pt")
+    with pytest.raises(ValueError, match=r"keys\.pt is not a model: missing keys \['net'\]"):
+        io.load_payload(tmp_path / "keys.pt", "model", {"format", "net"})
+
+
+def test_load_state_names_the_file_and_the_first_difference(tmp_path):
+    net = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 1))
+    state = torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.Linear(4, 1)).state_dict()
+    with pytest.raises(
+        ValueError,
+        match=r"w\.pt: the model weights do not match its network config: size mismatch "
+        r"for 0\.weight: .* \(and 2 more\)",
+    ):
+        io.load_state(net, state, tmp_path / "w.pt", "model")
+    with pytest.raises(ValueError, match=r"w\.pt: the model weights are not a mapping of names to tensors"):
+        io.load_state(net, {"0.weight": [1.0]}, tmp_path / "w.pt", "model")
+
+
+def test_a_full_disk_mid_write_keeps_the_old_file_and_leaves_no_temp(tmp_path, monkeypatch):
+    path = tmp_path / "model.pt"
+    io.save_model(path, {"a": 1}, {}, {"w": torch.ones(2)})
+    old = path.read_bytes()
+
+    def disk_full(obj, f, *args, **kwargs):
+        with open(f, "wb") as out:
+            out.write(old[: len(old) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space left on device"):
+        io.save_model(path, {"a": 2}, {}, {"w": torch.zeros(2)})
+    assert path.read_bytes() == old and [p.name for p in tmp_path.iterdir()] == ["model.pt"]
+
+
+def test_temp_files_of_dead_writers_are_swept_by_the_next_write(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".out.json.{int(dead.stdout)}.0123abcd.tmp"
+    alive = tmp_path / f".out.json.{os.getppid()}.0123abcd.tmp"  # a running writer's file stays
+    other = tmp_path / f".other.json.{int(dead.stdout)}.0123abcd.tmp"
+    for p in (stale, alive, other):
+        p.write_text("half")
+    io.write_json(tmp_path / "out.json", {"a": 1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, other.name, "out.json"])
 
 
 def test_grid_tiles_images_row_major():

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from ddpm import data, io
@@ -170,3 +171,82 @@ def test_killed_stage_leaves_outputs_that_dvc_still_accepts(repro):
     assert after == before, "the previous outputs are intact"
     status = run(["dvc", "status"], project)
     assert "sample" not in status.stdout, status.stdout
+
+
+FAULTS = ROOT / "tests" / "faults"  # sitecustomize.py: kills or holds a stage process on request
+
+
+def repro_with_faults(project: Path, **faults: str) -> subprocess.Popen:
+    """Start ``dvc repro evaluate`` whose stage processes get ``faults`` (see tests/faults/sitecustomize.py)."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env.update(DO_NOT_TRACK="1", DVC_NO_ANALYTICS="1", OMP_WAIT_POLICY="PASSIVE", PYTHONPATH=str(FAULTS), **faults)
+    cmd = ["dvc", "repro", "evaluate"]
+    return subprocess.Popen(cmd, cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def outputs_digest(folder: Path) -> dict[str, str]:
+    """``digest`` of the outputs, without the temp files of interrupted atomic writes (DVC ignores them)."""
+    return {k: v for k, v in digest(folder).items() if not k.endswith(".tmp")}
+
+
+def stale_stages(project: Path) -> set[str]:
+    return set(json.loads(run(["dvc", "status", "--json"], project).stdout))
+
+
+def test_killed_stages_resume_or_rerun_and_a_second_repro_gets_the_lock_error(repro, tmp_path):
+    """train, sample and evaluate each SIGKILLed under `dvc repro` mid-write; then two concurrent repros.
+
+    After each kill the stage's outputs are the old, complete files and DVC lists the stage as not
+    done; the re-run of train resumes from its checkpoint; a killed write's temp file is swept by
+    the next run of its stage.
+    """
+    project, _ = repro
+    out = project / "outputs"
+    raw = yaml.safe_load((project / "params.yaml").read_text())
+    raw["train"].update(seed=1, checkpoint_every=10)
+    (project / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    train_outs = ["last.ckpt", "model.pt", "curves.csv"]
+    old_train = {name: (out / "train" / name).read_bytes() for name in train_outs}
+    old_samples, old_evaluate = outputs_digest(out / "samples"), (out / "metrics" / "evaluate.json").read_bytes()
+
+    killed = repro_with_faults(project, FAULT_KILL_AT="resume.ckpt:2")  # while writing the step-20 checkpoint
+    assert killed.wait(timeout=600) != 0, killed.communicate()
+    assert {name: (out / "train" / name).read_bytes() for name in train_outs} == old_train
+    resume = torch.load(out / "train" / "resume.ckpt", weights_only=True)
+    assert resume["global_step"] == 10
+    assert "train" in stale_stages(project)
+
+    killed = repro_with_faults(project, FAULT_KILL_AT="samples.npz:1")  # samples.npz written, not yet renamed
+    stdout, stderr = killed.communicate(timeout=600)
+    assert killed.returncode != 0 and "resuming from outputs/train/resume.ckpt at step 10" in stderr, stderr
+    assert not (out / "train" / "resume.ckpt").exists() and json.loads((out / "metrics" / "train.json").read_text())
+    assert outputs_digest(out / "samples") == old_samples
+    assert list((out / "samples").glob(".samples.npz.*.tmp")), "the killed write's complete temp file"
+    stale = stale_stages(project)
+    assert {"sample", "evaluate"} <= stale and "train" not in stale
+
+    killed = repro_with_faults(project, FAULT_KILL_AT="evaluate.json:1")
+    assert killed.wait(timeout=600) != 0, killed.communicate()
+    assert (out / "metrics" / "evaluate.json").read_bytes() == old_evaluate
+    assert io.load_samples(out / "samples" / "samples.npz").shape == (200, 8, 8, 1)
+    assert not list((out / "samples").glob(".*.tmp")), "swept by the sample stage's re-run"
+    stale = stale_stages(project)
+    assert "evaluate" in stale and not {"train", "sample"} & stale
+
+    hold = tmp_path / "hold"
+    first = repro_with_faults(project, FAULT_HOLD=str(hold))
+    try:
+        deadline = time.monotonic() + 300
+        while not hold.with_name("hold.started").exists() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        second = run(["dvc", "repro", "evaluate"], project, check=False)
+    finally:
+        hold.with_name("hold.release").touch()
+    # DVC's lock on the outputs in use: one line naming the running `dvc repro`; nothing is touched
+    assert second.returncode != 0 and "is busy, it is being blocked by" in second.stderr, second.stderr
+    assert f"(PID {first.pid}): " in second.stderr and "dvc repro evaluate" in second.stderr
+    stdout, stderr = first.communicate(timeout=600)
+    assert first.returncode == 0, stderr
+    assert not {"train", "sample", "evaluate"} & stale_stages(project)
+    assert json.loads((out / "metrics" / "evaluate.json").read_text())["n_gen"] == 200
+    assert not list(out.rglob(".*.tmp")), "no temp file left anywhere"

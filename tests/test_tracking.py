@@ -78,6 +78,12 @@ def server(tmp_path_factory):
     stop_server(proc)
 
 
+def only_run(client: MlflowClient, experiment: str) -> list[str]:
+    """The run ids of an experiment (empty while it does not exist)."""
+    found = client.get_experiment_by_name(experiment)
+    return [r.info.run_id for r in client.search_runs([found.experiment_id])] if found else []
+
+
 def set_params(project: Path, **sections) -> None:
     raw = yaml.safe_load((project / "params.yaml").read_text())
     for section, values in sections.items():
@@ -238,10 +244,8 @@ def test_server_outage_during_training_buffers_and_sends_the_metrics(tmp_path):
         env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "OMP_WAIT_POLICY": "PASSIVE"}
         train = subprocess.Popen([sys.executable, "-m", "pipeline.train"], cwd=project, env=env, text=True,
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
-        client, record_path = MlflowClient(uri), project / "outputs" / "train" / "run.json"
-        deadline = time.monotonic() + 300
-        while not (record_path.is_file() and client.get_metric_history(
-                json.loads(record_path.read_text())["run_id"], "train/loss")):  # fmt: skip
+        client, deadline = MlflowClient(uri), time.monotonic() + 300
+        while not (runs := only_run(client, "outage")) or not client.get_metric_history(runs[0], "train/loss"):
             assert train.poll() is None and time.monotonic() < deadline, train.communicate()[0]
             time.sleep(0.2)
         stop_server(proc)  # the outage: training goes on and buffers
@@ -250,7 +254,8 @@ def test_server_outage_during_training_buffers_and_sends_the_metrics(tmp_path):
         output = train.communicate(timeout=600)[0]
         assert train.returncode == 0, output
         assert "buffering metrics" in output and "buffered metrics sent" in output
-        run_id = json.loads(record_path.read_text())["run_id"]
+        run_id = json.loads((project / "outputs" / "train" / "run.json").read_text())["run_id"]
+        assert [run_id] == runs
         steps = sorted({m.step for m in client.get_metric_history(run_id, "train/loss")})
         assert steps[-1] >= 145 and all(b - a == 5 for a, b in zip(steps, steps[1:])), steps
         assert client.get_run(run_id).info.status == "FINISHED"
@@ -274,3 +279,32 @@ def test_ddp_training_logs_one_run_from_rank_zero(tmp_path):
     steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")]
     assert len(steps) == len(set(steps)) >= 2  # rank 1 logged nothing: no step twice
     assert json.loads((project / "outputs/train/run.json").read_text())["run_id"] == runs[0].info.run_id
+
+
+def test_resumed_training_continues_the_same_run(tmp_path):
+    """SIGKILL the train stage after a resume checkpoint; the re-run resumes and logs into the same run."""
+    project = copy_project(tmp_path)
+    set_params(project, tracking={"experiment": "resume"})
+    set_params(project, train={"max_steps": 120, "checkpoint_every": 20, "log_every": 10, "val_every": 120})
+    run([sys.executable, "-m", "pipeline.prepare"], project)
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    first = subprocess.Popen([sys.executable, "-m", "pipeline.train"], cwd=project, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    resume = project / "outputs" / "train" / "resume.ckpt"
+    deadline = time.monotonic() + 300
+    while not resume.is_file():
+        assert first.poll() is None and time.monotonic() < deadline, "train ended before its first checkpoint"
+        time.sleep(0.05)
+    first.kill()
+    first.wait()
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    [killed] = only_run(client, "resume")
+    assert not (project / "outputs/train/run.json").exists()  # written when training completes
+    second = run([sys.executable, "-m", "pipeline.train"], project)
+    assert f"continuing run {killed}" in second.stdout
+    assert json.loads((project / "outputs/train/run.json").read_text())["run_id"] == killed
+    runs = client.search_runs([client.get_experiment_by_name("resume").experiment_id])
+    assert [r.info.run_id for r in runs] == [killed] and runs[0].info.status == "FINISHED"
+    assert int(runs[0].data.tags["resumed_from_step"]) >= 20
+    steps = {m.step for m in client.get_metric_history(killed, "train/loss")}
+    assert max(steps) >= 110 and min(steps) <= 20

@@ -29,18 +29,24 @@ class ConfigError(ValueError):
 
 def _describe(error: Mapping[str, Any], model: type[BaseModel], prefix: str) -> str:
     """One clause for one pydantic error: 'prefix.field=value: what is allowed'."""
-    loc = ".".join(str(p) for p in error["loc"])
+    loc = ".".join(str(p) if isinstance(p, int) or str(p).isidentifier() else short_repr(p) for p in error["loc"])
     where = f"{prefix}.{loc}" if loc else prefix
     if error["type"] == "extra_forbidden":
         return f"{where}: unknown key; allowed keys: {', '.join(model.model_fields)}"
     msg = str(error["msg"]).removeprefix("Value error, ")
-    return f"{where}={error['input']!r}: {msg}" if loc else f"{where}: {msg}"
+    return f"{where}={short_repr(error['input'])}: {msg}" if loc else f"{where}: {msg}"
+
+
+def short_repr(value: Any, limit: int = 80) -> str:
+    """repr of ``value``, cut to ``limit`` characters (error messages stay one readable line)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class Config(BaseModel):
     """Base of all configs: frozen, no unknown keys, one-line errors, dict round-trip."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     def __init__(self, **data: Any) -> None:
         try:
@@ -60,10 +66,10 @@ class Config(BaseModel):
         if data is None:
             data = {}
         if not isinstance(data, Mapping):
-            raise ConfigError(f"{prefix}={data!r}: expected a mapping of keys to values")
+            raise ConfigError(f"{prefix}={short_repr(data)}: expected a mapping of keys to values")
         bad_keys = [k for k in data if not isinstance(k, str)]
         if bad_keys:
-            raise ConfigError(f"{prefix}: keys must be names, got {bad_keys!r}")
+            raise ConfigError(f"{prefix}: keys must be names, got {short_repr(bad_keys)}")
         token = _ERROR_PREFIX.set(prefix)
         try:
             return cls(**data)
@@ -99,7 +105,7 @@ class DDPMConfig(Config):
     image_size: int = Field(28, ge=1, description="image height and width in pixels")
     channels: int = Field(1, ge=1, description="image channels (1 grey, 3 RGB)")
     schedule: ScheduleName = Field("linear", description="noise schedule of alpha_bar")
-    T: int = Field(1000, ge=2, description="number of training timesteps")
+    T: int = Field(1000, ge=2, le=1_000_000, description="number of training timesteps")
     prediction: PredictionName = Field("epsilon", description="what the network predicts")
     loss: LossName = Field("mse", description="elementwise loss")
     huber_delta: float = Field(1.0, gt=0, description="delta of the huber loss")
@@ -281,6 +287,9 @@ class OptimConfig(Config):
     warmup_steps: int = Field(0, ge=0, description="linear warmup length in optimizer steps")
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="final lr of the cosine decay, as a fraction of lr")
     grad_clip: float | None = Field(1.0, gt=0, description="max global grad norm; null disables clipping")
+    nonfinite: Literal["stop", "skip"] = Field(
+        "stop", description="on a nan/inf loss: stop with an error naming the step, or skip the update (one device)"
+    )
 
     @model_validator(mode="after")
     def _betas_in_range(self) -> OptimConfig:

@@ -36,7 +36,7 @@ class FeaturizerConfig(Config):
     lr: float = Field(2e-3, gt=0, description="Adam learning rate (cosine-decayed to 0 over training)")
     feature_dim: int = Field(128, ge=2, description="dimension of the penultimate (feature) layer")
     width: int = Field(32, ge=1, description="channels of the first conv block (doubled per block)")
-    seed: int = Field(0, ge=0, description="seed of the initial weights and the batch order")
+    seed: int = Field(0, ge=0, lt=2**64, description="seed of the initial weights and the batch order")
 
 
 def to_float(images: Tensor) -> Tensor:

@@ -7,9 +7,11 @@ so an interrupted stage leaves the old file or the new one, never a truncated fi
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import pickle
+import re
 import uuid
 import zipfile
 from collections.abc import Iterator
@@ -25,9 +27,13 @@ MODEL_FORMAT = "ddpm-model/1"
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success rename it to ``path``, on failure delete it."""
+    """Yield a temporary path beside ``path``; on success fsync and rename it to ``path``, on failure delete it.
+
+    Temporary files that a killed writer of ``path`` left behind (their process is gone) are removed first.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         yield tmp
@@ -37,6 +43,43 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def remove_stale_temps(path: str | Path) -> list[Path]:
+    """Delete the temporary files of ``atomic_path(path)`` whose writing process no longer exists."""
+    path = Path(path)
+    removed = []
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        pid = tmp.name[len(path.name) + 2 :].split(".")[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
 
 
 def write_json(path: str | Path, data: dict[str, Any]) -> None:
@@ -59,15 +102,51 @@ def save_model(path: str | Path, net_config: dict, config: dict, state_dict: dic
         torch.save(payload, tmp)
 
 
-def load_weights_only(path: str | Path, what: str) -> Any:
-    """``torch.load(path, weights_only=True)`` on CPU; a corrupt file or pickled code raises one line naming it."""
+class UnsafeFileError(ValueError, pickle.UnpicklingError):
+    """A file that ``torch.load(weights_only=True)`` refused: it pickles objects that could run code on load."""
+
+
+def load_weights_only(path: str | Path, what: str, map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)``; pickled code, a corrupt or a truncated file raise one line naming it.
+
+    A pickle that would call anything but the tensor and container constructors raises
+    :class:`UnsafeFileError` without running it.
+    """
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
-        raise ValueError(
-            f"{path}: not a readable {what} file: corrupt, truncated, or holding objects other than tensors and plain "
-            f"containers (read with weights_only=True: {type(e).__name__})"
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if found:
+            raise UnsafeFileError(
+                f"{path}: refused to load this {what}: it pickles {found.group(1)}, which could run code; "
+                "nothing in it was run (weights_only=True)"
+            ) from None
+        found = re.search(r"Unsupported operand \d+", str(e))
+        reason = found.group(0) if found else str(e).splitlines()[0][:120]
+        raise UnsafeFileError(
+            f"{path}: refused to load this {what}: corrupt, or a pickle that weights_only=True cannot check "
+            f"({reason}); nothing in it was run"
         ) from None
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} not found: {path}") from None
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read this {what} file: {e.strerror or e}") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, KeyError, IndexError) as e:
+        detail = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}" if str(e) else type(e).__name__
+        raise ValueError(f"{path}: not a readable {what} file: corrupt or truncated ({detail})") from None
+
+
+def load_state(module: torch.nn.Module, state_dict: Any, path: str | Path, what: str) -> None:
+    """``module.load_state_dict(state_dict)`` (strict); a mismatch raises one line naming file and difference."""
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise ValueError(f"{path}: the {what} weights are not a mapping of names to tensors")
+    try:
+        module.load_state_dict(state_dict)
+    except RuntimeError as e:
+        details = [line.strip() for line in str(e).splitlines()[1:] if line.strip()]
+        first = details[0] if details else str(e).splitlines()[0]
+        more = f" (and {len(details) - 1} more)" if len(details) > 1 else ""
+        raise ValueError(f"{path}: the {what} weights do not match its network config: {first[:300]}{more}") from None
 
 
 def load_payload(path: str | Path, what: str, required: set[str]) -> dict[str, Any]:
@@ -76,8 +155,11 @@ def load_payload(path: str | Path, what: str, required: set[str]) -> dict[str, A
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
     payload = load_weights_only(path, what)
-    if not isinstance(payload, dict) or not required <= payload.keys():
-        raise ValueError(f"{path} is not a {what} (expected keys {sorted(required)})")
+    if not isinstance(payload, dict):
+        raise ValueError(f"{path} is not a {what}: it holds a {type(payload).__name__}, expected a dict")
+    missing = required - payload.keys()
+    if missing:
+        raise ValueError(f"{path} is not a {what}: missing keys {sorted(missing)} (expected {sorted(required)})")
     return payload
 
 

@@ -57,7 +57,7 @@ class EvaluateConfig(Config):
     batch_size: int = Field(250, ge=1, description="images per feature-extraction batch")
     kid_subset_size: int = Field(1000, ge=2, description="KID subset size (capped at the smaller image count)")
     kid_subsets: int = Field(100, ge=1, description="number of random KID subsets")
-    seed: int = Field(0, ge=0, description="seed of the KID subsets")
+    seed: int = Field(0, ge=0, lt=2**64, description="seed of the KID subsets")
 
 
 class UInt8Features(nn.Module):

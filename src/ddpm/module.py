@@ -21,8 +21,8 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
-from ddpm import conditioning, predictions, samplers
-from ddpm.config import DDPMConfig, EMAConfig, OptimConfig
+from ddpm import conditioning, io, predictions, samplers
+from ddpm.config import ConfigError, DDPMConfig, EMAConfig, OptimConfig
 from ddpm.nets import UNet, UNetConfig
 from ddpm.noise import SampleNoise
 from ddpm.preconditioning import Denoiser
@@ -44,6 +44,15 @@ class WarmupCosine:
         span = max(self.total_steps - self.warmup_steps, 1)
         progress = min((step - self.warmup_steps) / span, 1.0)
         return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training met a nan or inf loss at optimizer step ``step`` (1-based, as the rows of curves.csv)."""
+
+    def __init__(self, step: int, loss: float | None, detail: str = "") -> None:
+        self.step, self.loss = step, loss
+        value = "nan or inf" if loss is None else str(loss)
+        super().__init__(f"loss is {value} at optimizer step {step}; training stopped{detail}")
 
 
 @dataclass(frozen=True)
@@ -98,6 +107,10 @@ class DiffusionModule(pl.LightningModule):
         self.ema = copy.deepcopy(net).requires_grad_(False)
         self.loss_fn = self.config.loss_fn()
         self._alphas_cumprod = self.config.alphas_cumprod()
+        self.skipped_steps = 0  # optimizer steps skipped for a nan/inf loss (optim.nonfinite='skip')
+        self._skipped = False
+        self._bad_step: Tensor | None = None  # first step with a nan/inf loss, kept on the device
+        self._bad_loss: Tensor | None = None
         self.save_hyperparameters(
             {
                 "net": net.config.to_dict(),
@@ -108,26 +121,34 @@ class DiffusionModule(pl.LightningModule):
         )
 
     @classmethod
-    def from_hparams(cls, hparams: dict[str, Any]) -> DiffusionModule:
-        """Rebuild an untrained module from the hyperparameters stored in a checkpoint."""
-        return cls(
-            UNet(UNetConfig.from_dict(hparams["net"], "net")),
-            DDPMConfig.from_dict(hparams["config"], "config"),
-            OptimConfig.from_dict(hparams["optim"], "optim"),
-            EMAConfig.from_dict(hparams["ema"], "ema"),
-        )
+    def from_hparams(cls, hparams: dict[str, Any], prefix: str = "") -> DiffusionModule:
+        """Rebuild an untrained module from the hyperparameters stored in a checkpoint (``prefix`` starts errors)."""
+        missing = {"net", "config", "optim", "ema"} - (hparams.keys() if isinstance(hparams, dict) else set())
+        if missing:
+            raise ValueError(f"{prefix}hyper_parameters lack {sorted(missing)}: not a DiffusionModule's")
+        try:
+            return cls(
+                UNet(UNetConfig.from_dict(hparams["net"], f"{prefix}net")),
+                DDPMConfig.from_dict(hparams["config"], f"{prefix}config"),
+                OptimConfig.from_dict(hparams["optim"], f"{prefix}optim"),
+                EMAConfig.from_dict(hparams["ema"], f"{prefix}ema"),
+            )
+        except ConfigError:
+            raise
+        except ValueError as e:
+            raise ValueError(f"{prefix}{e}") from None
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu") -> DiffusionModule:
-        """Load a Lightning checkpoint without executing pickled code (``weights_only=True``)."""
+        """Load a Lightning checkpoint without executing pickled code (``weights_only=True``); errors name the file."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint not found: {path}")
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = io.load_weights_only(path, "checkpoint", map_location)
         if not isinstance(ckpt, dict) or not {"state_dict", "hyper_parameters"} <= ckpt.keys():
             raise ValueError(f"{path} is not a DiffusionModule checkpoint (needs state_dict and hyper_parameters)")
-        module = cls.from_hparams(ckpt["hyper_parameters"])
-        module.load_state_dict(ckpt["state_dict"])
+        module = cls.from_hparams(ckpt["hyper_parameters"], prefix=f"{path}: ")
+        io.load_state(module, ckpt["state_dict"], path, "checkpoint")
         return module
 
     def alphas_cumprod(self, device: torch.device) -> Tensor:
@@ -177,11 +198,51 @@ class DiffusionModule(pl.LightningModule):
         denoised = Denoiser(net, precond)(x, sigma, self._drop_labels(y, generator))
         return self.loss_fn(denoised, x0, precond.weight(sigma))
 
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
+        """Mean loss of the batch; a nan/inf loss is skipped (None: no update) or noted for ``check_finite``."""
         loss = self.model_step(batch).mean()
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"])
+        finite = torch.isfinite(loss.detach())
+        if self.optim.nonfinite == "skip":
+            self._skipped = not bool(finite)  # one host sync per step: the update is skipped now or never
+            self.skipped_steps += self._skipped
+            return None if self._skipped else loss
+        self._note_nonfinite(finite, loss.detach())
         return loss
+
+    def _note_nonfinite(self, finite: Tensor, loss: Tensor) -> None:
+        """Remember on the device, without a host sync, the first optimizer step whose loss was nan or inf."""
+        if self._bad_step is None or self._bad_step.device != loss.device:
+            self._bad_step = torch.zeros((), dtype=torch.int64, device=loss.device)
+            self._bad_loss = torch.zeros((), dtype=torch.float32, device=loss.device)
+        first = ~finite & (self._bad_step == 0)
+        self._bad_step = torch.where(first, self.global_step + 1, self._bad_step)
+        self._bad_loss = torch.where(first, loss.float(), self._bad_loss)
+
+    def check_finite(self) -> None:
+        """Raise NonFiniteLossError naming the first optimizer step whose loss was nan or inf (one host sync)."""
+        if self._bad_step is None:
+            return
+        steps = self.all_gather(self._bad_step).flatten()  # all ranks reach the same decision
+        bad = steps[steps > 0]
+        if len(bad):
+            step = int(bad.min())
+            raise NonFiniteLossError(step, float(self._bad_loss) if int(self._bad_step) == step else None)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Stop on a nan/inf loss: checked every ``log_every_n_steps`` steps and at the last step."""
+        if self.global_step % max(self.trainer.log_every_n_steps, 1) == 0 or self.global_step == self.trainer.max_steps:
+            self.check_finite()
+
+    def on_train_end(self) -> None:
+        self.check_finite()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["skipped_steps"] = self.skipped_steps
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.skipped_steps = int(checkpoint.get("skipped_steps", 0))
 
     def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
         """Loss of the trained and the EMA weights at timesteps and noise fixed per batch index."""
@@ -213,6 +274,12 @@ class DiffusionModule(pl.LightningModule):
 
     def on_train_start(self) -> None:
         """Set each lr from the current schedule (a resumed optimizer carries the checkpoint's lr)."""
+        if self.optim.nonfinite == "skip" and self.trainer.world_size > 1:
+            raise ValueError(
+                "nonfinite='skip' needs a single device (a step skipped on one rank would stall the others); "
+                "use nonfinite='stop'"
+            )
+        self._bad_step = self._bad_loss = None
         for config in self.trainer.lr_scheduler_configs:
             s = config.scheduler
             for group, base, fn in zip(s.optimizer.param_groups, s.base_lrs, s.lr_lambdas):
@@ -236,9 +303,11 @@ class DiffusionModule(pl.LightningModule):
         return min(decay, (1 + step) / (10 + step)) if self.ema_config.warmup else decay
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
-        """Take the optimizer step, then update the EMA weights."""
+        """Take the optimizer step, then update the EMA weights (neither for a skipped nan/inf step)."""
         updates_so_far = self.global_step
         super().optimizer_step(*args, **kwargs)
+        if self._skipped:
+            return
         with torch.no_grad():
             decay = self.ema_decay(updates_so_far)
             torch._foreach_lerp_(list(self.ema.parameters()), list(self.net.parameters()), 1.0 - decay)
@@ -340,7 +409,7 @@ class DiffusionModule(pl.LightningModule):
         net: UNet,
         callback: Callable[[dict[str, Any]], None] | None,
     ) -> Iterator[Tensor]:
-        """Draw the chunks of ``sample_batches`` with ``net`` in eval mode."""
+        """Draw the chunks of ``sample_batches`` with ``net`` in eval and inference mode (no autograd bookkeeping)."""
         shape = (self.config.channels, self.config.image_size, self.config.image_size)
         was_training = net.training
         net.eval()
@@ -350,9 +419,9 @@ class DiffusionModule(pl.LightningModule):
                 noise = SampleNoise(seed, start)
                 z = noise.randn_like(torch.empty(rows.stop - start, *shape, device=self.device))
                 chunk_callback = None if callback is None else (lambda info, s=start: callback({**info, "start": s}))
-                with torch.no_grad():
+                with torch.inference_mode():
                     x_0 = self._draw(plan, net, z, rows, noise, chunk_callback)
-                yield x_0.cpu()
+                yield x_0.to("cpu", copy=True)  # a normal tensor (the callers may modify it), not an inference one
         finally:
             net.train(was_training)
 

@@ -22,7 +22,7 @@ class SampleConfig(Config):
     sampler: str | None = Field(None, description="sampler name; null = the diffusion section's default")
     steps: int | None = Field(None, ge=1, description="sampling steps; null = the diffusion section's default")
     eta: float | None = Field(None, ge=0, le=1, description="DDIM eta; null = the diffusion section's default")
-    seed: int = Field(0, ge=0, description="noise seed; image i depends only on (seed, i)")
+    seed: int = Field(0, ge=0, lt=2**64, description="noise seed; image i depends only on (seed, i)")
     batch_size: int = Field(250, ge=1, description="images per chunk (bounds memory)")
     grid_size: int = Field(8, ge=1, description="the grid PNG shows grid_size x grid_size images")
     trajectory_samples: int = Field(6, ge=1, description="rows of the trajectory strip")
@@ -36,7 +36,7 @@ class SweepConfig(Config):
         ["ddim-10", "ddim-25", "dpmpp_2m-10", "heun-10"], min_length=1, description="sampler-steps pairs"
     )
     n: int = Field(500, ge=2, description="images per run")
-    seed: int = Field(0, ge=0, description="noise seed (the same noise for every run)")
+    seed: int = Field(0, ge=0, lt=2**64, description="noise seed (the same noise for every run)")
     batch_size: int = Field(250, ge=1, description="images per chunk")
 
     @field_validator("runs")

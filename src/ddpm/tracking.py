@@ -273,6 +273,11 @@ class BufferedMLFlowLogger(MLFlowLogger):
         self.pending.append(("log_hyperparams", (params,)))
         self._send()
 
+    @property
+    def version(self) -> str | None:
+        """The run id, without asking the server (checkpoints record it while the server may be down)."""
+        return self._run_id if self._run_id is not None else super().version
+
     def _send(self) -> bool:
         """Send the buffer in order; False (and the rest kept) at the first failure."""
         with _fail_fast():
