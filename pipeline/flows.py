@@ -194,6 +194,7 @@ def stream(
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
+        preexec_fn=default_sigint,
     )
     lines: queue.Queue[str | None] = queue.Queue()
     threading.Thread(target=pump, args=(proc.stdout, lines), daemon=True).start()
@@ -213,6 +214,12 @@ def stream(
         errors = [line for line in output if line.startswith(("ERROR", "error"))] or output or ["no output"]
         raise PipelineError(f"dvc {' '.join(args)} failed ({proc.returncode}): {' / '.join(errors[-2:])}")
     return output
+
+
+def default_sigint() -> None:
+    """In the DVC child: SIGINT back to its default. A process that starts with SIGINT ignored (as Prefect's
+    runner may leave it) passes that on to DVC and the stage, and an interrupt would then be lost."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def pump(stdout: Iterable[str], lines: queue.Queue[str | None]) -> None:
