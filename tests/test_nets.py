@@ -1,9 +1,13 @@
 """Tests for the DDPM U-Net in ddpm.nets."""
 
+import copy
+
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
-from ddpm.nets import UNet, UNetConfig
+from ddpm.nets import Attention, UNet, UNetConfig, group_norm
 
 TINY = {"channels": 16, "norm_groups": 8, "num_heads": 2, "num_res_blocks": 1}
 
@@ -129,3 +133,84 @@ def test_batch_independence():
     batched = net(x, t, y)
     single = torch.cat([net(x[i : i + 1], t[i : i + 1], y[i : i + 1]) for i in range(3)])
     torch.testing.assert_close(batched, single, atol=1e-5, rtol=0)
+
+
+def _textbook_attention(attn, x: torch.Tensor) -> torch.Tensor:
+    """x + proj_out(softmax(q^T k / sqrt(d)) v) per head, with q, k, v from the 1x1 qkv convolution."""
+    B, C, H, W = x.shape
+    heads, d = attn.num_heads, C // attn.num_heads
+    q, k, v = attn.qkv(attn.norm(x)).reshape(B, 3, heads, d, H * W).unbind(dim=1)  # [B, heads, d, HW]
+    weights = torch.softmax(q.transpose(-1, -2) @ k / d**0.5, dim=-1)  # [B, heads, HW (query), HW (key)]
+    h = (v @ weights.transpose(-1, -2)).reshape(B, C, H, W)
+    return x + attn.proj_out(h)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_attention_matches_the_textbook_formula(channels_last):
+
+    attn = perturb(Attention(32, 4, 8))
+    x = torch.randn(3, 32, 5, 6)
+    expected = _textbook_attention(attn, x)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(attn(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_attention_uses_a_fused_sdpa_kernel():
+    """q, k and v have unit stride along the head dimension, so SDPA does not fall back to its math kernel."""
+    from torch.profiler import profile
+
+    def kernels(fn) -> set[str]:
+        with torch.no_grad(), profile() as prof:
+            fn()
+        return {e.key for e in prof.key_averages() if "attention" in e.key}
+
+    q = torch.randn(2, 4, 49, 8)
+    if "aten::_scaled_dot_product_attention_math" in kernels(lambda: F.scaled_dot_product_attention(q, q, q)):
+        pytest.skip("no fused SDPA kernel on this platform")
+    attn = Attention(32, 4, 8)
+    assert "aten::_scaled_dot_product_attention_math" not in kernels(lambda: attn(torch.randn(2, 32, 7, 7)))
+
+
+def test_group_norm_runs_in_float32_and_keeps_the_dtype():
+    norm = perturb(group_norm(32, 8))
+    x = torch.randn(2, 32, 5, 5)
+    plain = nn.GroupNorm(8, 32)
+    plain.load_state_dict(norm.state_dict())
+    torch.testing.assert_close(norm(x), plain(x), atol=0, rtol=0)
+    reference = F.group_norm(x.bfloat16().float(), 8, norm.weight, norm.bias)
+    out = norm(x.bfloat16())
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, reference.bfloat16())
+    assert set(norm.state_dict()) == {"weight", "bias"} and isinstance(norm, nn.GroupNorm)
+
+
+@pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format])
+def test_activation_layout_does_not_change_the_output(memory_format):
+    net = perturb(UNet(in_channels=3, image_size=8, channel_mult=(1, 2), attn_resolutions=(8, 4), **TINY)).eval()
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([1, 2])
+    expected = net(x, t)
+    net.memory_format = memory_format
+    out = net(x, t)
+    assert out.is_contiguous()
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+
+
+def test_bf16_autocast_is_as_accurate_as_plain_autocast_and_trains():
+    """GroupNorm and attention in float32 under bf16 autocast lose no accuracy against torch's own bf16 path."""
+    net = perturb(UNet(**TINY))
+    plain = copy.deepcopy(net)
+    plain.memory_format = torch.contiguous_format
+    for m in plain.modules():
+        if isinstance(m, nn.GroupNorm):
+            m.__class__ = nn.GroupNorm
+        if isinstance(m, Attention):
+            m.float32_on_cpu = False
+    x, t = torch.randn(4, 1, 28, 28), torch.tensor([1, 10, 100, 900])
+    expected = net(x, t).detach()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, out_plain = net(x, t), plain(x, t)
+    error, error_plain = ((o.float() - expected).norm() for o in (out, out_plain))
+    assert error <= 1.05 * error_plain
+    out.float().square().mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())
