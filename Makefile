@@ -23,7 +23,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export OMP_WAIT_POLICY ?= PASSIVE
 
 .DEFAULT_GOAL := help
-.PHONY: help install test lint repro smoke sample metrics plots clean ui prefect-server serve deploy
+.PHONY: help install test lint repro smoke sample metrics plots clean ui prefect-server serve deploy bench
 
 help: ## show this list of targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  make %-15s %s\n", $$1, $$2}'
@@ -68,6 +68,9 @@ serve: install ## serve the retrain flow on params.yaml's schedule.cron (against
 deploy: install ## check prefect.yaml against params.yaml, then deploy it to its work pool
 	$(RUN) python -m pipeline.flows check
 	$(RUN) prefect deploy --all
+
+bench: install ## throughput and memory side by side with diffusers (~10 min) -> benchmarks/results.md
+	$(PY) -m benchmarks.bench
 
 lint: install ## check the code with ruff
 	$(PY) -m ruff check src tests pipeline

@@ -1,0 +1,1 @@
+"""Benchmarks of the ddpm library, side by side with peers (``make bench``)."""

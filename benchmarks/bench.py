@@ -1,0 +1,904 @@
+"""Throughput and memory of the U-Net, side by side with diffusers' UNet2DModel at the same FLOPs (``make bench``).
+
+Every timed row is the median of ``--reps`` repetitions after warm-up calls. The rows of one group (our net,
+the peer, and probes of the machine's matmul rate) take turns within every repetition, so their ratios hold
+on a shared, noisy machine; the limit is the fastest timing of the best probe. FLOPs are counted with
+``torch.utils.flop_counter`` (attention through the math SDPA backend, whose matmuls the counter sees).
+Peak memory, and the allocator's effect, are measured in fresh processes (:mod:`benchmarks.job`).
+
+    python -m benchmarks.bench            # the full run (8-12 min on 2 CPU cores) -> benchmarks/results.md
+    python -m benchmarks.bench --quick    # a tiny configuration in ~30 s (the harness's own test)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext, suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from ddpm.config import DDPMConfig
+from ddpm.module import DiffusionModule
+from ddpm.nets import Attention, GroupNorm, UNet, UNetConfig
+from ddpm.runtime import keep_freed_memory
+
+ROOT = Path(__file__).resolve().parents[1]
+PRECISIONS = ("32-true", "bf16-mixed")  # Lightning's names: fp32, and bf16 autocast with fp32 weights
+
+
+# ---------------------------------------------------------------- configurations
+
+
+def params() -> dict[str, Any]:
+    """The repository's params.yaml."""
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def default_model() -> UNetConfig:
+    """The params.yaml ``model`` section on the default data (MNIST: 28x28, one channel)."""
+    return UNetConfig.from_dict({**params()["model"], "in_channels": 1, "image_size": 28}, "model")
+
+
+def large_model() -> UNetConfig:
+    """A larger U-Net on the same data: UNetConfig's own defaults (width 64, two blocks per level, attention at 14)."""
+    return UNetConfig(in_channels=1, image_size=28, dropout=0.0)
+
+
+def tiny_model() -> UNetConfig:
+    """A tiny U-Net on 16x16 images (the quick run)."""
+    return UNetConfig(
+        in_channels=1,
+        image_size=16,
+        channels=16,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        attn_resolutions=(8,),
+        num_heads=2,
+        norm_groups=8,
+        dropout=0.0,
+    )
+
+
+def diffusion_config(net: UNetConfig) -> DDPMConfig:
+    """The params.yaml ``diffusion`` section for images of ``net``'s shape."""
+    section = {**params()["diffusion"], "channels": net.in_channels, "image_size": net.image_size}
+    return DDPMConfig.from_dict(section, "diffusion")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Sizes of one benchmark run."""
+
+    configs: dict[str, UNetConfig]
+    reps: dict[str, int]  # timed repetitions per configuration
+    warmup: dict[str, int]  # warm-up calls per configuration
+    train_batch: int
+    sample_batch: int
+    sample_steps: int
+    sampler: str
+    memory_n: tuple[int, ...]  # images drawn by the sample-stage memory rows (the first: one chunk)
+    memory_chunk: int
+    memory_precisions: tuple[str, ...]  # training-step memory rows
+    memory_kept: int  # how many of memory_n also run with keep_freed_memory
+    eval_batch: int
+    inception_batch: int
+    compile: bool
+    quick: bool
+
+
+def settings(quick: bool, reps: int | None, compile: bool | None) -> Settings:
+    """The full run (params.yaml sizes), or the quick one (a tiny net, small batches, no compilation)."""
+    p = params()
+    if quick:
+        n = reps or 2
+        return Settings(
+            configs={"tiny": tiny_model()},
+            reps={"tiny": n},
+            warmup={"tiny": 1},
+            train_batch=8,
+            sample_batch=8,
+            sample_steps=2,
+            sampler=p["sample"]["sampler"] or p["diffusion"]["sampler"],
+            memory_n=(16, 64),
+            memory_chunk=16,
+            memory_precisions=(p["train"]["precision"],),
+            memory_kept=0,
+            eval_batch=16,
+            inception_batch=2,
+            compile=bool(compile),
+            quick=True,
+        )
+    n = reps or 5
+    return Settings(
+        configs={"default": default_model(), "large": large_model()},
+        reps={"default": n, "large": max(2, n - 2)},
+        warmup={"default": 2, "large": 1},
+        train_batch=p["train"]["batch_size"],
+        sample_batch=256,
+        sample_steps=2,
+        sampler=p["sample"]["sampler"] or p["diffusion"]["sampler"],
+        memory_n=(p["sample"]["batch_size"], 10_000, 50_000),
+        memory_chunk=p["sample"]["batch_size"],
+        memory_precisions=PRECISIONS,
+        memory_kept=3,
+        eval_batch=p["evaluate"]["batch_size"],
+        inception_batch=32,
+        compile=True if compile is None else compile,
+        quick=False,
+    )
+
+
+# ---------------------------------------------------------------- the peer
+
+
+def peer_version() -> str | None:
+    """diffusers' version, or None if the ``bench`` extra is not installed."""
+    try:
+        import diffusers
+    except ImportError:
+        return None
+    return diffusers.__version__
+
+
+def peer_kwargs(cfg: UNetConfig) -> dict[str, Any]:
+    """UNet2DModel arguments of the same architecture as ``cfg``: widths, blocks, attention levels, groups, heads."""
+    resolutions = [cfg.image_size // 2**i for i in range(len(cfg.channel_mult))]
+    attention = [r in cfg.attn_resolutions for r in resolutions]
+    return {
+        "sample_size": cfg.image_size,
+        "in_channels": cfg.in_channels,
+        "out_channels": cfg.in_channels,
+        "block_out_channels": tuple(cfg.channels * m for m in cfg.channel_mult),
+        "layers_per_block": cfg.num_res_blocks,
+        "down_block_types": tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attention),
+        "up_block_types": tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)),
+        "norm_num_groups": cfg.norm_groups,
+        "attention_head_dim": cfg.channels * cfg.channel_mult[-1] // cfg.num_heads,
+        "dropout": cfg.dropout,
+    }
+
+
+class PeerNet(nn.Module):
+    """diffusers' UNet2DModel behind our net's signature ``net(x, t) -> output`` (unconditional)."""
+
+    def __init__(self, cfg: UNetConfig) -> None:
+        from diffusers import UNet2DModel
+
+        super().__init__()
+        self.unet = UNet2DModel(**peer_kwargs(cfg))
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        if y is not None:
+            raise ValueError("the peer is unconditional")
+        return self.unet(x, t).sample
+
+
+# ---------------------------------------------------------------- what is timed
+
+
+def autocast(device: torch.device, precision: str) -> AbstractContextManager:
+    """bf16 autocast for ``bf16-mixed`` (what Lightning's precision does), nothing for ``32-true``."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16-mixed" else nullcontext()
+
+
+def count_flops(fn: Callable[[], Any]) -> int:
+    """FLOPs of one call of ``fn`` (matmuls, convolutions and attention; SDPA counted through its math backend)."""
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        fn()
+    return counter.get_total_flops()
+
+
+class TrainStep:
+    """One optimizer step as DiffusionModule trains: model_step, backward, gradient clipping, AdamW, EMA update."""
+
+    def __init__(self, module: DiffusionModule, net: nn.Module, batch: Tensor, precision: str) -> None:
+        self.module, self.net, self.batch, self.precision = module, net, batch, precision
+        self.params = list(net.parameters())
+        self.ema = [p.detach().clone() for p in self.params]
+        o = module.optim
+        self.optimizer = torch.optim.AdamW(self.params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+
+    def loss(self) -> Tensor:
+        with autocast(self.batch.device, self.precision):
+            return self.module.model_step(self.batch, net=self.net).mean()
+
+    def __call__(self) -> None:
+        self.loss().backward()
+        if self.module.optim.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.params, self.module.optim.grad_clip, foreach=True)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        torch._foreach_lerp_(self.ema, self.params, 1.0 - self.module.ema_config.decay)
+
+    def flops_per_image(self) -> float:
+        """Forward and backward FLOPs per image."""
+        flops = count_flops(lambda: self.loss().backward())
+        self.optimizer.zero_grad(set_to_none=True)
+        return flops / len(self.batch)
+
+
+def sampler_module(cfg: UNetConfig, net: nn.Module, device: torch.device) -> DiffusionModule:
+    """A DiffusionModule that samples with ``net``: sample_batches draws with its ``ema`` attribute."""
+    module = DiffusionModule(UNet(cfg), diffusion_config(cfg)).to(device)
+    module.ema = net.to(device)
+    return module
+
+
+def sample_call(module: DiffusionModule, n: int, sampler: str, steps: int, precision: str) -> Callable[[], None]:
+    """Draw n images in one chunk with ``sample_batches`` (the sample stage's path)."""
+
+    def draw() -> None:
+        with autocast(module.device, precision):
+            for _ in module.sample_batches(n, sampler=sampler, steps=steps, batch_size=n):
+                pass
+
+    return draw
+
+
+def sample_step_flops(net: nn.Module, cfg: UNetConfig, device: torch.device) -> float:
+    """FLOPs of one network evaluation per image (one sampling step)."""
+    x = torch.zeros(1, cfg.in_channels, cfg.image_size, cfg.image_size, device=device)
+    t = torch.full((1,), 500, device=device)
+    with torch.inference_mode():
+        return float(count_flops(lambda: net(x, t)))
+
+
+# ---------------------------------------------------------------- timing
+
+
+class Probes:
+    """The machine's matmul rate: fp32 through torch.mm (MKL on CPU) and oneDNN (a 1x1 convolution), and bf16.
+
+    Each probe multiplies [m, k] by [k, n] twice in a row (so a cold cache after the other rows costs little).
+    """
+
+    def __init__(self, device: torch.device, m: int, k: int, n: int) -> None:
+        self.flops = 2 * 2 * m * k * n
+        g = torch.Generator(device=device).manual_seed(0)
+        a = torch.randn(m, k, device=device, generator=g)
+        b = torch.randn(k, n, device=device, generator=g)
+        a16, b16 = a.bfloat16(), b.bfloat16()
+        self.calls: dict[str, Callable[[], Any]] = {
+            "fp32 torch.mm": lambda: (torch.mm(a, b), torch.mm(a, b)),
+            "bf16 torch.mm": lambda: (torch.mm(a16, b16), torch.mm(a16, b16)),
+        }
+        if device.type == "cpu":  # torch.mm is MKL, which runs slower code on some CPUs than oneDNN's convolutions
+            x = a.reshape(1, m, 1, k).permute(0, 3, 1, 2)  # channels_last [1, k, m, 1]: m positions of k channels
+            w = b.t().reshape(n, k, 1, 1).contiguous()
+            x16, w16 = x.bfloat16(), w.bfloat16()
+            self.calls["fp32 oneDNN 1x1 conv"] = lambda: (F.conv2d(x, w), F.conv2d(x, w))
+            self.calls["bf16 oneDNN 1x1 conv"] = lambda: (F.conv2d(x16, w16), F.conv2d(x16, w16))
+        self.times: dict[str, list[float]] = {k: [] for k in self.calls}
+
+    def rates(self, best: bool = True) -> dict[str, float]:
+        """GFLOP/s of each probe over its fastest (or its median) timing so far."""
+        pick = min if best else statistics.median
+        return {k: self.flops / pick(v) / 1e9 for k, v in self.times.items() if v}
+
+    def limit(self, dtype: str) -> float:
+        """The machine's limit in GFLOP/s for ``dtype`` (fp32 or bf16): the fastest timing of its best probe.
+
+        Sharing the machine only slows a probe down, so the fastest of its many timings is the closest to the limit.
+        """
+        return max(r for k, r in self.rates().items() if k.startswith(dtype))
+
+
+class Timer:
+    """Median wall time of calls that take turns within each repetition, with the matmul probes among them."""
+
+    def __init__(self, device: torch.device, probes: Probes) -> None:
+        self.device, self.probes = device, probes
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def group(self, calls: dict[str, Callable[[], Any]], reps: int, warmup: int) -> dict[str, float]:
+        """Median seconds per call of each of ``calls`` (warm-up calls first, then ``reps`` rounds in turn)."""
+        everything = {**{f"probe: {k}": c for k, c in self.probes.calls.items()}, **calls}
+        for call in everything.values():
+            for _ in range(warmup):
+                call()
+        times: dict[str, list[float]] = {k: [] for k in everything}
+        for _ in range(reps):
+            for name, call in everything.items():
+                self.sync()
+                start = time.perf_counter()
+                call()
+                self.sync()
+                times[name].append(time.perf_counter() - start)
+        for k in self.probes.calls:
+            self.probes.times[k] += times.pop(f"probe: {k}")
+        return {k: statistics.median(v) for k, v in times.items()}
+
+
+# ---------------------------------------------------------------- the benchmark
+
+
+@dataclass
+class Row:
+    """One timed row: ``items`` (images or image-steps) per call, FLOPs per item, median seconds per call."""
+
+    config: str
+    task: str
+    precision: str
+    net: str
+    items: int
+    flops_per_item: float
+    seconds: float
+
+    @property
+    def rate(self) -> float:
+        return self.items / self.seconds
+
+    @property
+    def gflops(self) -> float:
+        return self.rate * self.flops_per_item / 1e9
+
+
+def throughput(s: Settings, timer: Timer, device: torch.device, peer: bool) -> tuple[list[Row], dict[str, Any]]:
+    """Training and sampling rows of every configuration for our net and, if installed, the peer."""
+    rows: list[Row] = []
+    info: dict[str, Any] = {}
+    for name, cfg in s.configs.items():
+        torch.manual_seed(0)
+        nets = {"ours": UNet(cfg).to(device)}
+        if peer:
+            nets["peer"] = PeerNet(cfg).to(device)
+        module = DiffusionModule(UNet(cfg), diffusion_config(cfg)).to(device)
+        batch = torch.rand(s.train_batch, cfg.in_channels, cfg.image_size, cfg.image_size, device=device) * 2 - 1
+        steps = {(n, p): TrainStep(module, net, batch, p) for n, net in nets.items() for p in PRECISIONS}
+        train_flops = {n: steps[n, PRECISIONS[0]].flops_per_image() for n in nets}
+        seconds = timer.group({f"{n} {p}": step for (n, p), step in steps.items()}, s.reps[name], s.warmup[name])
+        rows += [Row(name, "train", p, n, s.train_batch, train_flops[n], seconds[f"{n} {p}"]) for n, p in steps]
+        del steps
+
+        samplers = {n: sampler_module(cfg, net, device) for n, net in nets.items()}
+        step_flops = {n: sample_step_flops(net, cfg, device) for n, net in nets.items()}
+        nfe = module.config.nfe(s.sampler, s.sample_steps)
+        calls = {
+            f"{n} {p}": sample_call(m, s.sample_batch, s.sampler, s.sample_steps, p)
+            for n, m in samplers.items()
+            for p in PRECISIONS
+        }
+        seconds = timer.group(calls, s.reps[name], s.warmup[name])
+        rows += [
+            Row(name, "sample", p, n, s.sample_batch * nfe, step_flops[n], seconds[f"{n} {p}"])
+            for n in samplers
+            for p in PRECISIONS
+        ]
+        info[name] = {
+            "ours": cfg.to_dict(),
+            "params": {n: sum(p.numel() for p in net.parameters()) for n, net in nets.items()},
+            "train_gflop": {n: v / 1e9 for n, v in train_flops.items()},
+            "step_gflop": {n: v / 1e9 for n, v in step_flops.items()},
+        }
+        if peer:
+            info[name]["peer"] = {k: list(v) if isinstance(v, tuple) else v for k, v in peer_kwargs(cfg).items()}
+        del nets, samplers, module
+    return rows, info
+
+
+def variant(
+    cfg: UNetConfig,
+    device: torch.device,
+    channels_last: bool = True,
+    fp32_groupnorm: bool = True,
+    fp32_attention: bool = True,
+    compile: bool = False,
+) -> UNet:
+    """Our net with levers switched off: NCHW activations, GroupNorm and attention in autocast's dtype, compiled."""
+    torch.manual_seed(0)
+    net = UNet(cfg).to(device)
+    if not channels_last:
+        net.memory_format = torch.contiguous_format
+    for m in net.modules():
+        if isinstance(m, GroupNorm) and not fp32_groupnorm:
+            m.__class__ = nn.GroupNorm  # torch's own: runs in the input's dtype (bf16 under autocast)
+        if isinstance(m, Attention):
+            m.float32_on_cpu = fp32_attention
+    if compile:
+        net.compile()
+    return net
+
+
+def levers(s: Settings, timer: Timer, device: torch.device) -> list[tuple[str, str, float, float]]:
+    """Our net at the first configuration with levers on and off: (group, variant, items/s, ratio to the first row).
+
+    The first row of each group is the net as it was before this benchmark (NCHW activations, attention through
+    the math SDPA kernel that its strided q/k/v layout fell back to, GroupNorm in bf16 under autocast, no_grad).
+    """
+    name, cfg = next(iter(s.configs.items()))
+    reps, warmup = s.reps[name], s.warmup[name]
+    x = torch.randn(s.sample_batch, cfg.in_channels, cfg.image_size, cfg.image_size, device=device)
+    t = torch.full((s.sample_batch,), 500, device=device)
+
+    def sampling(net: UNet, precision: str, grad_mode: Callable = torch.inference_mode, math: bool = False) -> Callable:
+        net.eval()
+
+        def call() -> None:
+            with grad_mode(), autocast(device, precision), sdpa_kernel(SDPBackend.MATH) if math else nullcontext():
+                net(x, t)
+
+        return call
+
+    before = {"channels_last": False, "fp32_groupnorm": False, "fp32_attention": False}
+    calls = {
+        "fp32, as before (NCHW, math SDPA, no_grad)": sampling(
+            variant(cfg, device, **before), "32-true", torch.no_grad, True
+        ),
+        "fp32, NCHW, fused SDPA, no_grad": sampling(variant(cfg, device, **before), "32-true", torch.no_grad),
+        "fp32, NCHW, fused SDPA, inference_mode": sampling(variant(cfg, device, **before), "32-true"),
+        "fp32, channels_last, fused SDPA, inference_mode (the default)": sampling(variant(cfg, device), "32-true"),
+        "bf16 autocast, as before (NCHW, GroupNorm and attention in bf16, math SDPA, no_grad)": sampling(
+            variant(cfg, device, **before), "bf16-mixed", torch.no_grad, True
+        ),
+        "bf16 autocast, channels_last, GroupNorm in bf16": sampling(
+            variant(cfg, device, fp32_groupnorm=False), "bf16-mixed"
+        ),
+        "bf16 autocast, channels_last, GroupNorm in fp32 (the default)": sampling(variant(cfg, device), "bf16-mixed"),
+    }
+    if s.compile:
+        compiled = variant(cfg, device, compile=True)
+        calls["fp32, the default + torch.compile"] = sampling(compiled, "32-true")
+        calls["bf16 autocast, the default + torch.compile"] = sampling(compiled, "bf16-mixed")
+    seconds = timer.group(calls, reps, warmup)
+    base = seconds[next(iter(calls))]
+    out = [("sampling step (img/s)", k, s.sample_batch / v, base / v) for k, v in seconds.items()]
+
+    module = DiffusionModule(UNet(cfg), diffusion_config(cfg)).to(device)
+    batch = torch.rand(s.train_batch, cfg.in_channels, cfg.image_size, cfg.image_size, device=device) * 2 - 1
+    before = {"channels_last": False, "fp32_groupnorm": False, "fp32_attention": False}
+    calls = {
+        "32-true, as before (NCHW)": TrainStep(module, variant(cfg, device, **before), batch, "32-true"),
+        "32-true, channels_last (the default)": TrainStep(module, variant(cfg, device), batch, "32-true"),
+        "bf16-mixed, as before (NCHW, GroupNorm and attention in bf16)": TrainStep(
+            module, variant(cfg, device, **before), batch, "bf16-mixed"
+        ),
+        "bf16-mixed, NCHW, attention in fp32": TrainStep(
+            module, variant(cfg, device, channels_last=False, fp32_groupnorm=False), batch, "bf16-mixed"
+        ),
+        "bf16-mixed, channels_last, attention in fp32": TrainStep(
+            module, variant(cfg, device, fp32_groupnorm=False), batch, "bf16-mixed"
+        ),
+        "bf16-mixed, channels_last, attention and GroupNorm in fp32 (the default)": TrainStep(
+            module, variant(cfg, device), batch, "bf16-mixed"
+        ),
+    }
+    if s.compile:
+        calls["bf16-mixed, the default + torch.compile"] = TrainStep(
+            module, variant(cfg, device, compile=True), batch, "bf16-mixed"
+        )
+    seconds = timer.group(calls, reps, warmup)
+    base = seconds[next(iter(calls))]
+    return out + [("training step (img/s)", k, s.train_batch / v, base / v) for k, v in seconds.items()]
+
+
+class Jobs:
+    """``python -m benchmarks.job JOB...`` in fresh processes, started at once or one after the other."""
+
+    def __init__(self, jobs: list[list[str]], concurrent: bool) -> None:
+        self.commands = [[sys.executable, "-m", "benchmarks.job", *job] for job in jobs]
+        self.running: list[subprocess.Popen] = []
+        for command in self.commands:
+            self.running.append(
+                subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            )
+            if not concurrent:
+                self.running[-1].wait()
+
+    def results(self) -> list[dict[str, Any]]:
+        """Each job's JSON line, once it has finished."""
+        out = []
+        for command, process in zip(self.commands, self.running):
+            stdout, stderr = process.communicate()
+            if process.returncode:
+                raise RuntimeError(f"{' '.join(command)} failed:\n{stderr[-2000:]}")
+            out.append(json.loads(stdout.strip().splitlines()[-1]))
+        return out
+
+
+def memory_jobs(s: Settings) -> list[list[str]]:
+    """Peak RSS of the sample stage drawing each of ``memory_n`` images, and of training steps (``job`` arguments)."""
+    model = ["--model", json.dumps(next(iter(s.configs.values())).to_dict())]
+    sample = [
+        ["sample", "--n", str(n), "--batch-size", str(s.memory_chunk), "--sampler", s.sampler] for n in s.memory_n
+    ]
+    jobs = [j + model for j in sample] + [j + model + ["--keep-freed-memory"] for j in sample[: s.memory_kept]]
+    return jobs + [["train", "--batch-size", str(s.train_batch), "--precision", p, *model] for p in s.memory_precisions]
+
+
+def allocator_jobs(s: Settings) -> list[list[str]]:
+    """Sampling and training steps in a fresh process with glibc's default malloc, then with keep_freed_memory."""
+    job = ["steps", "--batch-size", str(s.train_batch), "--sample-batch", str(s.sample_batch)]
+    job += ["--reps", str(next(iter(s.reps.values()))), "--model", json.dumps(next(iter(s.configs.values())).to_dict())]
+    return [job, job + ["--keep-freed-memory"]]
+
+
+def evaluation(s: Settings, timer: Timer, device: torch.device) -> dict[str, float]:
+    """FID feature-extraction images/s: the classifier FeatureNet and Inception-v3 (random weights), uint8 input."""
+    from ddpm import metrics
+    from ddpm.featurizer import FeatureNet, to_nchw
+
+    cfg = next(iter(s.configs.values()))
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (s.eval_batch, cfg.image_size, cfg.image_size, cfg.in_channels), dtype=np.uint8)
+    torch.manual_seed(0)
+    extractors = {"classifier (FeatureNet)": (metrics.UInt8Features(FeatureNet(cfg.in_channels, 10)), s.eval_batch)}
+    with suppress(ImportError):  # the inception extra is not installed
+        extractors["Inception-v3 pool3 (random weights)"] = (random_inception(), s.inception_batch)
+
+    def call(extractor: nn.Module, n: int) -> Callable[[], None]:
+        x = to_nchw(images[:n]).contiguous().to(device)
+
+        def run() -> None:
+            with torch.inference_mode():
+                extractor(x)
+
+        return run
+
+    extractors = {k: (e.to(device).eval(), n) for k, (e, n) in extractors.items()}
+    seconds = timer.group({k: call(e, n) for k, (e, n) in extractors.items()}, max(2, next(iter(s.reps.values()))), 1)
+    return {k: extractors[k][1] / v for k, v in seconds.items()}
+
+
+def random_inception() -> nn.Module:
+    """ddpm.metrics' Inception-v3 feature network loaded from a randomly initialised weights file (for timing)."""
+    from ddpm import metrics
+
+    metrics._require_inception_extra()
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    class RandomInit(FeatureExtractorInceptionV3):
+        def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+            """Keep the random initialisation (the constructor insists on loading weights)."""
+
+    with tempfile.TemporaryDirectory() as tmp:
+        empty, weights = Path(tmp, "empty.pt"), Path(tmp, "inception.pt")
+        torch.save({}, empty)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            net = RandomInit("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(empty))
+        torch.save(net.state_dict(), weights)
+        return metrics.load_inception(weights)
+
+
+# ---------------------------------------------------------------- the report
+
+
+def machine(device: torch.device) -> dict[str, Any]:
+    """CPU model, cores, torch version, threads (and the GPU, if one is used)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    out = {
+        "cpu": cpu,
+        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "interop_threads": torch.get_num_interop_threads(),
+        "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "(unset)"),
+        "python": platform.python_version(),
+        "diffusers": peer_version() or "not installed",
+    }
+    if device.type == "cuda":
+        out["gpu"] = torch.cuda.get_device_name(device)
+    return out
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return lines + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+
+
+def _num(x: float) -> str:
+    return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
+
+
+def summary(
+    s: Settings, probes: Probes, rows: list[Row], mem: list[dict[str, Any]], alloc: list[dict[str, Any]]
+) -> list[str]:
+    """The issue's targets, checked against this run's numbers (first configuration)."""
+    fp32 = probes.limit("fp32")
+    name = next(iter(s.configs))
+    by_key = {(r.task, r.precision, r.net): r for r in rows if r.config == name}
+    lines = []
+
+    def check(ok: bool) -> str:
+        return "**met**" if ok else "**not met**"
+
+    for task, ratio_target, label in (("train", 1.5, "Training"), ("sample", 2.0, "Sampling")):
+        for precision in PRECISIONS:
+            ours, peer = by_key[task, precision, "ours"], by_key.get((task, precision, "peer"))
+            share = ours.gflops / fp32
+            text = f"- {label}, {precision}: {100 * share:.0f}% of the fp32 limit (target 60%: {check(share >= 0.6)})"
+            if peer is not None:
+                ratio = ours.rate / peer.rate
+                met = check(ratio >= ratio_target)
+                text += f"; {ratio:.2f}x the peer in the same process (target {ratio_target}x: {met})"
+            lines.append(text + ".")
+    if alloc and "peer sample" in alloc[0]["seconds"]:
+        default, kept = alloc
+        for task, ratio_target, label in (("train", 1.5, "training bf16-mixed"), ("sample", 2.0, "sampling fp32")):
+            ratio = default["seconds"][f"peer {task}"] / kept["seconds"][f"ours {task}"]
+            lines.append(
+                f"- Ours with keep_freed_memory over the peer with glibc's default malloc, {label}: {ratio:.2f}x"
+                f" (two processes run one after the other; target {ratio_target}x: {check(ratio >= ratio_target)})."
+            )
+    for kept in (False, True):
+        samples = [m for m in mem if m["job"] == "sample" and m["keep_freed_memory"] == kept]
+        if len(samples) < 2:
+            continue
+        peaks = ", ".join(f"{m['peak_mb']:,.0f} MB ({m['n']:,} images)" for m in samples)
+        first, last = samples[-2], samples[-1]
+        grow, array = last["peak_mb"] - first["peak_mb"], last["output_mb"] - first["output_mb"]
+        lines.append(
+            f"- Sampling memory ({'keep_freed_memory' if kept else 'default malloc'}), chunks of"
+            f" {first['batch_size']}: peak RSS {peaks}. From {first['n']:,} to {last['n']:,} images the peak moves"
+            f" {grow:+.0f} MB while the output array grows by {array:.1f} MB"
+            f" (target: at most that: {check(grow <= array)})."
+        )
+    lines.append(
+        "- No host-device synchronisation per step and no Python loop over the batch in sampling or in"
+        " `model_step`: by construction (a sampler's noise levels and timesteps are Python numbers computed before"
+        " its loop, and noise is drawn for the whole chunk at once), not measured here."
+    )
+    return lines
+
+
+def report(
+    s: Settings,
+    command: str,
+    mach: dict[str, Any],
+    probes: Probes,
+    rows: list[Row],
+    info: dict[str, Any],
+    lever_rows: list[tuple[str, str, float, float]],
+    mem: list[dict[str, Any]],
+    alloc: list[dict[str, Any]],
+    evals: dict[str, float],
+    peer: bool,
+    seconds: float,
+) -> str:
+    """The results as markdown: machine, limit, throughput, levers, memory and evaluation tables."""
+    fp32, bf16 = probes.limit("fp32"), probes.limit("bf16")
+    lines = [
+        "# Benchmark results",
+        "",
+        f"Command: `{command}` ({seconds / 60:.1f} min). Machine: " + ", ".join(f"{k} {v}" for k, v in mach.items()),
+        "",
+        "Every row is the median of several timed repetitions after warm-up; the rows of a group took turns within",
+        "each repetition (side by side, in the same run), so ratios hold even on a shared, noisy machine. The",
+        "machine is shared with other work, whose load slows every row: compare rows within this file, not with",
+        "another run.",
+        "",
+        "## Targets",
+        "",
+        *summary(s, probes, rows, mem, alloc),
+        "",
+        "## The machine's limit (matmul GFLOP/s of the probes timed between all the rows)",
+        "",
+    ]
+    medians = probes.rates(best=False)
+    lines += _table(
+        ["probe", "best GFLOP/s", "median GFLOP/s"], [[k, _num(v), _num(medians[k])] for k, v in probes.rates().items()]
+    )
+    lines += [
+        "",
+        f"Limit: fp32 **{_num(fp32)}** GFLOP/s, bf16 **{_num(bf16)}** GFLOP/s (the fastest timing of the best probe"
+        f" of each, {sum(len(v) for v in probes.times.values()) // len(probes.times)} timings per probe).",
+        "",
+    ]
+
+    lines += [
+        "## Throughput: our U-Net and the peer (diffusers UNet2DModel) at the same FLOPs",
+        "",
+        f"Training: the full step at batch {s.train_batch} (DiffusionModule.model_step, backward, gradient clipping,"
+        " AdamW, EMA update); GFLOP/img is forward + backward. Sampling: `sample_batches` drawing one chunk of"
+        f" {s.sample_batch} images with {s.sampler} ({s.sample_steps} steps), in img-steps/s (network evaluations"
+        " per second); GFLOP/img is one network evaluation. `bf16-mixed` is bf16 autocast with fp32 weights"
+        " (Lightning's precision of that name; the params.yaml default for training); `32-true` is fp32.",
+        "",
+    ]
+    table = []
+    by_key = {(r.config, r.task, r.precision, r.net): r for r in rows}
+    for r in rows:
+        other = by_key.get((r.config, r.task, r.precision, "peer"))
+        ratio = f"**{r.rate / other.rate:.2f}x**" if r.net == "ours" and other else ""
+        table.append(
+            [
+                r.config,
+                r.task + (" (img/s)" if r.task == "train" else " (img-steps/s)"),
+                r.precision,
+                "ours" if r.net == "ours" else "peer",
+                f"{r.flops_per_item / 1e9:.3f}",
+                _num(r.rate),
+                _num(r.gflops),
+                f"{100 * r.gflops / fp32:.0f}%",
+                f"{100 * r.gflops / bf16:.0f}%",
+                ratio,
+            ]
+        )
+        if r.net == "ours" and not peer:
+            table.append([r.config, table[-1][1], r.precision, "peer", "not installed", "", "", "", "", ""])
+    header = ["config", "task", "precision", "net", "GFLOP/img", "rate", "GFLOP/s", "% fp32 limit"]
+    lines += _table([*header, "% bf16 limit", "ours/peer"], table)
+    lines += ["", "Configurations (the peer has the same blocks, widths, attention levels and parameter count):", ""]
+    for name, i in info.items():
+        lines.append(f"- **{name}**: ours `UNetConfig({', '.join(f'{k}={v}' for k, v in i['ours'].items())})`")
+        if "peer" in i:
+            lines.append(f"  peer `UNet2DModel({', '.join(f'{k}={v}' for k, v in i['peer'].items())})`")
+        gflop = ", ".join(f"{n} {v:.3f}" for n, v in i["train_gflop"].items())
+        lines.append(f"  parameters {i['params']}; GFLOP per training image: {gflop}")
+
+    lines += ["", f"## Levers (our net, {next(iter(s.configs))} configuration, side by side)", ""]
+    lines += _table(
+        ["measured", "variant", "img/s", "vs first row"], [[g, v, _num(r), f"{x:.2f}x"] for g, v, r, x in lever_rows]
+    )
+    if alloc:
+        default, kept = alloc
+        lines += [
+            "",
+            "glibc malloc, in two fresh processes one after the other (each interleaves its rows): the default, then"
+            " `ddpm.runtime.keep_freed_memory()` (all the rows above run with it unless --no-keep-freed-memory)."
+            " Not side by side: load from other work during one of the two processes skews the ratios, bf16"
+            " training most (it slows down far more than fp32 when other processes share the cores).",
+            "",
+        ]
+        table = []
+        for key in default["seconds"]:
+            net, task = key.split()
+            n = s.sample_batch if task == "sample" else s.train_batch
+            a, b = n / default["seconds"][key], n / kept["seconds"][key]
+            what = "sampling step, fp32" if task == "sample" else "training step, bf16-mixed"
+            table.append([net, what, _num(a), _num(b), f"{b / a:.2f}x"])
+        lines += _table(["net", "img/s", "default malloc", "keep_freed_memory", "ratio"], table)
+        lines += ["", f"Page faults: {default['page_faults']:,} (default malloc), {kept['page_faults']:,} (kept)."]
+        if "peer sample" in default["seconds"]:
+            ratio = {k: default["seconds"][f"peer {k}"] / kept["seconds"][f"ours {k}"] for k in ("sample", "train")}
+            cross = [f"sampling {ratio['sample']:.2f}x", f"training {ratio['train']:.2f}x"]
+            lines.append(
+                "Ours with keep_freed_memory over the peer with glibc's default malloc (how a diffusers script runs): "
+                + ", ".join(cross)
+                + "."
+            )
+
+    lines += [
+        "",
+        "What the levers do: *fused SDPA*: q, k and v have unit stride along the head dimension, so SDPA runs its"
+        " flash kernel instead of the math fallback; *channels_last*: NHWC activations, which oneDNN convolves"
+        " without reordering each input; *GroupNorm in fp32*: torch's CPU GroupNorm in bf16 on channels_last input"
+        " is several times slower than in fp32 (and fp32 is what CUDA autocast does); *attention in fp32* (CPU"
+        " only): the CPU's bf16 flash-attention backward is ~8x slower than the fp32 one, for few FLOPs;"
+        " *inference_mode*: no autograd bookkeeping while sampling; *keep_freed_memory*: glibc hands every large"
+        " activation back to the kernel when it is freed and page-faults it in again at the next step;"
+        " *torch.compile*: fuses GroupNorm, SiLU and the casts (compiling takes 20-80 s on this machine), so it is"
+        " left to the caller (`net.compile()`). bf16 autocast is the params.yaml training precision; the sample"
+        " stage runs in fp32.",
+    ]
+    lines += ["", "## Memory (peak RSS, each in a fresh process)", ""]
+    mem_rows = []
+    for m in mem:
+        what = (
+            f"sample stage, {m['n']:,} images in chunks of {m['batch_size']}"
+            if m["job"] == "sample"
+            else f"training step, batch {m['batch_size']}, {m['precision']}"
+        )
+        malloc = "keep_freed_memory" if m["keep_freed_memory"] else "default"
+        grow = m["peak_mb"] - m["before_mb"]
+        row = [what, malloc, f"{m['before_mb']:.0f}", f"{m['peak_mb']:.0f}", f"{grow:+.0f}", m.get("output_mb", "")]
+        mem_rows.append(row)
+    header = ["job", "malloc", "RSS before (MB)", "peak RSS (MB)", "peak - before (MB)", "output array (MB)"]
+    lines += _table(header, mem_rows)
+    lines += [
+        "",
+        "The sample stage (`ddpm.sampling.draw`, one step per image here: a chunk's memory does not depend on the"
+        " step count) streams each chunk into the `.npz`, so its peak is one chunk's forward pass, whatever the"
+        " number of images (see Targets). The peak is the kernel's high-water mark of the resident set, reset"
+        " just before the job. The jobs run at the same time; between runs of this benchmark the same job's peak"
+        " has varied by about 100 MB (allocator and thread timing), more than the 10,000-image output array.",
+    ]
+
+    lines += ["", "## Evaluation (FID feature extraction, uint8 images in, inference_mode)", ""]
+    lines += _table(["features", "img/s"], [[k, _num(v)] for k, v in evals.items()])
+    if "gpu" not in mach:
+        lines += ["", "## GPU", "", "Not measured: this run had no GPU (the harness uses one when torch sees it)."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a tiny configuration in seconds (tests the harness)")
+    parser.add_argument("--reps", type=int, default=None, help="timed repetitions per row (default 5; quick 2)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile rows")
+    parser.add_argument(
+        "--keep-freed-memory",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="time with ddpm.runtime.keep_freed_memory() applied (default: yes)",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="markdown output (default: benchmarks/results.md; none for --quick)"
+    )
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    kept = keep_freed_memory() if args.keep_freed_memory else False
+    s = settings(args.quick, args.reps, args.compile)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    peer = peer_version() is not None
+    sizes = (256, 256, 256) if s.quick else (4096, 1024, 1024) if device.type == "cpu" else (8192, 8192, 8192)
+    probes = Probes(device, *sizes)
+    timer = Timer(device, probes)
+
+    phase = time.perf_counter()
+
+    def done(what: str) -> None:
+        nonlocal phase
+        print(f"{what}: {time.perf_counter() - phase:.0f} s", file=sys.stderr, flush=True)
+        phase = time.perf_counter()
+
+    # The memory jobs run all at once (each peak is its own process's); the allocator pair, which times steps,
+    # runs one after the other, after the timings of this process. The quick run times nothing precisely, so
+    # there everything overlaps.
+    memory, alloc = memory_jobs(s), allocator_jobs(s)
+    early = Jobs(memory + alloc, concurrent=True) if s.quick else None
+    rows, info = throughput(s, timer, device, peer)
+    done("throughput")
+    lever_rows = levers(s, timer, device)
+    done("levers")
+    evals = evaluation(s, timer, device)
+    done("evaluation")
+    if early is None:
+        mem = Jobs(memory, concurrent=True).results()
+        alloc = Jobs(alloc, concurrent=False).results()
+    else:
+        results = early.results()
+        mem, alloc = results[: len(memory)], results[len(memory) :]
+    done("memory and allocator")
+    command = "python -m benchmarks.bench" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
+    text = report(
+        s,
+        command,
+        {**machine(device), "keep_freed_memory": kept},
+        probes,
+        rows,
+        info,
+        lever_rows,
+        mem,
+        alloc,
+        evals,
+        peer,
+        time.perf_counter() - started,
+    )
+    out = args.out or (None if s.quick else ROOT / "benchmarks" / "results.md")
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

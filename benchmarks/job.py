@@ -1,0 +1,144 @@
+"""One benchmark job in a fresh process; prints one JSON line (run by ``benchmarks.bench``).
+
+    python -m benchmarks.job sample --n 10000 --batch-size 250 --model '{"channels": 32, ...}'
+    python -m benchmarks.job train --batch-size 128 --precision bf16-mixed --model '{...}'
+    python -m benchmarks.job steps --batch-size 128 --sample-batch 256 --model '{...}' [--keep-freed-memory]
+
+``sample`` runs the sample stage's function (:func:`ddpm.sampling.draw`, which streams the chunks into the
+``.npz``) with one step per image (a chunk's memory does not depend on the step count) and reports the peak
+resident memory; ``train`` does the same for three training steps. The peak is the kernel's high-water mark
+of the resident set (``VmHWM``), reset just before the job through ``/proc/self/clear_refs``; where that is
+unavailable it is ``ru_maxrss`` of the whole process. ``steps`` times sampling steps (one network evaluation
+at the sampling batch size, fp32) and training steps (bf16-mixed) of our net and of the peer, and counts the
+page faults, so that settings applied at process start (``--keep-freed-memory``) can be compared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from benchmarks.bench import PRECISIONS, PeerNet, TrainStep, diffusion_config, peer_version
+from ddpm.module import DiffusionModule
+from ddpm.nets import UNet, UNetConfig
+from ddpm.runtime import keep_freed_memory
+from ddpm.sampling import SampleConfig, draw
+
+MB = 1e6
+
+
+def _status(field: str) -> float | None:
+    """A memory field of /proc/self/status in MB, or None where there is no procfs."""
+    try:
+        match = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE)
+    except OSError:
+        return None
+    return int(match.group(1)) * 1024 / MB if match else None
+
+
+def reset_peak() -> bool:
+    """Reset the resident-set high-water mark (Linux >= 4.0); False where it cannot be reset."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return _status("VmHWM") is not None
+
+
+def peak_mb(reset: bool) -> float:
+    """Peak RSS in MB since the reset (or over the process's life)."""
+    if reset:
+        return _status("VmHWM")
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is in bytes on macOS, in kB elsewhere
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / MB
+
+
+def median_seconds(calls: dict[str, Callable[[], object]], reps: int, warmup: int = 2) -> dict[str, float]:
+    """Median seconds per call of each of ``calls``, taking turns within each repetition after warm-up calls."""
+    for call in calls.values():
+        for _ in range(warmup):
+            call()
+    times: dict[str, list[float]] = {k: [] for k in calls}
+    for _ in range(reps):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            times[name].append(time.perf_counter() - start)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("job", choices=["sample", "train", "steps"])
+    parser.add_argument("--model", required=True, help="UNetConfig as JSON")
+    parser.add_argument("--n", type=int, default=10_000, help="images to draw (sample)")
+    parser.add_argument("--batch-size", type=int, required=True, help="chunk (sample) or training batch size")
+    parser.add_argument("--sample-batch", type=int, default=256, help="sampling batch size (steps)")
+    parser.add_argument("--sampler", default="dpmpp_2m", help="sampler (sample)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="bf16-mixed", help="training precision (train)")
+    parser.add_argument("--reps", type=int, default=5, help="timed repetitions (steps)")
+    parser.add_argument("--keep-freed-memory", action="store_true", help="apply ddpm.runtime.keep_freed_memory")
+    args = parser.parse_args(argv)
+
+    kept = keep_freed_memory() if args.keep_freed_memory else False
+    cfg = UNetConfig.from_dict(json.loads(args.model), "model")
+    torch.manual_seed(0)
+    module = DiffusionModule(UNet(cfg), diffusion_config(cfg))
+    shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
+    result = {"job": args.job, "batch_size": args.batch_size, "keep_freed_memory": kept}
+    if args.job == "steps":
+        nets = {"ours": module.net} | ({"peer": PeerNet(cfg)} if peer_version() else {})
+        x, t = torch.randn(args.sample_batch, *shape), torch.full((args.sample_batch,), 500)
+        batch = torch.rand(args.batch_size, *shape) * 2 - 1
+        calls = {}
+        for name, net in nets.items():
+
+            def sample_step(net: torch.nn.Module = net) -> None:
+                with torch.inference_mode():
+                    net.eval()(x, t)
+                net.train()
+
+            calls[f"{name} sample"] = sample_step
+            calls[f"{name} train"] = TrainStep(module, net, batch, "bf16-mixed")
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        result |= {
+            "seconds": median_seconds(calls, args.reps),
+            "sample_batch": args.sample_batch,
+            "page_faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults,
+        }
+        print(json.dumps(result))
+        return
+    if args.job == "sample":
+        sample = SampleConfig(n=args.n, sampler=args.sampler, steps=1, batch_size=args.batch_size)
+        with tempfile.TemporaryDirectory() as out:
+            before, reset = _status("VmRSS"), reset_peak()
+            draw(module, sample, out, progress=False)
+            peak = peak_mb(reset)
+        result |= {"n": args.n, "output_mb": round(args.n * shape[0] * shape[1] * shape[2] / MB, 2)}
+    else:
+        step = TrainStep(module, module.net, torch.rand(args.batch_size, *shape) * 2 - 1, args.precision)
+        before, reset = _status("VmRSS"), reset_peak()
+        for _ in range(3):
+            step()
+        peak = peak_mb(reset)
+        result["precision"] = args.precision
+    result |= {
+        "before_mb": round(before or 0.0, 1),
+        "peak_mb": round(peak, 1),
+        "peak_source": "VmHWM" if reset else "ru_maxrss",
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

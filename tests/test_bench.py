@@ -1,0 +1,68 @@
+"""The benchmark harness (``python -m benchmarks.bench``) on its quick configuration: it runs and writes the tables."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _table(text: str, heading: str) -> list[list[str]]:
+    """The body rows of the first markdown table after ``heading``."""
+    lines = text.split(heading, 1)[1].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[start:end]]
+    return rows[2:]  # drop the header and the |---| line
+
+
+def _number(cell: str) -> float:
+    return float(cell.replace(",", "").replace("*", "").rstrip("x%"))
+
+
+@pytest.mark.slow
+def test_quick_bench_writes_well_formed_tables(tmp_path):
+    out = tmp_path / "results.md"
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    command = [sys.executable, "-m", "benchmarks.bench", "--quick", "--reps", "1", "--out", str(out)]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = out.read_text()
+    assert text.strip() in done.stdout  # the table is printed too
+    assert "python -m benchmarks.bench --quick" in text and "cpu " in text and "torch " in text
+
+    limits = _table(text, "## The machine's limit")
+    assert {r[0] for r in limits} >= {"fp32 torch.mm", "bf16 torch.mm"}
+    assert all(_number(r[1]) > 0 for r in limits)
+
+    rows = _table(text, "## Throughput")
+    ours = [r for r in rows if r[3] == "ours"]
+    peers = [r for r in rows if r[3] == "peer"]
+    tasks = {(r[1], r[2]) for r in ours}
+    assert len(ours) == len(tasks) == 4  # train and sample, fp32 and bf16-mixed
+    assert {(r[1], r[2]) for r in peers} == tasks
+    for r in ours:
+        assert _number(r[4]) > 0 and _number(r[5]) > 0 and _number(r[6]) > 0 and r[7].endswith("%")
+    if importlib.util.find_spec("diffusers") is None:
+        assert all(r[4] == "not installed" for r in peers)
+    else:
+        for mine, peer in zip(ours, peers):
+            assert abs(_number(peer[4]) / _number(mine[4]) - 1) <= 0.1  # the peer does the same work
+            assert re.fullmatch(r"\*\*\d+\.\d\dx\*\*", mine[9])
+
+    levers = _table(text, "## Levers")
+    assert levers and all(_number(r[2]) > 0 for r in levers) and levers[0][3] == "1.00x"
+    memory = _table(text, "## Memory")
+    samples = [r for r in memory if r[0].startswith("sample stage")]
+    assert len(samples) >= 2 and any(r[0].startswith("training step") for r in memory)
+    assert all(_number(r[3]) > 0 for r in memory)
+    assert "Sampling memory (default malloc), chunks of 16: peak RSS" in text
+    features = _table(text, "## Evaluation")
+    assert features[0][0].startswith("classifier") and _number(features[0][1]) > 0
