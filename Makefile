@@ -11,6 +11,7 @@ STEPS ?=
 ETA ?=
 N ?=
 SEED ?=
+PRECISION ?=
 MODEL ?= outputs/train/model.pt
 OUT ?= outputs/make_sample
 # Run stages with the project's interpreter (dvc.yaml commands call `python`).
@@ -45,10 +46,10 @@ repro: install ## run the whole DVC pipeline (prepare -> featurizer -> train -> 
 smoke: install ## the pipeline on the smoke configuration (8x8 digits, ~1 min) as a DVC experiment
 	$(RUN) dvc exp run $$($(PY) -m pipeline.overrides configs/smoke.yaml)
 
-sample: install ## draw new images: make sample SAMPLER=ddim STEPS=50 N=64 SEED=1 [MODEL=champion|models:/..|runs:/..]
+sample: install ## draw new images: make sample SAMPLER=ddim STEPS=50 N=64 SEED=1 [PRECISION=bf16-mixed] [MODEL=champion|models:/..|runs:/..]
 	$(RUN) python -m pipeline.sample --model $(MODEL) --out $(OUT) \
 	  $(if $(SAMPLER),--sampler $(SAMPLER)) $(if $(STEPS),--steps $(STEPS)) $(if $(ETA),--eta $(ETA)) \
-	  $(if $(N),--n $(N)) $(if $(SEED),--seed $(SEED))
+	  $(if $(N),--n $(N)) $(if $(SEED),--seed $(SEED)) $(if $(PRECISION),--precision $(PRECISION))
 
 metrics: install ## show the pipeline's metrics (dvc metrics show)
 	$(RUN) dvc metrics show

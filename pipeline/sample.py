@@ -28,7 +28,7 @@ def resolve_model(model: str, p: params.Params, tmp: str) -> Path:
 
 
 def main(args: argparse.Namespace) -> None:
-    names = ("sampler", "steps", "eta", "n", "seed", "batch_size")
+    names = ("sampler", "steps", "eta", "n", "seed", "batch_size", "precision")
     overrides = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     p = params.load(args.params, sample_overrides=overrides)
     cfg = p.sample
@@ -49,7 +49,10 @@ def main(args: argparse.Namespace) -> None:
         )
         run.log_new_params(tracking.flatten({"sample": cfg.to_dict()}))
         run.log_artifacts([Path(args.out) / "grid.png", Path(args.out) / "trajectory.png"], f"samples/{key}")
-    print(f"sample: {meta['n']} images, {meta['sampler']}, {meta['nfe']} NFE, {meta['seconds']} s -> {args.out}")
+    print(
+        f"sample: {meta['n']} images, {meta['sampler']}, {meta['nfe']} NFE, {meta['precision']},"
+        f" {meta['seconds']} s -> {args.out}"
+    )
 
 
 if __name__ == "__main__":
@@ -67,6 +70,7 @@ if __name__ == "__main__":
     parser.add_argument("--n", type=int, help="override sample.n")
     parser.add_argument("--seed", type=int, help="override sample.seed")
     parser.add_argument("--batch-size", type=int, help="override sample.batch_size")
+    parser.add_argument("--precision", help="override sample.precision (32-true | bf16-mixed)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--track", action="store_true", help="log into the pipeline's MLflow run (the DVC stage)")
     params.run_stage(main, parser)

@@ -182,7 +182,7 @@ class DiffusionModule(pl.LightningModule):
     def model_step(self, batch: Any, generator: torch.Generator | None = None, net: UNet | None = None) -> Tensor:
         """Per-sample loss [B] of ``net`` (default: the trained net): Ho et al. Algorithm 1, or EDM eq. 2."""
         x0, y = self._split_batch(batch)
-        net = net or self.net
+        net = self.net if net is None else net
         if self.config.preconditioning == "ddpm":
             ab_table = self.alphas_cumprod(x0.device)
             t = torch.randint(0, self.config.T, (x0.shape[0],), device=x0.device, generator=generator)

@@ -1,4 +1,4 @@
-"""Process-wide settings for CPU throughput.
+"""Process-wide settings for throughput: glibc's malloc, and torch.compile of a network in place.
 
 glibc's malloc serves every large block (above an adaptive threshold of 128 KiB to 32 MiB) with its own
 ``mmap`` and hands it back with ``munmap`` when it is freed. A U-Net step allocates and frees tens of
@@ -12,6 +12,10 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import sys
+from typing import Annotated, Any, Literal
+
+from pydantic import BeforeValidator
+from torch import nn
 
 M_TRIM_THRESHOLD = -1  # mallopt parameters of glibc's <malloc.h>
 M_MMAP_MAX = -4
@@ -33,3 +37,32 @@ def keep_freed_memory() -> bool:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+BACKENDS = ("inductor", "aot_eager", "eager")
+
+
+def _compile_setting(value: Any) -> Any:
+    if isinstance(value, bool) or value in BACKENDS:
+        return value
+    raise ValueError(f"allowed: false, true (inductor) or one of {', '.join(BACKENDS)}")
+
+
+CompileSetting = Annotated[bool | Literal["inductor", "aot_eager", "eager"], BeforeValidator(_compile_setting)]
+"""A ``compile`` params key: false, true (the inductor backend), or a torch.compile backend by name.
+
+``eager`` and ``aot_eager`` trace the network with TorchDynamo (and AOTAutograd) and run the traced graph
+without generating code: they check that a network compiles in seconds, where inductor takes a minute.
+"""
+
+
+def compile_in_place(net: nn.Module, setting: CompileSetting) -> nn.Module:
+    """``net`` compiled in place with ``nn.Module.compile`` as ``setting`` asks (nothing for false).
+
+    In place, the module keeps its class, attributes and ``state_dict`` keys, so checkpoints, the EMA
+    update and the exported model are those of the plain network. Compilation happens at the first call.
+    """
+    if setting is False:
+        return net
+    net.compile(backend="inductor" if setting is True else setting)
+    return net

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+import torch
 from pydantic import Field, field_validator
 from tqdm.auto import tqdm
 
 from ddpm import data, io
 from ddpm.config import Config
 from ddpm.module import DiffusionModule
+from ddpm.runtime import CompileSetting, compile_in_place
 
 
 class SampleConfig(Config):
@@ -27,6 +30,18 @@ class SampleConfig(Config):
     grid_size: int = Field(8, ge=1, description="the grid PNG shows grid_size x grid_size images")
     trajectory_samples: int = Field(6, ge=1, description="rows of the trajectory strip")
     trajectory_points: int = Field(8, ge=2, description="columns of the trajectory strip (noise -> image)")
+    precision: Literal["32-true", "bf16-mixed"] = Field(
+        "32-true", description="32-true (fp32) or bf16-mixed (the network under bf16 autocast; the sampler in fp32)"
+    )
+    compile: CompileSetting = Field(
+        False, description="torch.compile the sampling network: false, true (inductor), or a backend name (eager, ...)"
+    )
+
+    def autocast(self, device: torch.device) -> Any:
+        """The precision's autocast context on ``device`` (none for 32-true)."""
+        if self.precision == "bf16-mixed":
+            return torch.autocast(device.type, dtype=torch.bfloat16)
+        return nullcontext()
 
 
 class SweepConfig(Config):
@@ -72,8 +87,10 @@ def draw(module: DiffusionModule, cfg: SampleConfig, out_dir: str | Path, progre
             trajectory.append(data.from_tensor(info["x"][:keep].float().cpu()))
 
     first: list[np.ndarray] = []
+    compile_in_place(module.ema, cfg.compile)  # compiled at the first chunk
     started = time.perf_counter()
     with (
+        cfg.autocast(module.device),
         tqdm(total=cfg.n * steps, unit="img-step", disable=not progress, desc="sample") as bar,
         io.NpzWriter(out_dir / "samples.npz", (cfg.n, size, size, c)) as writer,
     ):
@@ -87,7 +104,7 @@ def draw(module: DiffusionModule, cfg: SampleConfig, out_dir: str | Path, progre
             callback=record,
         )
         for chunk in batches:
-            images = data.from_tensor(chunk)
+            images = data.from_tensor(chunk.float())
             writer.write(images)
             if sum(len(f) for f in first) < cfg.grid_size**2:
                 first.append(images)
@@ -105,6 +122,7 @@ def draw(module: DiffusionModule, cfg: SampleConfig, out_dir: str | Path, progre
         "eta": run_cfg.eta if run_cfg.sampler == "ddim" else None,
         "nfe": run_cfg.nfe(),
         "seed": cfg.seed,
+        "precision": cfg.precision,
         "seconds": round(seconds, 2),
         "images_per_second": round(cfg.n / seconds, 2),
     }

@@ -34,6 +34,7 @@ from ddpm import data, io
 from ddpm.config import Config, ConfigError, DDPMConfig, EMAConfig, OptimConfig
 from ddpm.module import DiffusionModule, NonFiniteLossError
 from ddpm.nets import UNet, UNetConfig
+from ddpm.runtime import CompileSetting, compile_in_place
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,9 @@ class TrainConfig(Config):
     num_nodes: int = Field(1, ge=1, description="machines for multi-node DDP")
     precision: PrecisionName = Field("32-true", description="Lightning precision: 32-true, bf16-mixed, 16-mixed, ...")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
+    compile: CompileSetting = Field(
+        False, description="torch.compile the trained net: false, true (inductor), or a backend name (eager, ...)"
+    )
 
     @field_validator("devices", mode="before")
     @classmethod
@@ -469,6 +473,7 @@ def train(
         log.warning(f"train: ignoring {resume_path}: another run's (other params or data); starting at step 0")
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     module = build_module(train_set.images.shape, model, diffusion, cfg)
+    compile_in_place(module.net, cfg.compile)
     recorder = CurveRecorder(cfg.log_every)
     checkpointer = ResumeCheckpoint(resume_path, cfg.checkpoint_every, key, start.step if start else None)
     throughput = [ThroughputLogger(cfg.log_every, cfg.batch_size)] if logger else []
