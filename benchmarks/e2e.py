@@ -1,0 +1,188 @@
+"""The train and sample stages' own code, timed end to end with the throughput switches on and off.
+
+    python -m benchmarks.e2e --steps 300 --out benchmarks/e2e.md
+
+Trains the params.yaml model on the params.yaml data with :func:`ddpm.training.train` (a Lightning fit,
+``--steps`` optimizer steps) once per training variant (precision, ``train.compile``), then draws
+``--n`` images with :func:`ddpm.sampling.draw` once per sampling variant (``sample.precision``,
+``sample.compile``) from the first variant's model. Training throughput is the steady rate after
+``--warmup-steps`` (compilation happens in the first step); the total wall time, compilation included, is
+reported beside it. A sampling variant draws one chunk first (where it compiles), then the timed ``--n``.
+Each variant runs in a fresh process, as a stage does (with :func:`ddpm.runtime.keep_freed_memory`): one
+process that compiles several networks can get slower code for the later ones. Where torch sees a GPU,
+everything runs there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import yaml
+
+from ddpm import data, training
+from ddpm.data import DataConfig
+from ddpm.runtime import keep_freed_memory
+from ddpm.sampling import SampleConfig, draw
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN_VARIANTS = (("bf16-mixed", False), ("bf16-mixed", True), ("32-true", False))
+SAMPLE_VARIANTS = (("32-true", False), ("bf16-mixed", False), ("32-true", True), ("bf16-mixed", True))
+
+
+class SteadyRate(pl.Callback):
+    """Images per second between the end of step ``warmup`` and the end of training (two synchronisations)."""
+
+    def __init__(self, warmup: int, batch_size: int) -> None:
+        self.warmup, self.batch_size = warmup, batch_size
+        self.start: tuple[int, float] | None = None
+        self.rate = float("nan")
+
+    def _now(self, module: pl.LightningModule) -> float:
+        if module.device.type == "cuda":
+            torch.cuda.synchronize(module.device)
+        return time.perf_counter()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, *args: Any) -> None:
+        if trainer.global_step == self.warmup:
+            self.start = (trainer.global_step, self._now(module))
+
+    def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        if self.start is not None:
+            step, started = self.start
+            self.rate = (trainer.global_step - step) * self.batch_size / (self._now(module) - started)
+
+
+def params() -> dict[str, Any]:
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def accelerator() -> str:
+    return "gpu" if torch.cuda.is_available() else "cpu"
+
+
+def train_job(precision: str, compile: bool, out: Path, steps: int, warmup: int) -> dict[str, Any]:
+    """One training variant: steady img/s, total seconds and the final EMA validation loss."""
+    p = params()
+    train_set, val_set = data.split(
+        data.load(DataConfig.from_dict(p["data"], "data")), p["data"]["test_fraction"], p["data"]["seed"]
+    )
+    settings = {"max_steps": steps, "val_every": steps, "checkpoint_every": None, "accelerator": accelerator()}
+    cfg = training.TrainConfig.from_dict(
+        {**p["train"], **settings, "precision": precision, "compile": compile}, "train"
+    )
+    rate = SteadyRate(warmup, cfg.batch_size)
+    started = time.perf_counter()
+    result = training.train(
+        train_set, val_set, p["model"], p["diffusion"], cfg, out, False, resume=False, callbacks=[rate]
+    )
+    total = time.perf_counter() - started
+    return {"rate": rate.rate, "total": total, "val_loss_ema": result["val_loss_ema"], "n_train": len(train_set)}
+
+
+def sample_job(precision: str, compile: bool, model: Path, n: int | None) -> dict[str, Any]:
+    """One sampling variant: img/s of the timed draw after a one-chunk warm-up, and the warm-up's seconds."""
+    sample = params()["sample"]
+    sample["n"] = n or sample["n"]
+    module = training.load_model(model)
+    if accelerator() == "gpu":
+        module = module.cuda()
+    warm = SampleConfig.from_dict(
+        {**sample, "n": sample["batch_size"], "precision": precision, "compile": compile}, "sample"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        started = time.perf_counter()
+        draw(module, warm, tmp, progress=False)
+        warmup = time.perf_counter() - started
+        timed = SampleConfig.from_dict({**sample, "precision": precision}, "sample")  # compiled in place above
+        meta = draw(module, timed, tmp, progress=False)
+    return {"rate": meta["images_per_second"], "nfe": meta["nfe"], "warmup": warmup}
+
+
+def run_job(*args: str) -> dict[str, Any]:
+    """``python -m benchmarks.e2e --job ...`` in a fresh process; its JSON line."""
+    command = [sys.executable, "-m", "benchmarks.e2e", "--job", *args]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=300, help="optimizer steps per training variant")
+    parser.add_argument("--warmup-steps", type=int, default=50, help="steps before the steady rate is timed")
+    parser.add_argument("--n", type=int, default=None, help="images per sampling variant (default: sample.n)")
+    parser.add_argument("--out", type=Path, default=None, help="markdown output (also printed)")
+    parser.add_argument(
+        "--compile", default="true", help="the compiled variants' setting: true (inductor) or a backend (eager)"
+    )
+    parser.add_argument("--job", nargs=4, metavar=("KIND", "PRECISION", "COMPILE", "PATH"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.job:
+        keep_freed_memory()
+        kind, precision, compile, path = args.job
+        compile = json.loads(compile)
+        if kind == "train":
+            result = train_job(precision, compile, Path(path), args.steps, args.warmup_steps)
+        else:
+            result = sample_job(precision, compile, Path(path), args.n)
+        print(json.dumps(result))
+        return
+    p = params()
+    device = torch.cuda.get_device_name() if accelerator() == "gpu" else "cpu"
+    lines = [f"# End to end: the stages' code on {device} (torch {torch.__version__})", ""]
+    rows = ["| training | compile | steady img/s | total s | val loss (EMA) |", "|---|---|---|---|---|"]
+    common = ["--steps", str(args.steps), "--warmup-steps", str(args.warmup_steps)]
+    setting = json.dumps(True if args.compile == "true" else args.compile)
+    with tempfile.TemporaryDirectory() as tmp:
+        first, n_train = None, 0
+        for precision, compile in TRAIN_VARIANTS:
+            out = Path(tmp, f"{precision}-{compile}")
+            r = run_job("train", precision, setting if compile else "false", str(out), *common)
+            first, n_train = first or out / "model.pt", r["n_train"]
+            shown = args.compile if compile else "false"
+            rows.append(f"| {precision} | {shown} | {r['rate']:,.0f} | {r['total']:.1f} | {r['val_loss_ema']:.4f} |")
+            print(rows[-1], flush=True)
+        lines += [
+            f"`python -m benchmarks.e2e --steps {args.steps}`: `ddpm.training.train` for {args.steps} steps at"
+            f" batch {p['train']['batch_size']} ({n_train} training images), steady rate after step"
+            f" {args.warmup_steps}; total wall time includes Lightning's start, compilation and the final"
+            " validation. Each variant in a fresh process.",
+            "",
+            *rows,
+        ]
+        n = args.n or p["sample"]["n"]
+        lines += [
+            "",
+            f"Sampling: `ddpm.sampling.draw` of {n} images, {p['sample']['sampler']} with {p['sample']['steps']}"
+            f" steps, chunks of {p['sample']['batch_size']}, after one chunk of warm-up (compilation); each variant"
+            " in a fresh process.",
+            "",
+            "| sampling | compile | img/s | img-steps/s | warm-up chunk s |",
+            "|---|---|---|---|---|",
+        ]
+        extra = ["--n", str(n)]
+        for precision, compile in SAMPLE_VARIANTS:
+            r = run_job("sample", precision, setting if compile else "false", str(first), *extra)
+            shown = args.compile if compile else "false"
+            lines.append(
+                f"| {precision} | {shown} | {r['rate']:,.1f} | {r['rate'] * r['nfe']:,.0f} | {r['warmup']:.1f} |"
+            )
+            print(lines[-1], flush=True)
+    text = "\n".join(lines) + "\n"
+    if args.out:
+        args.out.write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
