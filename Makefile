@@ -74,8 +74,8 @@ bench: install ## throughput and memory side by side with diffusers (~10 min) ->
 	$(PY) -m benchmarks.bench
 
 lint: install ## check the code with ruff
-	$(PY) -m ruff check src tests pipeline
-	$(PY) -m ruff format --check src tests pipeline
+	$(PY) -m ruff check src tests pipeline benchmarks
+	$(PY) -m ruff format --check src tests pipeline benchmarks
 
 clean: ## remove caches and build leftovers (keeps .venv)
 	rm -rf .pytest_cache .ruff_cache build src/*.egg-info

@@ -129,8 +129,11 @@ class SweepOptions(RunOptions):
 
 
 def options(cls: type[RunOptions], name: str, values: dict[str, Any]) -> RunOptions:
-    """Validate flow parameters, including the overrides against the project's params.yaml (one-line errors)."""
-    opts = cls.from_dict(values, name)
+    """Validate flow parameters, including the overrides against the project's params.yaml (one-line errors).
+
+    ``values`` are the flow's arguments (its ``locals()`` before anything else is assigned).
+    """
+    opts = cls.from_dict(dict(values), name)
     field = "grid" if isinstance(opts, SweepOptions) else "overrides"
     bad = [key for key in getattr(opts, field) if key.count(".") != 1]
     if bad:
@@ -399,18 +402,7 @@ def retrain(
     timeout_seconds: float | None = 6 * 3600.0,
 ) -> dict[str, Any]:
     """Retrain when data or params changed (or when forced) through DVC, then promote the better model."""
-    opts = options(
-        RetrainOptions,
-        "retrain",
-        {
-            "project": project,
-            "force": force,
-            "overrides": overrides or {},
-            "retries": retries,
-            "retry_delay_seconds": retry_delay_seconds,
-            "timeout_seconds": timeout_seconds,
-        },
-    )
+    opts = options(RetrainOptions, "retrain", {**locals(), "overrides": overrides or {}})
     logger = get_run_logger()
     changes = check_changes(opts.root, opts.overrides)
     run = None
@@ -486,17 +478,7 @@ def sweep(
     timeout_seconds: float | None = 6 * 3600.0,
 ) -> dict[str, Any]:
     """Run every combination of ``grid`` as a DVC experiment (workspace untouched) and report the best FID."""
-    opts = options(
-        SweepOptions,
-        "sweep",
-        {
-            "grid": grid,
-            "project": project,
-            "retries": retries,
-            "retry_delay_seconds": retry_delay_seconds,
-            "timeout_seconds": timeout_seconds,
-        },
-    )
+    opts = options(SweepOptions, "sweep", locals())
     logger = get_run_logger()
     points = grid_points(opts.grid)
     logger.info("sweep: %d experiment(s) over %s", len(points), ", ".join(opts.grid))
