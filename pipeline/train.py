@@ -82,7 +82,15 @@ def main(args: argparse.Namespace) -> None:
     record, logger = open_run(p, raw, train_set, resume)
     progress = sys.stderr.isatty()
     metrics = training.train(
-        train_set, test_set, p.model, p.diffusion, p.train, out / "train", progress=progress, logger=logger
+        train_set,
+        test_set,
+        p.model,
+        p.diffusion,
+        p.train,
+        out / "train",
+        progress=progress,
+        logger=logger,
+        keep_resume=True,  # removed below, once train.json and run.json are written
     )
     if rank_zero_only.rank == 0:
         if record["enabled"]:
@@ -91,6 +99,7 @@ def main(args: argparse.Namespace) -> None:
             print(f"tracking: {record['run_url']}")
         io.write_json(out / "metrics" / "train.json", metrics)
         io.write_json(stage_tracking.RUN_RECORD, record)  # after training: a killed stage leaves the old one
+        (out / "train" / training.RESUME).unlink(missing_ok=True)
     print(f"train: {metrics}")
 
 

@@ -450,6 +450,7 @@ def train(
     *,
     resume: bool = True,
     callbacks: Sequence[pl.Callback] = (),
+    keep_resume: bool = False,
 ) -> dict[str, float]:
     """Fit on ``train_set`` (an ImageSet), validate on ``val_set``; write checkpoint, EMA model and curves.
 
@@ -462,6 +463,8 @@ def train(
     is continued (see :func:`resume_checkpoint`); one of another run is ignored and replaced. A SIGTERM
     writes it and raises :class:`Preempted` (exit status 143); a nan/inf loss raises NonFiniteLossError
     naming the step (``cfg.nonfinite='stop'``). ``callbacks`` are extra Lightning callbacks.
+    ``keep_resume`` leaves the resume checkpoint for the caller to remove once it has written its own
+    records (a stage killed between the two then resumes at the checkpoint instead of starting over).
     """
     out_dir = Path(out_dir)
     resume_path = out_dir / RESUME
@@ -506,7 +509,8 @@ def train(
             out_dir / "model.pt", module.net.config.to_dict(), module.config.to_dict(), module.ema.state_dict()
         )
         io.write_csv(out_dir / "curves.csv", ["step", "loss", "lr"], recorder.rows)
-        resume_path.unlink(missing_ok=True)
+        if not keep_resume:
+            resume_path.unlink(missing_ok=True)
     images = trainer.global_step * cfg.batch_size * trainer.world_size
     return {
         "train_loss": recorder.rows[-1][1],

@@ -1,0 +1,59 @@
+"""The train stage removes the resume checkpoint only after writing its records (``keep_resume``)."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from ddpm import data, io, training
+
+MODEL = {"channels": 8, "channel_mult": [1, 2], "attn_resolutions": [4], "num_heads": 2, "norm_groups": 4}
+DIFFUSION = {"T": 50, "steps": 4, "sampler": "ddim"}
+TRAIN = {
+    "max_steps": 6,
+    "batch_size": 16,
+    "warmup_steps": 1,
+    "val_every": 6,
+    "log_every": 2,
+    "checkpoint_every": 3,
+    "accelerator": "cpu",
+    "precision": "32-true",
+}
+
+
+@pytest.fixture(scope="module")
+def image_sets(toy_images):
+    images = ((toy_images.permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+    labels = np.zeros(len(images), np.int64)
+    return data.ImageSet(images[:192], labels[:192], ["toy"]), data.ImageSet(images[192:], labels[192:], ["toy"])
+
+
+def fit(image_sets, out, **kwargs) -> dict:
+    train_set, val_set = image_sets
+    cfg = training.TrainConfig(**TRAIN)
+    return training.train(train_set, val_set, MODEL, DIFFUSION, cfg, out, progress=False, **kwargs)
+
+
+def test_a_run_killed_after_training_but_before_its_records_finishes_from_the_checkpoint(image_sets, tmp_path, caplog):
+    first = fit(image_sets, tmp_path, keep_resume=True)
+    resume = tmp_path / training.RESUME
+    assert resume.is_file()  # left for the stage, which removes it after train.json and run.json
+    weights = io.load_weights_only(tmp_path / "model.pt", "model")["state_dict"]
+    # the stage is killed here; DVC runs it again, and the run resumes at the last periodic checkpoint (step 3)
+    with caplog.at_level(logging.WARNING):
+        again = fit(image_sets, tmp_path)
+    assert f"resuming from {resume} at step 3" in caplog.text  # not trained again from step 0
+    assert not resume.exists()
+    assert again["steps"] == first["steps"] == 6
+    assert again["val_loss_ema"] == first["val_loss_ema"] and again["train_loss"] == first["train_loss"]
+    assert np.isfinite(again["images_per_second"]) and again["images_per_second"] < 1e6
+    for k, v in io.load_weights_only(tmp_path / "model.pt", "model")["state_dict"].items():
+        torch.testing.assert_close(v, weights[k], rtol=0, atol=0)
+
+
+def test_train_removes_the_checkpoint_by_default(image_sets, tmp_path):
+    fit(image_sets, tmp_path)
+    assert not (tmp_path / training.RESUME).exists() and (tmp_path / "model.pt").is_file()
