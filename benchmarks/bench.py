@@ -897,9 +897,9 @@ def report(
         " only): the CPU's bf16 flash-attention backward is ~8x slower than the fp32 one, for few FLOPs;"
         " *inference_mode*: no autograd bookkeeping while sampling; *keep_freed_memory*: glibc hands every large"
         " activation back to the kernel when it is freed and page-faults it in again at the next step;"
-        " *torch.compile*: fuses GroupNorm, SiLU and the casts (compiling takes 20-80 s on this machine), so it is"
-        " left to the caller (`net.compile()`). bf16 autocast is the params.yaml training precision; the sample"
-        " stage runs in fp32.",
+        " *torch.compile*: fuses GroupNorm, SiLU and the casts (compiling takes 20-80 s on a 2-core CPU), so it is"
+        " the params switch `train.compile` / `sample.compile`, off by default. bf16 autocast is the params.yaml"
+        " training precision; the sample stage runs in `sample.precision` (default fp32).",
     ]
     lines += ["", "## Memory (peak RSS, each in a fresh process)", ""]
     if not mem:
