@@ -210,3 +210,12 @@ def test_nfe_counts_network_calls_per_image():
     edm = DDPMConfig.from_edm()
     assert edm.nfe("heun", 18) == 35 and edm.nfe("euler", 18) == 18 and edm.nfe("dpmpp_2m", 10) == 10
     assert edm.nfe("heun", 18, guidance=2.0) == 70 and edm.nfe("heun", 18, guidance=1.0) == 35
+
+
+def test_several_unknown_keys_share_one_clause():
+    with pytest.raises(ConfigError) as e:
+        DDPMConfig.from_dict({"shedule": "linear", "stpes": 3, "T": 1}, "diffusion")
+    message = str(e.value)
+    assert message.startswith("diffusion.T=1: ")
+    assert "; diffusion.shedule, diffusion.stpes: unknown keys; allowed keys: image_size, channels" in message
+    assert message.count("allowed keys") == 1 and "\n" not in message

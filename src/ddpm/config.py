@@ -27,10 +27,16 @@ class ConfigError(ValueError):
     """An invalid configuration value; the message is one line."""
 
 
+def _where(error: Mapping[str, Any], prefix: str) -> str:
+    """The dotted name of the key a pydantic error is about ('prefix.field'), or ``prefix``."""
+    loc = ".".join(str(p) if isinstance(p, int) or str(p).isidentifier() else short_repr(p) for p in error["loc"])
+    return f"{prefix}.{loc}" if loc else prefix
+
+
 def _describe(error: Mapping[str, Any], model: type[BaseModel], prefix: str) -> str:
     """One clause for one pydantic error: 'prefix.field=value: what is allowed'."""
-    loc = ".".join(str(p) if isinstance(p, int) or str(p).isidentifier() else short_repr(p) for p in error["loc"])
-    where = f"{prefix}.{loc}" if loc else prefix
+    where = _where(error, prefix)
+    loc = where != prefix
     if error["type"] == "extra_forbidden":
         return f"{where}: unknown key; allowed keys: {', '.join(model.model_fields)}"
     msg = str(error["msg"]).removeprefix("Value error, ")
@@ -56,8 +62,16 @@ class Config(BaseModel):
 
     @classmethod
     def error(cls, e: ValidationError, prefix: str) -> ConfigError:
-        """Turn a pydantic ValidationError into a one-line ConfigError."""
-        return ConfigError("; ".join(_describe(err, cls, prefix) for err in e.errors()))
+        """Turn a pydantic ValidationError into a one-line ConfigError (unknown keys in one clause)."""
+        errors = e.errors()
+        unknown = [err for err in errors if err["type"] == "extra_forbidden"]
+        clauses = [_describe(err, cls, prefix) for err in errors if err["type"] != "extra_forbidden"]
+        if len(unknown) == 1:
+            clauses.append(_describe(unknown[0], cls, prefix))
+        elif unknown:
+            keys = ", ".join(_where(err, prefix) for err in unknown)
+            clauses.append(f"{keys}: unknown keys; allowed keys: {', '.join(cls.model_fields)}")
+        return ConfigError("; ".join(clauses))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None, prefix: str | None = None):
