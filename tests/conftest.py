@@ -1,12 +1,16 @@
-"""Shared fixtures: a tiny 8x8 U-Net and a deterministic toy image set.
+"""Shared fixtures: a tiny 8x8 U-Net, a deterministic toy image set, and the smoke DVC project.
 
 The plain helpers (``TINY_NET_KWARGS``, ``make_toy_images``) are also imported by the
-``tests/ddp_fit.py`` script, which runs outside pytest.
+``tests/ddp_fit.py`` script, which runs outside pytest. The DVC project helpers live in ``test_pipeline.py``.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 # No telemetry from any tool the tests (or their subprocesses) may import.
 os.environ.setdefault("DO_NOT_TRACK", "1")
@@ -60,3 +64,27 @@ def tiny_net_kwargs() -> dict:
 def toy_images() -> torch.Tensor:
     """256 deterministic 8x8 toy images in [-1, 1] (do not modify in place)."""
     return make_toy_images(256, seed=0)
+
+
+@pytest.fixture(scope="session")
+def smoke_params(tmp_path_factory) -> str:
+    """The project's params.yaml with configs/smoke.yaml applied by ``python -m pipeline.overrides --apply``."""
+    from test_pipeline import ROOT, run
+
+    params_file = tmp_path_factory.mktemp("smoke_params") / "params.yaml"
+    shutil.copy2(ROOT / "params.yaml", params_file)
+    run([sys.executable, "-m", "pipeline.overrides", "configs/smoke.yaml", "--apply", str(params_file)], ROOT)
+    return params_file.read_text()
+
+
+@pytest.fixture(scope="session")
+def smoke_repro(smoke_params, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """A temp git repo copy of the project on the smoke configuration after one real ``dvc repro`` (every
+    stage ran), and that repro's result. Shared by the test files: never modify it, work on a
+    ``test_pipeline.clone_project`` copy (its outputs, dvc.lock and DVC cache, without the MLflow store; the
+    copies are never made from that store, which a copy's sample and evaluate stages may log into).
+    """
+    from test_pipeline import copy_project, run
+
+    project = copy_project(tmp_path_factory.mktemp("smoke"), smoke_params)
+    return project, run(["dvc", "repro"], project)

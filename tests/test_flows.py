@@ -17,6 +17,7 @@ from uuid import UUID
 import pytest
 import yaml
 from pipeline import flows, params
+from pipeline import overrides as dotted
 from pipeline.schedule import ScheduleConfig
 from prefect import flow
 from prefect.client.orchestration import get_client
@@ -64,13 +65,10 @@ def prefect_server(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
-    root = copy_project(tmp_path_factory.mktemp("flows"))
-    (root / "shrink.yaml").write_text(yaml.safe_dump(SHRINK))
-    run([sys.executable, "-m", "pipeline.overrides", "shrink.yaml", "--apply", "params.yaml"], root)
-    (root / "shrink.yaml").unlink()
-    commit(root, "shrink")
-    return root
+def project(smoke_params, tmp_path_factory) -> Path:
+    shrunk = dotted.merge(yaml.safe_load(smoke_params), SHRINK)  # what `pipeline.overrides --apply` does
+    params.validate(shrunk)
+    return copy_project(tmp_path_factory.mktemp("flows"), yaml.safe_dump(shrunk, sort_keys=False))
 
 
 @pytest.fixture(scope="module")
@@ -189,6 +187,14 @@ def test_retrain_with_nothing_changed_runs_no_stage(retrained):
     assert summary["fid"] == retrained[0].result()["fid"]
     assert "run-pipeline" not in task_runs(second)
     assert "nothing changed, no DVC stage ran" in logs(second)
+
+
+def test_tracking_off_logs_nothing(retrained, project):
+    """The first retrain ran every stage (train, `sample --track`, evaluate, ...) with tracking off (SHRINK)."""
+    assert retrained[0].is_completed(), retrained[0].message
+    assert json.loads((project / "outputs/train/run.json").read_text()) == {"enabled": False}
+    assert (project / "outputs/samples/samples.npz").is_file()
+    assert not (project / "mlflow.db").exists() and not (project / "mlartifacts").exists()
 
 
 def test_transient_failure_is_retried(retrained, project, tmp_path, monkeypatch):

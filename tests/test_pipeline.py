@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from mlflow.tracking import MlflowClient
 
 from ddpm import data, io
 
@@ -35,17 +36,35 @@ def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedPr
     return result
 
 
-def copy_project(dest: Path) -> Path:
-    """Copy the project's pipeline files into ``dest``, make it a git repo with one commit."""
+def copy_project(dest: Path, params_text: str) -> Path:
+    """Copy the project's pipeline files into ``dest`` with ``params_text`` as params.yaml (the ``smoke_params``
+    fixture: configs/smoke.yaml applied), make it a git repo with one commit."""
     for name in PROJECT_FILES:
         (dest / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / name, dest / name)
     for name in PROJECT_DIRS:
         shutil.copytree(ROOT / name, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    run([sys.executable, "-m", "pipeline.overrides", "configs/smoke.yaml", "--apply", "params.yaml"], dest)
+    (dest / "params.yaml").write_text(params_text)
     run(["git", "init", "-q"], dest)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A"], dest)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "smoke"], dest)
+    return dest
+
+
+def clone_project(source: Path, dest: Path) -> Path:
+    """A copy of the project ``source`` (git repo, params, outputs, dvc.lock, DVC cache) at ``dest``, without its
+    MLflow store (mlflow.db, mlartifacts/) and DVC's temp folder; the stages see the same up-to-date pipeline.
+
+    A train stage run in the copy opens its run in the copy's own store; until then outputs/train/run.json
+    names the run in ``source``'s store (absolute path), which sample and evaluate reopen and log into.
+    """
+
+    def skip(folder: str, names: list[str]) -> set[str]:
+        if Path(folder) == source:
+            return {"mlflow.db", "mlartifacts"} & set(names)
+        return {"tmp"} & set(names) if Path(folder) == source / ".dvc" else set()
+
+    shutil.copytree(source, dest, symlinks=True, ignore=skip)
     return dest
 
 
@@ -60,10 +79,10 @@ def digest(folder: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def repro(tmp_path_factory):
-    project = copy_project(tmp_path_factory.mktemp("project"))
-    first = run(["dvc", "repro"], project)
-    return project, first
+def repro(smoke_repro, tmp_path_factory):
+    """A copy of the smoke project after its first `dvc repro` (conftest.py), and that repro's result."""
+    project, first = smoke_repro
+    return clone_project(project, tmp_path_factory.mktemp("repro") / "project"), first
 
 
 def test_repro_writes_every_output(repro):
@@ -197,15 +216,15 @@ def test_killed_stages_resume_or_rerun_and_a_second_repro_gets_the_lock_error(re
     """train, sample and evaluate each SIGKILLed under `dvc repro` mid-write; then two concurrent repros.
 
     After each kill the stage's outputs are the old, complete files and DVC lists the stage as not
-    done; the re-run of train resumes from its checkpoint; a killed write's temp file is swept by
-    the next run of its stage.
+    done; the re-run of train resumes from its checkpoint and continues the killed MLflow run (the
+    project's embedded store); a killed write's temp file is swept by the next run of its stage.
     """
     project, _ = repro
     out = project / "outputs"
     raw = yaml.safe_load((project / "params.yaml").read_text())
     raw["train"].update(seed=1, checkpoint_every=10)
     (project / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    train_outs = ["last.ckpt", "model.pt", "curves.csv"]
+    train_outs = ["last.ckpt", "model.pt", "curves.csv", "run.json"]  # run.json: written when training completes
     old_train = {name: (out / "train" / name).read_bytes() for name in train_outs}
     old_samples, old_evaluate = outputs_digest(out / "samples"), (out / "metrics" / "evaluate.json").read_bytes()
 
@@ -215,11 +234,21 @@ def test_killed_stages_resume_or_rerun_and_a_second_repro_gets_the_lock_error(re
     resume = torch.load(out / "train" / "resume.ckpt", weights_only=True)
     assert resume["global_step"] == 10
     assert "train" in stale_stages(project)
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")  # tracking.uri: null, no $MLFLOW_TRACKING_URI
+    experiment = client.get_experiment_by_name(raw["tracking"]["experiment"]).experiment_id
+    [killed_run] = [r.info.run_id for r in client.search_runs([experiment])]
 
     killed = repro_with_faults(project, FAULT_KILL_AT="samples.npz:1")  # samples.npz written, not yet renamed
     stdout, stderr = killed.communicate(timeout=600)
     assert killed.returncode != 0 and "resuming from outputs/train/resume.ckpt at step 10" in stderr, stderr
     assert not (out / "train" / "resume.ckpt").exists() and json.loads((out / "metrics" / "train.json").read_text())
+    assert f"tracking: continuing run {killed_run} from step 10" in stdout, stdout
+    assert json.loads((out / "train" / "run.json").read_text())["run_id"] == killed_run
+    runs = client.search_runs([experiment])
+    assert [r.info.run_id for r in runs] == [killed_run] and runs[0].info.status == "FINISHED"
+    assert runs[0].data.tags["resumed_from_step"] == "10"
+    steps = {m.step for m in client.get_metric_history(killed_run, "train/loss")}
+    assert max(steps) >= 50 and min(steps) <= 10, "one curve: before the kill and after the resume"
     assert outputs_digest(out / "samples") == old_samples
     assert list((out / "samples").glob(".samples.npz.*.tmp")), "the killed write's complete temp file"
     stale = stale_stages(project)

@@ -1,7 +1,10 @@
 """MLflow tracking against a real `mlflow server` process (SQLite backend, artifact root in a temp dir).
 
-The smoke pipeline runs through `dvc repro evaluate` in a temp git repo with MLFLOW_TRACKING_URI pointed at
-the server: three trainings of different length give three runs whose FIDs exercise the champion rule.
+The smoke pipeline runs through `dvc repro evaluate` in a copy of the smoke project (conftest.py: prepared
+data and featurizer) with MLFLOW_TRACKING_URI pointed at the server: three trainings of different length give
+three runs whose FIDs exercise the champion rule; the server goes down and comes back during the third.
+Checked where their pipeline runs already happen: a killed and resumed train stage continues its run
+(test_pipeline.py, the kill test), and tracking off logs nothing (test_flows.py, whose project has it off).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from mlflow.tracking import MlflowClient
 
 from ddpm import tracking
 from ddpm.module import DiffusionModule
-from test_pipeline import copy_project, ran_stages, run
+from test_pipeline import clone_project, ran_stages, run
 
 pytestmark = pytest.mark.slow
 
@@ -70,12 +73,32 @@ def stop_server(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
+class Server:
+    """A real tracking server (``start_server``) on a free port; ``stop``, then ``start`` keeps its port and store."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.port = root, free_port()
+        self.proc, self.uri = start_server(root, self.port)
+
+    def stop(self) -> None:
+        stop_server(self.proc)
+
+    def start(self) -> None:
+        self.proc, _ = start_server(self.root, self.port)
+
+
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """A real tracking server on a free port for the module; stopped afterwards."""
-    proc, uri = start_server(tmp_path_factory.mktemp("mlflow_server"), free_port())
-    yield uri
-    stop_server(proc)
+def server_process(tmp_path_factory):
+    """A real tracking server for the module (``runs`` takes it down once); stopped afterwards."""
+    server = Server(tmp_path_factory.mktemp("mlflow_server"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def server(server_process) -> str:
+    """The URI of the module's tracking server."""
+    return server_process.uri
 
 
 def only_run(client: MlflowClient, experiment: str) -> list[str]:
@@ -105,25 +128,61 @@ def records(project: Path) -> tuple[dict, dict, dict]:
                                                       out / "metrics/evaluate.json"))  # fmt: skip
 
 
+def through_outage(cmd: list[str], project: Path, server: Server, experiment: str) -> tuple[str, str]:
+    """Run ``cmd`` (a tracked pipeline execution) and stop ``server`` for 5 s once the new run of ``experiment``
+    has logged its first training loss; (the run's id seen before the outage, the output of ``cmd``)."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env.update(DO_NOT_TRACK="1", DVC_NO_ANALYTICS="1", OMP_WAIT_POLICY="PASSIVE", MLFLOW_TRACKING_URI=server.uri)
+    client = MlflowClient(server.uri)
+    known, log = set(only_run(client, experiment)), project.parent / "outage.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, cwd=project, env=env, text=True, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while not (new := [r for r in only_run(client, experiment) if r not in known]) or not (
+            client.get_metric_history(new[0], "train/loss")
+        ):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        server.stop()  # the outage: training goes on and buffers
+        time.sleep(5)
+        server.start()
+        proc.wait(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    output = log.read_text()
+    assert proc.returncode == 0, output
+    return new[0], output
+
+
 @pytest.fixture(scope="module")
-def runs(server, tmp_path_factory):
-    """Three pipeline executions: 24 steps (baseline), 2 steps (worse), 150 steps (better)."""
-    project = copy_project(tmp_path_factory.mktemp("tracked"))
-    set_params(project, sample={"n": 100}, tracking={"experiment": "smoke", "registered_model": "ddpm-smoke"})
+def runs(server_process, smoke_repro, tmp_path_factory):
+    """Three pipeline executions: 24 steps (baseline), 2 steps (worse), 150 steps (better, through an outage).
+
+    Returns the project, (stages run, run.json, registry.json, evaluate.json) of each, and the outage: the
+    third run's id as seen before the server stopped, and the output of its `dvc exp run`.
+    """
+    server = server_process.uri
+    project = clone_project(smoke_repro[0], tmp_path_factory.mktemp("tracked") / "project")
+    set_params(project, sample={"n": 100})
+    set_params(project, tracking={"experiment": "smoke", "registered_model": "ddpm-smoke", "wait_seconds": 120})
     results = []
     for steps in (24, 2):
         set_params(project, train={"max_steps": steps, "warmup_steps": min(10, steps - 1), "val_every": steps})
         result = tracked(["dvc", "repro", "evaluate"], project, server)
         results.append((ran_stages(result), *records(project)))
     # the third as a named DVC experiment, which the run carries as its name and tag
-    exp = ["dvc", "exp", "run", "-n", "longer", "-S", "train.max_steps=150", "-S", "train.val_every=150", "evaluate"]
-    result = tracked(exp, project, server)
-    results.append((ran_stages(result), *records(project)))
-    return project, results
+    exp = ["dvc", "exp", "run", "-n", "longer", "-S", "train.max_steps=150", "-S", "train.val_every=150"]
+    exp += ["-S", "train.log_every=5", "evaluate"]
+    run_id, output = through_outage(exp, project, server_process, "smoke")
+    results.append((ran_stages(subprocess.CompletedProcess(exp, 0, output)), *records(project)))
+    return project, results, (run_id, output)
 
 
 def test_the_run_record_has_params_curves_fid_and_artifacts(server, runs):
-    _, results = runs
+    _, results, _ = runs
     stages, record, decision, scores = results[0]
     assert {"train", "sample", "evaluate"} <= stages
     client = MlflowClient(server)
@@ -151,7 +210,7 @@ def test_the_run_record_has_params_curves_fid_and_artifacts(server, runs):
 
 
 def test_checkpoint_artifact_loads_and_samples(server, runs, tmp_path):
-    _, results = runs
+    _, results, _ = runs
     record = results[0][1]
     mlflow.set_tracking_uri(server)
     path = mlflow.artifacts.download_artifacts(f"runs:/{record['run_id']}/checkpoints/last.ckpt", dst_path=tmp_path)
@@ -161,7 +220,7 @@ def test_checkpoint_artifact_loads_and_samples(server, runs, tmp_path):
 
 
 def test_registry_keeps_champion_on_worse_and_moves_it_on_better(server, runs):
-    _, results = runs
+    _, results, _ = runs
     (_, _, first, _), (_, _, worse, _), (_, _, better, _) = results
     assert first["alias"] == "champion" and first["promoted"] and first["reason"] == "no champion yet"
     assert worse["fid"] > first["fid"], "2 training steps must score worse than 24"
@@ -177,7 +236,7 @@ def test_registry_keeps_champion_on_worse_and_moves_it_on_better(server, runs):
 
 
 def test_search_runs_orders_runs_by_fid(server, runs):
-    _, results = runs
+    _, results, _ = runs
     key = "fid/" + "_".join(str(results[0][3][k]) for k in ("sampler", "steps"))
     client = MlflowClient(server)
     experiment = client.get_experiment_by_name("smoke")
@@ -188,7 +247,7 @@ def test_search_runs_orders_runs_by_fid(server, runs):
 
 
 def test_make_sample_draws_from_the_champion(server, runs):
-    project, results = runs
+    project, results, _ = runs
     out = project / "outputs" / "from_champion"
     result = tracked([sys.executable, "-m", "pipeline.sample", "--model", "champion", "--out", str(out),
                       "--n", "9", "--quiet"], project, server)  # fmt: skip
@@ -197,7 +256,7 @@ def test_make_sample_draws_from_the_champion(server, runs):
 
 
 def test_rerunning_only_evaluate_updates_the_same_run(server, runs):
-    project, results = runs
+    project, results, _ = runs
     record = results[-1][1]
     set_params(project, evaluate={"kid_subsets": 7})
     result = tracked(["dvc", "repro", "evaluate"], project, server)
@@ -211,7 +270,7 @@ def test_rerunning_only_evaluate_updates_the_same_run(server, runs):
 
 
 def test_unreachable_server_fails_before_training(runs):
-    project, _ = runs
+    project, _, _ = runs
     before = (project / "outputs" / "train" / "last.ckpt").stat().st_mtime_ns
     uri = f"http://127.0.0.1:{free_port()}"
     result = tracked([sys.executable, "-m", "pipeline.train"], project, uri, check=False)
@@ -221,56 +280,26 @@ def test_unreachable_server_fails_before_training(runs):
     assert (project / "outputs" / "train" / "last.ckpt").stat().st_mtime_ns == before
 
 
-def test_tracking_off_logs_nothing(tmp_path):
-    project = copy_project(tmp_path)
-    set_params(project, tracking={"enabled": False}, train={"max_steps": 2, "warmup_steps": 1, "val_every": 2})
-    set_params(project, sample={"n": 20})
-    for stage in (["pipeline.prepare"], ["pipeline.train"], ["pipeline.sample", "--track"]):
-        run([sys.executable, "-m", *stage], project)
-    assert json.loads((project / "outputs/train/run.json").read_text()) == {"enabled": False}
-    assert (project / "outputs/samples/samples.npz").is_file()
-    assert not (project / "mlflow.db").exists() and not (project / "mlartifacts").exists()
+def test_server_outage_during_training_buffers_and_sends_the_metrics(server, runs):
+    """The server stopped while the longer run's train stage ran and came back: its loss curve has no gap."""
+    _, results, (run_id, output) = runs
+    assert "buffering metrics" in output and "buffered metrics sent" in output
+    assert results[2][1]["run_id"] == run_id, "the run open before the outage is the one recorded"
+    client = MlflowClient(server)
+    earlier = {results[0][1]["run_id"], results[1][1]["run_id"]}
+    assert [r for r in only_run(client, "smoke") if r not in earlier] == [run_id], "no second run after the outage"
+    steps = sorted({m.step for m in client.get_metric_history(run_id, "train/loss")})
+    assert steps[-1] >= 145 and all(b - a == 5 for a, b in zip(steps, steps[1:])), steps
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert "model/model.pt" in {a.path for a in client.list_artifacts(run_id, "model")}
 
 
-def test_server_outage_during_training_buffers_and_sends_the_metrics(tmp_path):
-    """The server stops while the train stage runs and comes back: the run's loss curve has no gap."""
-    root, port = tmp_path / "server", free_port()
-    proc, uri = start_server(root, port)
-    try:
-        project = copy_project(tmp_path / "project")
-        set_params(project, tracking={"experiment": "outage", "wait_seconds": 120})
-        set_params(project, train={"max_steps": 150, "log_every": 5, "val_every": 150, "warmup_steps": 10})
-        run([sys.executable, "-m", "pipeline.prepare"], project)
-        env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "OMP_WAIT_POLICY": "PASSIVE"}
-        train = subprocess.Popen([sys.executable, "-m", "pipeline.train"], cwd=project, env=env, text=True,
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
-        client, deadline = MlflowClient(uri), time.monotonic() + 300
-        while not (runs := only_run(client, "outage")) or not client.get_metric_history(runs[0], "train/loss"):
-            assert train.poll() is None and time.monotonic() < deadline, train.communicate()[0]
-            time.sleep(0.2)
-        stop_server(proc)  # the outage: training goes on and buffers
-        time.sleep(5)
-        proc, _ = start_server(root, port)
-        output = train.communicate(timeout=600)[0]
-        assert train.returncode == 0, output
-        assert "buffering metrics" in output and "buffered metrics sent" in output
-        run_id = json.loads((project / "outputs" / "train" / "run.json").read_text())["run_id"]
-        assert [run_id] == runs
-        steps = sorted({m.step for m in client.get_metric_history(run_id, "train/loss")})
-        assert steps[-1] >= 145 and all(b - a == 5 for a, b in zip(steps, steps[1:])), steps
-        assert client.get_run(run_id).info.status == "FINISHED"
-        assert "model/model.pt" in {a.path for a in client.list_artifacts(run_id, "model")}
-    finally:
-        stop_server(proc)
-
-
-def test_ddp_training_logs_one_run_from_rank_zero(tmp_path):
+def test_ddp_training_logs_one_run_from_rank_zero(smoke_repro, tmp_path):
     """A 2-process DDP train stage (CPU, gloo) into the embedded store: one run, one curve."""
-    project = copy_project(tmp_path)
+    project = clone_project(smoke_repro[0], tmp_path / "project")  # prepared data; no MLflow store
     set_params(project, tracking={"experiment": "ddp"})
     ddp = {"accelerator": "cpu", "devices": 2, "strategy": "ddp", "precision": "32-true"}
     set_params(project, train={"max_steps": 6, "log_every": 2, "val_every": 6, "warmup_steps": 2, **ddp})
-    run([sys.executable, "-m", "pipeline.prepare"], project)
     run([sys.executable, "-m", "pipeline.train"], project)
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("ddp")
@@ -279,32 +308,3 @@ def test_ddp_training_logs_one_run_from_rank_zero(tmp_path):
     steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")]
     assert len(steps) == len(set(steps)) >= 2  # rank 1 logged nothing: no step twice
     assert json.loads((project / "outputs/train/run.json").read_text())["run_id"] == runs[0].info.run_id
-
-
-def test_resumed_training_continues_the_same_run(tmp_path):
-    """SIGKILL the train stage after a resume checkpoint; the re-run resumes and logs into the same run."""
-    project = copy_project(tmp_path)
-    set_params(project, tracking={"experiment": "resume"})
-    set_params(project, train={"max_steps": 120, "checkpoint_every": 20, "log_every": 10, "val_every": 120})
-    run([sys.executable, "-m", "pipeline.prepare"], project)
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
-    first = subprocess.Popen([sys.executable, "-m", "pipeline.train"], cwd=project, env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    resume = project / "outputs" / "train" / "resume.ckpt"
-    deadline = time.monotonic() + 300
-    while not resume.is_file():
-        assert first.poll() is None and time.monotonic() < deadline, "train ended before its first checkpoint"
-        time.sleep(0.05)
-    first.kill()
-    first.wait()
-    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
-    [killed] = only_run(client, "resume")
-    assert not (project / "outputs/train/run.json").exists()  # written when training completes
-    second = run([sys.executable, "-m", "pipeline.train"], project)
-    assert f"continuing run {killed}" in second.stdout
-    assert json.loads((project / "outputs/train/run.json").read_text())["run_id"] == killed
-    runs = client.search_runs([client.get_experiment_by_name("resume").experiment_id])
-    assert [r.info.run_id for r in runs] == [killed] and runs[0].info.status == "FINISHED"
-    assert int(runs[0].data.tags["resumed_from_step"]) >= 20
-    steps = {m.step for m in client.get_metric_history(killed, "train/loss")}
-    assert max(steps) >= 110 and min(steps) <= 20
