@@ -61,8 +61,11 @@ class SteadyRate(pl.Callback):
             self.rate = (trainer.global_step - step) * self.batch_size / (self._now(module) - started)
 
 
+PARAMS = ROOT / "params.yaml"  # --params replaces it, in this process and in its jobs
+
+
 def params() -> dict[str, Any]:
-    return yaml.safe_load((ROOT / "params.yaml").read_text())
+    return yaml.safe_load(PARAMS.read_text())
 
 
 def accelerator() -> str:
@@ -109,7 +112,7 @@ def sample_job(precision: str, compile: bool, model: Path, n: int | None) -> dic
 
 def run_job(*args: str) -> dict[str, Any]:
     """``python -m benchmarks.e2e --job ...`` in a fresh process; its JSON line."""
-    command = [sys.executable, "-m", "benchmarks.e2e", "--job", *args]
+    command = [sys.executable, "-m", "benchmarks.e2e", "--params", str(PARAMS), "--job", *args]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
@@ -117,6 +120,7 @@ def run_job(*args: str) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    global PARAMS
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps per training variant")
     parser.add_argument("--warmup-steps", type=int, default=50, help="steps before the steady rate is timed")
@@ -125,8 +129,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--compile", default="true", help="the compiled variants' setting: true (inductor) or a backend (eager)"
     )
+    parser.add_argument("--params", type=Path, default=None, help="params.yaml of the model and data (the project's)")
     parser.add_argument("--job", nargs=4, metavar=("KIND", "PRECISION", "COMPILE", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    PARAMS = (args.params or PARAMS).resolve()
     if args.job:
         keep_freed_memory()
         kind, precision, compile, path = args.job

@@ -66,3 +66,28 @@ def test_quick_bench_writes_well_formed_tables(tmp_path):
     assert "Sampling memory (default malloc), chunks of 16: peak RSS" in text
     features = _table(text, "## Evaluation")
     assert features[0][0].startswith("classifier") and _number(features[0][1]) > 0
+
+
+@pytest.mark.slow
+def test_e2e_times_every_variant_of_the_stages_code(tmp_path, smoke_params):
+    """``benchmarks.e2e`` on the smoke configuration (8x8 digits), compiled variants traced with ``eager``."""
+    params, out = tmp_path / "params.yaml", tmp_path / "e2e.md"
+    params.write_text(smoke_params)
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    command = [sys.executable, "-m", "benchmarks.e2e", "--params", str(params), "--steps", "3", "--warmup-steps"]
+    command += ["1", "--n", "16", "--compile", "eager", "--out", str(out)]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = out.read_text()
+    training, sampling = _table(text, "Each variant in a fresh process."), _table(text, "Sampling: ")
+    assert [(r[0], r[1]) for r in training] == [("bf16-mixed", "false"), ("bf16-mixed", "eager"), ("32-true", "false")]
+    assert [(r[0], r[1]) for r in sampling] == [
+        ("32-true", "false"),
+        ("bf16-mixed", "false"),
+        ("32-true", "eager"),
+        ("bf16-mixed", "eager"),
+    ]
+    for row in training:
+        assert _number(row[2]) > 0 and _number(row[3]) > 0 and 0 < _number(row[4]) < 10
+    for row in sampling:
+        assert _number(row[2]) > 0 and _number(row[3]) > _number(row[2])  # img-steps/s = img/s x NFE
