@@ -7,6 +7,7 @@ runs with one line naming the key, the value and what is allowed, and touches no
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 from collections.abc import Callable
@@ -140,6 +141,9 @@ def run_stage(main: Callable[[argparse.Namespace], None], parser: argparse.Argum
         keep_freed_memory()
     try:
         main(args)
+        # The outputs are written and closed. Spare the interpreter's final collection, which would walk every
+        # object torch and Lightning created (about 1.5 s per stage process on 2 cores).
+        gc.freeze()
     except (ConfigError, OSError, ValueError, FloatingPointError) as e:  # bad input, disk full, a nan/inf loss
         if os.environ.get("DDPM_DEBUG"):
             raise
