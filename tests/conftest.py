@@ -17,6 +17,7 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -64,6 +65,16 @@ def tiny_net_kwargs() -> dict:
 def toy_images() -> torch.Tensor:
     """256 deterministic 8x8 toy images in [-1, 1] (do not modify in place)."""
     return make_toy_images(256, seed=0)
+
+
+@pytest.fixture(scope="session")
+def toy_image_sets(toy_images):
+    """The toy images as uint8 ImageSets [N, H, W, 1]: (192 training, 64 validation images), one class."""
+    from ddpm import data
+
+    images = ((toy_images.permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+    labels = np.zeros(len(images), np.int64)
+    return data.ImageSet(images[:192], labels[:192], ["toy"]), data.ImageSet(images[192:], labels[192:], ["toy"])
 
 
 @pytest.fixture(scope="session")

@@ -5,10 +5,9 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-import pytest
 import torch
 
-from ddpm import data, io, training
+from ddpm import io, training
 
 MODEL = {"channels": 8, "channel_mult": [1, 2], "attn_resolutions": [4], "num_heads": 2, "norm_groups": 4}
 DIFFUSION = {"T": 50, "steps": 4, "sampler": "ddim"}
@@ -24,27 +23,22 @@ TRAIN = {
 }
 
 
-@pytest.fixture(scope="module")
-def image_sets(toy_images):
-    images = ((toy_images.permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
-    labels = np.zeros(len(images), np.int64)
-    return data.ImageSet(images[:192], labels[:192], ["toy"]), data.ImageSet(images[192:], labels[192:], ["toy"])
-
-
-def fit(image_sets, out, **kwargs) -> dict:
-    train_set, val_set = image_sets
+def fit(toy_image_sets, out, **kwargs) -> dict:
+    train_set, val_set = toy_image_sets
     cfg = training.TrainConfig(**TRAIN)
     return training.train(train_set, val_set, MODEL, DIFFUSION, cfg, out, progress=False, **kwargs)
 
 
-def test_a_run_killed_after_training_but_before_its_records_finishes_from_the_checkpoint(image_sets, tmp_path, caplog):
-    first = fit(image_sets, tmp_path, keep_resume=True)
+def test_a_run_killed_after_training_but_before_its_records_finishes_from_the_checkpoint(
+    toy_image_sets, tmp_path, caplog
+):
+    first = fit(toy_image_sets, tmp_path, keep_resume=True)
     resume = tmp_path / training.RESUME
     assert resume.is_file()  # left for the stage, which removes it after train.json and run.json
     weights = io.load_weights_only(tmp_path / "model.pt", "model")["state_dict"]
     # the stage is killed here; DVC runs it again, and the run resumes at the last periodic checkpoint (step 3)
     with caplog.at_level(logging.WARNING):
-        again = fit(image_sets, tmp_path)
+        again = fit(toy_image_sets, tmp_path)
     assert f"resuming from {resume} at step 3" in caplog.text  # not trained again from step 0
     assert not resume.exists()
     assert again["steps"] == first["steps"] == 6
@@ -54,6 +48,6 @@ def test_a_run_killed_after_training_but_before_its_records_finishes_from_the_ch
         torch.testing.assert_close(v, weights[k], rtol=0, atol=0)
 
 
-def test_train_removes_the_checkpoint_by_default(image_sets, tmp_path):
-    fit(image_sets, tmp_path)
+def test_train_removes_the_checkpoint_by_default(toy_image_sets, tmp_path):
+    fit(toy_image_sets, tmp_path)
     assert not (tmp_path / training.RESUME).exists() and (tmp_path / "model.pt").is_file()

@@ -18,21 +18,14 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from ddpm import data, io, training
+import fault_train
+from ddpm import io, training
 from ddpm.config import ConfigError
 from ddpm.runtime import compile_in_place
 from ddpm.sampling import SampleConfig, draw
 
 ROOT = Path(__file__).resolve().parents[1]
-MODEL = {
-    "channels": 16,
-    "channel_mult": [1, 2],
-    "num_res_blocks": 1,
-    "attn_resolutions": [4],
-    "num_heads": 2,
-    "norm_groups": 8,
-    "dropout": 0.0,
-}
+MODEL = {**fault_train.MODEL, "dropout": 0.0}  # the fault tests' tiny net, deterministic
 DIFFUSION = {"T": 100, "steps": 4, "sampler": "ddim"}
 TRAIN = {
     "max_steps": 4,
@@ -46,15 +39,8 @@ TRAIN = {
 }
 
 
-@pytest.fixture(scope="module")
-def image_sets(toy_images):
-    images = ((toy_images.permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
-    labels = np.zeros(len(images), np.int64)
-    return data.ImageSet(images[:192], labels[:192], ["toy"]), data.ImageSet(images[192:], labels[192:], ["toy"])
-
-
-def fit(image_sets, out: Path, **overrides) -> dict:
-    train_set, val_set = image_sets
+def fit(toy_image_sets, out: Path, **overrides) -> dict:
+    train_set, val_set = toy_image_sets
     cfg = training.TrainConfig(**{**TRAIN, **overrides})
     return training.train(train_set, val_set, MODEL, DIFFUSION, cfg, out, progress=False, resume=False)
 
@@ -64,12 +50,12 @@ def graphs() -> int:
 
 
 @pytest.fixture(scope="module")
-def plain_and_compiled(image_sets, tmp_path_factory):
+def plain_and_compiled(toy_image_sets, tmp_path_factory):
     """The same 4-step run without and with ``train.compile: eager``; the compiled run's graph count."""
     out = tmp_path_factory.mktemp("runs")
-    plain = fit(image_sets, out / "plain")
+    plain = fit(toy_image_sets, out / "plain")
     before = graphs()
-    compiled = fit(image_sets, out / "compiled", compile="eager")
+    compiled = fit(toy_image_sets, out / "compiled", compile="eager")
     return out, plain, compiled, graphs() - before
 
 
