@@ -303,6 +303,24 @@ class Probes:
         return max(r for k, r in self.rates().items() if k.startswith(dtype))
 
 
+def in_turns(
+    calls: dict[str, Callable[[], Any]], reps: int, warmup: int, sync: Callable[[], None] = lambda: None
+) -> dict[str, list[float]]:
+    """Seconds of each call of ``calls`` over ``reps`` rounds in which they take turns, after warm-up calls."""
+    for call in calls.values():
+        for _ in range(warmup):
+            call()
+    times: dict[str, list[float]] = {k: [] for k in calls}
+    for _ in range(reps):
+        for name, call in calls.items():
+            sync()
+            start = time.perf_counter()
+            call()
+            sync()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
 class Timer:
     """Median wall time of calls that take turns within each repetition, with the matmul probes among them."""
 
@@ -316,17 +334,7 @@ class Timer:
     def group(self, calls: dict[str, Callable[[], Any]], reps: int, warmup: int) -> dict[str, float]:
         """Median seconds per call of each of ``calls`` (warm-up calls first, then ``reps`` rounds in turn)."""
         everything = {**{f"probe: {k}": c for k, c in self.probes.calls.items()}, **calls}
-        for call in everything.values():
-            for _ in range(warmup):
-                call()
-        times: dict[str, list[float]] = {k: [] for k in everything}
-        for _ in range(reps):
-            for name, call in everything.items():
-                self.sync()
-                start = time.perf_counter()
-                call()
-                self.sync()
-                times[name].append(time.perf_counter() - start)
+        times = in_turns(everything, reps, warmup, self.sync)
         for k in self.probes.calls:
             self.probes.times[k] += times.pop(f"probe: {k}")
         return {k: statistics.median(v) for k, v in times.items()}

@@ -22,13 +22,11 @@ import resource
 import statistics
 import sys
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from benchmarks.bench import PRECISIONS, PeerNet, TrainStep, diffusion_config, peer_version
+from benchmarks.bench import PRECISIONS, PeerNet, TrainStep, diffusion_config, in_turns, peer_version
 from ddpm.module import DiffusionModule
 from ddpm.nets import UNet, UNetConfig
 from ddpm.runtime import keep_freed_memory
@@ -61,20 +59,6 @@ def peak_mb(reset: bool) -> float:
         return _status("VmHWM")
     scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is in bytes on macOS, in kB elsewhere
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / MB
-
-
-def median_seconds(calls: dict[str, Callable[[], object]], reps: int, warmup: int = 2) -> dict[str, float]:
-    """Median seconds per call of each of ``calls``, taking turns within each repetition after warm-up calls."""
-    for call in calls.values():
-        for _ in range(warmup):
-            call()
-    times: dict[str, list[float]] = {k: [] for k in calls}
-    for _ in range(reps):
-        for name, call in calls.items():
-            start = time.perf_counter()
-            call()
-            times[name].append(time.perf_counter() - start)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -112,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
             calls[f"{name} train"] = TrainStep(module, net, batch, "bf16-mixed")
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         result |= {
-            "seconds": median_seconds(calls, args.reps),
+            "seconds": {k: statistics.median(v) for k, v in in_turns(calls, args.reps, warmup=2).items()},
             "sample_batch": args.sample_batch,
             "page_faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults,
         }
