@@ -106,6 +106,27 @@ def test_gradients_reach_all_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_inference_writes_in_place_without_changing_the_output(precision):
+    """Without autograd the blocks overwrite their own intermediates: the output is bit for bit the training path's,
+    and the input and the parameters are left untouched."""
+    net = perturb(UNet(num_classes=3, attn_resolutions=(14, 7), **TINY)).eval()
+    x, t, y = torch.randn(3, 1, 28, 28), torch.tensor([1, 500, 999]), torch.tensor([0, 2, 3])
+    x_before, params_before = x.clone(), copy.deepcopy(net.state_dict())
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
+    with autocast:
+        with_grad = net(x, t, y)
+        with torch.no_grad():
+            no_grad = net(x, t, y)
+        with torch.inference_mode():
+            inference = net(x, t, y)
+    assert with_grad.requires_grad
+    assert torch.equal(no_grad, with_grad.detach()) and torch.equal(inference, no_grad)
+    assert torch.equal(x, x_before)
+    for name, value in net.state_dict().items():
+        assert torch.equal(value, params_before[name]), name
+
+
 def test_channels_last_matches_contiguous():
     net = perturb(
         UNet(

@@ -97,11 +97,17 @@ class ResBlock(nn.Module):
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
-        """Return skip(x) + F(x, emb)."""
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.emb_proj(F.silu(emb))[:, :, None, None]
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
-        return self.skip(x) + h
+        """Return skip(x) + F(x, emb).
+
+        The sums go into the convolutions' outputs in place (their backward needs only their inputs), and without
+        autograd the SiLUs overwrite the GroupNorm outputs: no new activation-sized tensors, same values.
+        """
+        inplace = not torch.is_grad_enabled()
+        h = self.conv1(F.silu(self.norm1(x), inplace=inplace))
+        h += self.emb_proj(F.silu(emb))[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h), inplace=inplace)))
+        h += self.skip(x)
+        return h
 
 
 class Attention(nn.Module):
@@ -293,4 +299,4 @@ class UNet(nn.Module):
             if level.resample is not None:
                 h = level.resample(h)
 
-        return self.conv_out(F.silu(self.norm_out(h))).contiguous()
+        return self.conv_out(F.silu(self.norm_out(h), inplace=not torch.is_grad_enabled())).contiguous()
