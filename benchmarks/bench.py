@@ -104,6 +104,7 @@ class Settings:
     compile: bool
     quick: bool
     compile_peer: bool = False  # compiled rows of both nets (bf16-mixed, first configuration)
+    alloc_rounds: int = 3  # rounds in which a default-malloc process and a keep_freed_memory one take turns
 
 
 def settings(quick: bool, reps: int | None, compile: bool | None) -> Settings:
@@ -127,6 +128,7 @@ def settings(quick: bool, reps: int | None, compile: bool | None) -> Settings:
             inception_batch=2,
             compile=bool(compile),
             quick=True,
+            alloc_rounds=1,
         )
     n = reps or 5
     return Settings(
@@ -577,10 +579,30 @@ def memory_jobs(s: Settings) -> list[list[str]]:
 
 
 def allocator_jobs(s: Settings) -> list[list[str]]:
-    """Sampling and training steps in a fresh process with glibc's default malloc, then with keep_freed_memory."""
+    """Sampling and training steps in fresh processes: glibc's default malloc and keep_freed_memory in turns.
+
+    The allocator is set once per process, so the two settings cannot take turns within one process; instead
+    ``alloc_rounds`` pairs of processes run one after the other, and :func:`merge_rounds` takes the medians.
+    """
     job = ["steps", "--batch-size", str(s.train_batch), "--sample-batch", str(s.sample_batch)]
     job += ["--reps", str(next(iter(s.reps.values()))), "--model", json.dumps(next(iter(s.configs.values())).to_dict())]
-    return [job, job + ["--keep-freed-memory"]]
+    return [job, job + ["--keep-freed-memory"]] * s.alloc_rounds
+
+
+def merge_rounds(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The default-malloc and the keep_freed_memory results (alternating, as :func:`allocator_jobs` orders them) of
+    all rounds: the median of each timing over rounds."""
+    merged = []
+    for runs in (results[0::2], results[1::2]):
+        merged.append(
+            {
+                **runs[0],
+                "seconds": {k: statistics.median(r["seconds"][k] for r in runs) for k in runs[0]["seconds"]},
+                "page_faults": int(statistics.median(r["page_faults"] for r in runs)),
+                "rounds": len(runs),
+            }
+        )
+    return merged
 
 
 def synchronisations(s: Settings, device: torch.device, steps: int = 10) -> dict[str, int]:
@@ -747,7 +769,8 @@ def summary(
             ratio = default["seconds"][f"peer {task}"] / kept["seconds"][f"ours {task}"]
             lines.append(
                 f"- Ours with keep_freed_memory over the peer with glibc's default malloc, {label}: {ratio:.2f}x"
-                f" (two processes run one after the other; target {ratio_target}x: {check(ratio >= ratio_target)})."
+                f" (fresh processes in turns, medians of {default['rounds']} round(s);"
+                f" target {ratio_target}x: {check(ratio >= ratio_target)})."
             )
     for kept in (False, True):
         samples = [m for m in mem if m["job"] == "sample" and m["keep_freed_memory"] == kept]
@@ -872,10 +895,12 @@ def report(
         default, kept = alloc
         lines += [
             "",
-            "glibc malloc, in two fresh processes one after the other (each interleaves its rows): the default, then"
+            f"glibc malloc, in fresh processes taking turns over {default['rounds']} round(s) (each process"
+            " interleaves its rows; the figures are medians over the rounds): the default, then"
             " `ddpm.runtime.keep_freed_memory()` (all the rows above run with it unless --no-keep-freed-memory)."
-            " Not side by side: load from other work during one of the two processes skews the ratios, bf16"
-            " training most (it slows down far more than fp32 when other processes share the cores).",
+            " The allocator is set once per process, so these rows alternate by process, not within one: load"
+            " from other work during one process still skews a round, bf16 training most (it slows down far"
+            " more than fp32 when other processes share the cores).",
             "",
         ]
         table = []
@@ -1026,10 +1051,10 @@ def main(argv: list[str] | None = None) -> None:
     syncs = synchronisations(s, device)
     if early is None:
         mem = Jobs(memory, concurrent=True).results() if memory else []
-        alloc = Jobs(alloc, concurrent=False).results() if alloc else []
+        alloc = merge_rounds(Jobs(alloc, concurrent=False).results()) if alloc else []
     else:
         results = early.results()
-        mem, alloc = results[: len(memory)], results[len(memory) :]
+        mem, alloc = results[: len(memory)], merge_rounds(results[len(memory) :]) if alloc else []
     done("memory and allocator")
     command = "python -m benchmarks.bench" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
     text = report(
