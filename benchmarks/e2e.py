@@ -39,7 +39,10 @@ SAMPLE_VARIANTS = (("32-true", False), ("bf16-mixed", False), ("32-true", True),
 
 
 class SteadyRate(pl.Callback):
-    """Images per second between the end of step ``warmup`` and the end of training (two synchronisations)."""
+    """Images per second between the ends of step ``warmup`` and of the last step (two synchronisations).
+
+    The final validation, which Lightning runs after the last step's end, is not timed.
+    """
 
     def __init__(self, warmup: int, batch_size: int) -> None:
         self.warmup, self.batch_size = warmup, batch_size
@@ -54,9 +57,7 @@ class SteadyRate(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, *args: Any) -> None:
         if trainer.global_step == self.warmup:
             self.start = (trainer.global_step, self._now(module))
-
-    def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        if self.start is not None:
+        elif self.start is not None and trainer.global_step == trainer.max_steps:
             step, started = self.start
             self.rate = (trainer.global_step - step) * self.batch_size / (self._now(module) - started)
 
@@ -160,9 +161,9 @@ def main(argv: list[str] | None = None) -> None:
             print(rows[-1], flush=True)
         lines += [
             f"`python -m benchmarks.e2e --steps {args.steps}`: `ddpm.training.train` for {args.steps} steps at"
-            f" batch {p['train']['batch_size']} ({n_train} training images), steady rate after step"
-            f" {args.warmup_steps}; total wall time includes Lightning's start, compilation and the final"
-            " validation. Each variant in a fresh process.",
+            f" batch {p['train']['batch_size']} ({n_train} training images), steady rate from step"
+            f" {args.warmup_steps} to the last step; total wall time includes Lightning's start, compilation and"
+            " the final validation. Each variant in a fresh process.",
             "",
             *rows,
         ]
