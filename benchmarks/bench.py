@@ -605,6 +605,74 @@ def merge_rounds(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return merged
 
 
+SHARES = ("convolutions", "matmuls", "attention", "GroupNorm", "SiLU", "casts and copies", "other")
+
+
+def op_kind(name: str) -> str:
+    """The kind of an aten operator, for the time shares (:data:`SHARES`)."""
+    if "convolution" in name:
+        return "convolutions"
+    if name in ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"):
+        return "matmuls"
+    if "scaled_dot_product" in name:
+        return "attention"
+    if "group_norm" in name:
+        return "GroupNorm"
+    if "silu" in name:
+        return "SiLU"
+    if name in ("aten::copy_", "aten::_to_copy", "aten::clone"):
+        return "casts and copies"
+    return "other"
+
+
+def time_shares(s: Settings, device: torch.device, peer: bool, calls: int = 2) -> list[dict[str, Any]]:
+    """Where the time of a training step and of a sampling chunk goes, by operator kind (first configuration).
+
+    The torch profiler's self CPU time of every operator over ``calls`` calls after one warm-up call, summed by
+    :func:`op_kind`. The convolutions are oneDNN's for both nets, so ``peer total / our convolutions`` bounds
+    the ratio ours/peer that any change outside our convolutions could reach. CPU only (on a GPU the host's
+    time is not the kernels').
+    """
+    if device.type != "cpu":
+        return []
+    from torch.profiler import ProfilerActivity, profile
+
+    name, cfg = next(iter(s.configs.items()))
+    torch.manual_seed(0)
+    nets = {"ours": variant(cfg, device)} | ({"peer": PeerNet(cfg).to(device)} if peer else {})
+    module = DiffusionModule(UNet(cfg), diffusion_config(cfg)).to(device)
+    batch = torch.rand(s.train_batch, cfg.in_channels, cfg.image_size, cfg.image_size, device=device) * 2 - 1
+    out = []
+    for task in ("train", "sample"):
+        for precision in PRECISIONS:
+            for net_name, net in nets.items():
+                if task == "train":
+                    call = TrainStep(module, net.train(), batch, precision)
+                else:
+                    call = sample_call(
+                        sampler_module(cfg, net, device), s.sample_batch, s.sampler, s.sample_steps, precision
+                    )
+                call()
+                with profile(activities=[ProfilerActivity.CPU]) as prof:
+                    for _ in range(calls):
+                        call()
+                ms = dict.fromkeys(SHARES, 0.0)
+                for event in prof.key_averages():
+                    ms[op_kind(event.key)] += event.self_cpu_time_total / 1e3 / calls
+                out.append({"task": task, "precision": precision, "net": net_name, "ms": ms})
+    return out
+
+
+def share_bounds(shares: list[dict[str, Any]]) -> dict[tuple[str, str], float]:
+    """(task, precision) -> the peer's total time over our convolutions' time: the most ours/peer can be."""
+    by = {(r["task"], r["precision"], r["net"]): r["ms"] for r in shares}
+    return {
+        (task, precision): sum(by[task, precision, "peer"].values()) / by[task, precision, "ours"]["convolutions"]
+        for task, precision, net in by
+        if net == "ours" and (task, precision, "peer") in by and by[task, precision, "ours"]["convolutions"] > 0
+    }
+
+
 def synchronisations(s: Settings, device: torch.device, steps: int = 10) -> dict[str, int]:
     """Host-device synchronisations (CUDA's sync debug mode) in a training step and in a sampling chunk.
 
@@ -731,6 +799,7 @@ def summary(
     mem: list[dict[str, Any]],
     alloc: list[dict[str, Any]],
     syncs: dict[str, int] | None = None,
+    bounds: dict[tuple[str, str], float] | None = None,
 ) -> list[str]:
     """The issue's targets, checked against this run's numbers (first configuration)."""
     fp32 = probes.limit("fp32")
@@ -750,6 +819,11 @@ def summary(
                 ratio = ours.rate / peer.rate
                 met = check(ratio >= ratio_target)
                 text += f"; {ratio:.2f}x the peer in the same process (target {ratio_target}x: {met})"
+                if bounds and (task, precision) in bounds:
+                    text += (
+                        f"; {bounds[task, precision]:.2f}x at most if our net spent no time outside its"
+                        " convolutions (see Where the time goes)"
+                    )
             lines.append(text + ".")
     for task, ratio_target, label in (("train", 1.5, "Training"), ("sample", 2.0, "Sampling")):
         ours, peer = by_key.get((task, "bf16-mixed", "ours, compiled")), by_key.get((task, "bf16-mixed", "peer"))
@@ -815,6 +889,7 @@ def report(
     peer: bool,
     seconds: float,
     syncs: dict[str, int] | None = None,
+    shares: list[dict[str, Any]] | None = None,
 ) -> str:
     """The results as markdown: machine, limit, throughput, levers, memory and evaluation tables."""
     fp32, bf16 = probes.limit("fp32"), probes.limit("bf16")
@@ -830,7 +905,7 @@ def report(
         "",
         "## Targets",
         "",
-        *summary(s, probes, rows, mem, alloc, syncs),
+        *summary(s, probes, rows, mem, alloc, syncs, share_bounds(shares or [])),
         "",
         "## The machine's limit (matmul GFLOP/s of the probes timed between all the rows)",
         "",
@@ -886,6 +961,33 @@ def report(
             lines.append(f"  peer `UNet2DModel({', '.join(f'{k}={v}' for k, v in i['peer'].items())})`")
         gflop = ", ".join(f"{n} {v:.3f}" for n, v in i["train_gflop"].items())
         lines.append(f"  parameters {i['params']}; GFLOP per training image: {gflop}")
+
+    if shares:
+        lines += [
+            "",
+            f"## Where the time goes ({next(iter(s.configs))} configuration, torch profiler)",
+            "",
+            "Self CPU time of every operator, summed by kind, per training step (batch"
+            f" {s.train_batch}) and per sampling chunk ({s.sample_batch} images, {s.sample_steps} steps), after one"
+            " warm-up call; the profiler adds a little time to every operator. Both nets run oneDNN's"
+            " convolutions, so the peer's total over our convolutions' time bounds what ours/peer could become"
+            " with everything else free.",
+            "",
+        ]
+        table = []
+        for r in shares:
+            total = sum(r["ms"].values())
+            cells = [f"{100 * r['ms'][k] / total:.0f}%" for k in SHARES]
+            table.append([r["task"], r["precision"], r["net"], f"{total:,.0f}", *cells])
+        lines += _table(["task", "precision", "net", "ms per call", *SHARES], table)
+        bounds = share_bounds(shares)
+        if bounds:
+            lines += [
+                "",
+                "Bound on ours/peer (peer total / our convolutions): "
+                + ", ".join(f"{task} {precision} {b:.2f}x" for (task, precision), b in bounds.items())
+                + ".",
+            ]
 
     lines += ["", f"## Levers (our net, {next(iter(s.configs))} configuration, side by side)", ""]
     lines += _table(
@@ -1049,6 +1151,8 @@ def main(argv: list[str] | None = None) -> None:
     evals = evaluation(s, timer, device)
     done("evaluation")
     syncs = synchronisations(s, device)
+    shares = time_shares(s, device, peer)
+    done("time shares")
     if early is None:
         mem = Jobs(memory, concurrent=True).results() if memory else []
         alloc = merge_rounds(Jobs(alloc, concurrent=False).results()) if alloc else []
@@ -1071,6 +1175,7 @@ def main(argv: list[str] | None = None) -> None:
         peer,
         time.perf_counter() - started,
         syncs,
+        shares,
     )
     out = args.out or (None if s.quick else ROOT / "benchmarks" / "results.md")
     if out is not None:

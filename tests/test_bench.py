@@ -64,6 +64,13 @@ def test_quick_bench_writes_well_formed_tables(tmp_path):
     assert len(samples) >= 2 and any(r[0].startswith("training step") for r in memory)
     assert all(_number(r[3]) > 0 for r in memory)
     assert "Sampling memory (default malloc), chunks of 16: peak RSS" in text
+    shares = _table(text, "## Where the time goes")
+    nets = ("ours", "peer") if importlib.util.find_spec("diffusers") else ("ours",)
+    expected = {(t, p, n) for t in ("train", "sample") for p in ("32-true", "bf16-mixed") for n in nets}
+    assert len(shares) == len(expected) and {(r[0], r[1], r[2]) for r in shares} == expected
+    for r in shares:
+        assert _number(r[3]) > 0 and _number(r[4]) > 0  # time, and some of it in the convolutions
+        assert abs(sum(_number(c) for c in r[4:]) - 100) <= 4  # the kinds add up (to rounding)
     features = _table(text, "## Evaluation")
     assert features[0][0].startswith("classifier") and _number(features[0][1]) > 0
 
