@@ -51,7 +51,7 @@ SHRINK = {
     "evaluate.kid_subsets": 10,
     "sweep.runs": ["ddim-5"],
     "sweep.n": 64,
-    "tracking.enabled": False,  # tracking has its own tests; the promote contract is checked below with a stub
+    "tracking.enabled": False,  # tracking has its own tests; the promote step runs against a real server below
 }
 ALL_STAGES = ["prepare", "featurizer", "train", "sample", "evaluate", "sweep@ddim-5", "sweep_report"]
 FAST = {"retry_delay_seconds": 0}
@@ -251,39 +251,49 @@ def test_sweep_runs_dvc_experiments_and_reports_the_best(retrained, project):
     assert f"best FID {result['best']['fid']:.4f}" in artifact("sweep-summary", state)
 
 
-def test_promote_reports_the_registry_decision(prefect_server, tmp_path, monkeypatch):
-    record = {"enabled": True, "tracking_uri": "sqlite:////x/mlflow.db", "experiment_id": "1", "run_id": "r1"}
-    record["run_url"] = "http://127.0.0.1:5000/#/experiments/1/runs/r1"
-    registry = {"enabled": True, "model_name": "ddpm-digits", "version": "3", "alias": "challenger", "promoted": False}
-    for path, data in ((flows.RUN_RECORD, record), (flows.REGISTRY_RECORD, registry)):
-        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / path).write_text(json.dumps(data))
-    calls = []
+def test_promote_applies_the_champion_rule_on_a_real_registry(prefect_server, tmp_path):
+    """The flow's promote step against a real MLflow server: it reads the records the stages write, the first
+    version becomes champion, a worse one challenger, and the summary says so."""
+    from mlflow.tracking import MlflowClient
 
-    def promote(tracking_uri: str, model_name: str, version: str) -> dict:
-        calls.append((tracking_uri, model_name, version))
-        return {
-            **registry,
-            "alias": "champion",
-            "promoted": True,
-            "reason": "no champion yet",
-            "fid": 2.0,
-            "champion_fid": None,
-            "run_id": "r1",
-            "run_url": record["run_url"],
-        }
-
-    monkeypatch.setattr(flows.tracking, "promote", promote, raising=False)
+    from ddpm import tracking
+    from test_tracking import Server
 
     @flow
     def promote_only() -> dict:
         return flows.promote(tmp_path)
 
-    decision = promote_only()
-    assert calls == [("sqlite:////x/mlflow.db", "ddpm-digits", "3")]
-    summary = flows.summarize([], None, {"evaluate": {"fid": 2.0, "kid": 0.1}}, decision)
-    assert summary["promoted"] is True and summary["run_url"] == record["run_url"]
-    assert summary["message"].endswith("; FID 2.0000; ddpm-digits v3 -> champion")
+    name, server = "ddpm-promote", Server(tmp_path / "mlflow")
+    try:
+        client = MlflowClient(server.uri)
+        experiment = client.create_experiment("promote")
+        client.create_registered_model(name)
+        decisions, runs = [], []
+        for fid in (2.0, 3.0):
+            run_id = client.create_run(experiment).info.run_id
+            tags = {"fid": str(fid), "protocol": "classifier/1000"}
+            version = client.create_model_version(name, f"runs:/{run_id}/model", run_id, tags=tags).version
+            record = {"enabled": True, "tracking_uri": server.uri, "experiment_id": experiment, "run_id": run_id}
+            registry = {"enabled": True, "model_name": name, "version": version, "alias": None, "promoted": None}
+            for path, data in ((flows.RUN_RECORD, record), (flows.REGISTRY_RECORD, registry)):
+                (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+                (tmp_path / path).write_text(json.dumps(data))
+            decisions.append(promote_only())
+            runs.append((run_id, version))
+        champion = client.get_model_version_by_alias(name, "champion").version
+        challenger = client.get_model_version_by_alias(name, "challenger").version
+    finally:
+        server.stop()
+    (first_run, first), (_, second) = runs
+    assert (champion, challenger) == (first, second)
+    assert [d["version"] for d in decisions] == [first, second]
+    assert decisions[0]["promoted"] is True and decisions[0]["reason"] == "no champion yet"
+    assert decisions[1]["promoted"] is False and decisions[1]["alias"] == "challenger"
+    assert decisions[1]["reason"] == "FID 3.0000 does not beat the champion's 2.0000"
+    summary = flows.summarize([], None, {"evaluate": {"fid": 2.0, "kid": 0.1}}, decisions[0])
+    assert summary["promoted"] is True
+    assert summary["run_url"] == tracking.run_url(server.uri, experiment, first_run)
+    assert summary["message"].endswith(f"; FID 2.0000; {name} v{first} -> champion")
 
 
 def test_served_deployment_has_the_schedule_and_concurrency_limit_1(prefect_server):
