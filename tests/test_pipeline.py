@@ -17,12 +17,13 @@ import pytest
 import torch
 import yaml
 from mlflow.tracking import MlflowClient
+from PIL import Image
 
 from ddpm import data, io
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT_FILES = ["params.yaml", "dvc.yaml", ".dvcignore", ".dvc/config", ".dvc/.gitignore", ".gitignore"]
-PROJECT_DIRS = ["pipeline", "src", "configs"]
+PROJECT_DIRS = ["pipeline", "src", "configs", "data"]
 
 pytestmark = pytest.mark.slow
 
@@ -124,6 +125,35 @@ def test_changing_sample_steps_reruns_only_sample_and_evaluate(repro):
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     result = run(["dvc", "repro"], project)
     assert ran_stages(result) == {"sample", "evaluate"}, result.stdout
+
+
+def test_files_under_data_are_a_dependency_of_prepare(smoke_repro, tmp_path):
+    """data/ is a DVC dependency of prepare: a new file there reruns it, and only what its outputs change."""
+    project = clone_project(smoke_repro[0], tmp_path / "project")
+    (project / "data" / "notes.txt").write_text("not read by the digits data set\n")
+    assert re.search(r"modified:\s+data\n", run(["dvc", "status", "prepare"], project).stdout)
+    result = run(["dvc", "repro"], project)
+    assert ran_stages(result) == {"prepare"}, result.stdout  # outputs/data came out the same: nothing else ran
+
+    images = project / "data" / "images"
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        (images / f"class{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(images / f"class{i % 2}" / f"{i}.png")
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["data"].update(dataset="image_folder", root="data/images", image_size=8, channels=1)
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    def prepared() -> int:
+        run(["dvc", "repro", "--single-item", "prepare"], project)
+        info = json.loads((project / "outputs" / "data" / "info.json").read_text())
+        return info["n_train"] + info["n_test"]
+
+    assert prepared() == 12
+    assert "Data and pipelines are up to date" in run(["dvc", "status", "prepare"], project).stdout
+    Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(images / "class0" / "new.png")
+    assert re.search(r"modified:\s+data\n", run(["dvc", "status", "prepare"], project).stdout)
+    assert prepared() == 13
 
 
 def test_invalid_params_fail_before_any_work_and_touch_nothing(repro):
