@@ -7,19 +7,15 @@ import logging
 import numpy as np
 import torch
 
+import fault_train
 from ddpm import io, training
 
 MODEL = {"channels": 8, "channel_mult": [1, 2], "attn_resolutions": [4], "num_heads": 2, "norm_groups": 4}
 DIFFUSION = {"T": 50, "steps": 4, "sampler": "ddim"}
+# the fault tests' run, shortened to 6 steps with checkpoints at steps 3 and 6
 TRAIN = {
-    "max_steps": 6,
-    "batch_size": 16,
-    "warmup_steps": 1,
-    "val_every": 6,
-    "log_every": 2,
-    "checkpoint_every": 3,
-    "accelerator": "cpu",
-    "precision": "32-true",
+    **fault_train.TRAIN,
+    **{"max_steps": 6, "batch_size": 16, "warmup_steps": 1, "val_every": 6, "log_every": 2, "checkpoint_every": 3},
 }
 
 

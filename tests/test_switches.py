@@ -27,15 +27,10 @@ from ddpm.sampling import SampleConfig, draw
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = {**fault_train.MODEL, "dropout": 0.0}  # the fault tests' tiny net, deterministic
 DIFFUSION = {"T": 100, "steps": 4, "sampler": "ddim"}
+# the fault tests' run, shortened to 4 steps without periodic checkpoints (these runs test the switches)
 TRAIN = {
-    "max_steps": 4,
-    "batch_size": 16,
-    "warmup_steps": 1,
-    "val_every": 4,
-    "log_every": 2,
-    "checkpoint_every": None,
-    "accelerator": "cpu",
-    "precision": "32-true",
+    **fault_train.TRAIN,
+    **{"max_steps": 4, "batch_size": 16, "warmup_steps": 1, "val_every": 4, "log_every": 2, "checkpoint_every": None},
 }
 
 
