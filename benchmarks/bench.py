@@ -637,7 +637,7 @@ def time_shares(s: Settings, device: torch.device, peer: bool, calls: int = 2) -
         return []
     from torch.profiler import ProfilerActivity, profile
 
-    name, cfg = next(iter(s.configs.items()))
+    cfg = next(iter(s.configs.values()))
     torch.manual_seed(0)
     nets = {"ours": variant(cfg, device)} | ({"peer": PeerNet(cfg).to(device)} if peer else {})
     module = DiffusionModule(UNet(cfg), diffusion_config(cfg)).to(device)
@@ -893,6 +893,7 @@ def report(
 ) -> str:
     """The results as markdown: machine, limit, throughput, levers, memory and evaluation tables."""
     fp32, bf16 = probes.limit("fp32"), probes.limit("bf16")
+    bounds = share_bounds(shares or [])
     lines = [
         "# Benchmark results",
         "",
@@ -905,7 +906,7 @@ def report(
         "",
         "## Targets",
         "",
-        *summary(s, probes, rows, mem, alloc, syncs, share_bounds(shares or [])),
+        *summary(s, probes, rows, mem, alloc, syncs, bounds),
         "",
         "## The machine's limit (matmul GFLOP/s of the probes timed between all the rows)",
         "",
@@ -980,7 +981,6 @@ def report(
             cells = [f"{100 * r['ms'][k] / total:.0f}%" for k in SHARES]
             table.append([r["task"], r["precision"], r["net"], f"{total:,.0f}", *cells])
         lines += _table(["task", "precision", "net", "ms per call", *SHARES], table)
-        bounds = share_bounds(shares)
         if bounds:
             lines += [
                 "",
