@@ -35,7 +35,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[dev,inception]"
 	touch $@
 
-install: $(VENV)/.installed ## create .venv and install the package with its dev tools
+# The native GroupNorm+SiLU kernel (ddpm.kernels), built once per torch version and CPU into ~/.cache; where it
+# cannot be built, PyTorch's ops run instead.
+install: $(VENV)/.installed ## create .venv and install the package with its dev tools (and build the native kernel)
+	@$(PY) -c 'from ddpm.kernels import main; main()' || true
 
 test: install ## run the test suite
 	$(PY) -m pytest $(PYTEST_ARGS)

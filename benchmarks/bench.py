@@ -456,15 +456,18 @@ def variant(
     fp32_groupnorm: bool = True,
     fp32_attention: bool = True,
     compile: bool = False,
+    native_kernel: bool = True,
 ) -> UNet:
-    """Our net with levers switched off: NCHW activations, GroupNorm and attention in autocast's dtype, compiled."""
+    """Our net with levers switched: NCHW activations, GroupNorm and attention in autocast's dtype, PyTorch's
+    GroupNorm and SiLU instead of the native kernel, compiled."""
     torch.manual_seed(0)
     net = UNet(cfg).to(device)
     if not channels_last:
         net.memory_format = torch.contiguous_format
     for m in net.modules():
-        if isinstance(m, GroupNorm) and not fp32_groupnorm:
-            m.__class__ = nn.GroupNorm  # torch's own: runs in the input's dtype (bf16 under autocast)
+        if isinstance(m, GroupNorm):
+            m.float32 = fp32_groupnorm  # False: torch's own, in the input's dtype (bf16 under autocast)
+            m.native = native_kernel
         if isinstance(m, Attention):
             m.float32_on_cpu = fp32_attention
     if compile:
@@ -499,14 +502,24 @@ def levers(s: Settings, timer: Timer, device: torch.device) -> list[tuple[str, s
         ),
         "fp32, NCHW, fused SDPA, no_grad": sampling(variant(cfg, device, **before), "32-true", torch.no_grad),
         "fp32, NCHW, fused SDPA, inference_mode": sampling(variant(cfg, device, **before), "32-true"),
-        "fp32, channels_last, fused SDPA, inference_mode (the default)": sampling(variant(cfg, device), "32-true"),
+        "fp32, channels_last, fused SDPA, inference_mode, PyTorch's GroupNorm and SiLU": sampling(
+            variant(cfg, device, native_kernel=False), "32-true"
+        ),
+        "fp32, channels_last, fused SDPA, inference_mode, native GroupNorm+SiLU kernel (the default)": sampling(
+            variant(cfg, device), "32-true"
+        ),
         "bf16 autocast, as before (NCHW, GroupNorm and attention in bf16, math SDPA, no_grad)": sampling(
             variant(cfg, device, **before), "bf16-mixed", torch.no_grad, True
         ),
         "bf16 autocast, channels_last, GroupNorm in bf16": sampling(
             variant(cfg, device, fp32_groupnorm=False), "bf16-mixed"
         ),
-        "bf16 autocast, channels_last, GroupNorm in fp32 (the default)": sampling(variant(cfg, device), "bf16-mixed"),
+        "bf16 autocast, channels_last, GroupNorm in fp32, PyTorch's GroupNorm and SiLU": sampling(
+            variant(cfg, device, native_kernel=False), "bf16-mixed"
+        ),
+        "bf16 autocast, channels_last, GroupNorm in fp32, native GroupNorm+SiLU kernel (the default)": sampling(
+            variant(cfg, device), "bf16-mixed"
+        ),
     }
     if s.compile:
         compiled = variant(cfg, device, compile=True)
@@ -521,7 +534,12 @@ def levers(s: Settings, timer: Timer, device: torch.device) -> list[tuple[str, s
     before = {"channels_last": False, "fp32_groupnorm": False, "fp32_attention": False}
     calls = {
         "32-true, as before (NCHW)": TrainStep(module, variant(cfg, device, **before), batch, "32-true"),
-        "32-true, channels_last (the default)": TrainStep(module, variant(cfg, device), batch, "32-true"),
+        "32-true, channels_last, PyTorch's GroupNorm and SiLU": TrainStep(
+            module, variant(cfg, device, native_kernel=False), batch, "32-true"
+        ),
+        "32-true, channels_last, native GroupNorm+SiLU kernel (the default)": TrainStep(
+            module, variant(cfg, device), batch, "32-true"
+        ),
         "bf16-mixed, as before (NCHW, GroupNorm and attention in bf16)": TrainStep(
             module, variant(cfg, device, **before), batch, "bf16-mixed"
         ),
@@ -531,8 +549,11 @@ def levers(s: Settings, timer: Timer, device: torch.device) -> list[tuple[str, s
         "bf16-mixed, channels_last, attention in fp32": TrainStep(
             module, variant(cfg, device, fp32_groupnorm=False), batch, "bf16-mixed"
         ),
-        "bf16-mixed, channels_last, attention and GroupNorm in fp32 (the default)": TrainStep(
-            module, variant(cfg, device), batch, "bf16-mixed"
+        "bf16-mixed, channels_last, attention and GroupNorm in fp32, PyTorch's GroupNorm and SiLU": TrainStep(
+            module, variant(cfg, device, native_kernel=False), batch, "bf16-mixed"
+        ),
+        "bf16-mixed, channels_last, attention and GroupNorm in fp32, native GroupNorm+SiLU kernel (the default)": (
+            TrainStep(module, variant(cfg, device), batch, "bf16-mixed")
         ),
     }
     if s.compile:
@@ -616,7 +637,7 @@ def op_kind(name: str) -> str:
         return "matmuls"
     if "scaled_dot_product" in name:
         return "attention"
-    if "group_norm" in name:
+    if "group_norm" in name or "GroupNormSiLU" in name:  # the native kernel's autograd nodes: GroupNorm and SiLU
         return "GroupNorm"
     if "silu" in name:
         return "SiLU"
@@ -972,7 +993,8 @@ def report(
             f" {s.train_batch}) and per sampling chunk ({s.sample_batch} images, {s.sample_steps} steps), after one"
             " warm-up call; the profiler adds a little time to every operator. Both nets run oneDNN's"
             " convolutions, so the peer's total over our convolutions' time bounds what ours/peer could become"
-            " with everything else free.",
+            " with everything else free. Our GroupNorm column is the native kernel, which includes the SiLU after"
+            " the norm (and, under bf16 autocast, the casts around it).",
             "",
         ]
         table = []
@@ -1028,7 +1050,11 @@ def report(
         "What the levers do: *fused SDPA*: q, k and v have unit stride along the head dimension, so SDPA runs its"
         " flash kernel instead of the math fallback; *channels_last*: NHWC activations, which oneDNN convolves"
         " without reordering each input; *GroupNorm in fp32*: torch's CPU GroupNorm in bf16 on channels_last input"
-        " is several times slower than in fp32 (and fp32 is what CUDA autocast does); *attention in fp32* (CPU"
+        " is several times slower than in fp32 (and fp32 is what CUDA autocast does); *native GroupNorm+SiLU"
+        " kernel* (`ddpm.kernels`, CPU, channels_last): one pass over each image for the statistics and one"
+        " to write SiLU(norm(x)) while the image is still in cache, float32 arithmetic on bf16 or fp32"
+        " activations, backward likewise, instead of PyTorch's GroupNorm, SiLU and autocast's casts around"
+        " them, each a pass of its own; *attention in fp32* (CPU"
         " only): the CPU's bf16 flash-attention backward is ~8x slower than the fp32 one, for few FLOPs;"
         " *inference_mode*: no autograd bookkeeping while sampling; *keep_freed_memory*: glibc hands every large"
         " activation back to the kernel when it is freed and page-faults it in again at the next step;"

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
+from ddpm import kernels
 from ddpm.config import Config
 
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -52,20 +53,33 @@ def timestep_embedding(t: Tensor, dim: int) -> Tensor:
 class GroupNorm(nn.GroupNorm):
     """GroupNorm computed in float32 whatever the input dtype (as CUDA autocast does), returned in the input dtype.
 
-    On the CPU this is also the fast path: its bf16 GroupNorm kernel on channels_last input is ~5x slower.
+    ``silu=True`` applies SiLU to the output as well. On channels_last CPU activations both run as one native
+    kernel (:mod:`ddpm.kernels`) unless ``native`` is False; the parameters and the state dict are those of
+    ``nn.GroupNorm``. ``float32=False`` runs PyTorch's GroupNorm in the input's dtype instead (bf16 under
+    autocast: on the CPU its channels_last kernel is ~5x slower than float32's).
     """
 
+    native = True
+    float32 = True
+
+    def __init__(self, num_groups: int, num_channels: int, silu: bool = False, eps: float = 1e-5):
+        super().__init__(num_groups, num_channels, eps=eps)
+        self.silu = silu
+
     def forward(self, x: Tensor) -> Tensor:
-        """GroupNorm of x, computed in float32."""
-        if x.dtype == torch.float32:
-            return super().forward(x)
-        with torch.autocast(x.device.type, enabled=False):
-            h = F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps)
-        return h.to(x.dtype)
+        """(SiLU of) the GroupNorm of x."""
+        if not self.float32:
+            h = super().forward(x)
+            return F.silu(h) if self.silu else h
+        return kernels.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, self.silu, self.native)
+
+    def extra_repr(self) -> str:
+        """nn.GroupNorm's description, and whether SiLU follows."""
+        return super().extra_repr() + (", silu=True" if self.silu else "")
 
 
-def group_norm(ch: int, norm_groups: int) -> GroupNorm:
-    """GroupNorm over ch channels with min(norm_groups, ch) groups."""
+def group_norm(ch: int, norm_groups: int, silu: bool = False) -> GroupNorm:
+    """GroupNorm (followed by SiLU if ``silu``) over ch channels with min(norm_groups, ch) groups."""
     groups = min(norm_groups, ch)
     if ch % groups:
         raise ValueError(
@@ -73,7 +87,7 @@ def group_norm(ch: int, norm_groups: int) -> GroupNorm:
             f"(groups are capped at the count), but {ch} channels are not divisible "
             f"by {groups}"
         )
-    return GroupNorm(groups, ch)
+    return GroupNorm(groups, ch, silu=silu)
 
 
 def zero_(module: nn.Module) -> nn.Module:
@@ -88,10 +102,10 @@ class ResBlock(nn.Module):
 
     def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float, norm_groups: int):
         super().__init__()
-        self.norm1 = group_norm(in_ch, norm_groups)
+        self.norm1 = group_norm(in_ch, norm_groups, silu=True)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.emb_proj = nn.Linear(emb_dim, out_ch)
-        self.norm2 = group_norm(out_ch, norm_groups)
+        self.norm2 = group_norm(out_ch, norm_groups, silu=True)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = zero_(nn.Conv2d(out_ch, out_ch, 3, padding=1))
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
@@ -99,13 +113,12 @@ class ResBlock(nn.Module):
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         """Return skip(x) + F(x, emb).
 
-        The sums go into the convolutions' outputs in place (their backward needs only their inputs), and without
-        autograd the SiLUs overwrite the GroupNorm outputs: no new activation-sized tensors, same values.
+        The norms carry their SiLU. The sums go into the convolutions' outputs in place (their backward needs only
+        their inputs): no new activation-sized tensors, same values.
         """
-        inplace = not torch.is_grad_enabled()
-        h = self.conv1(F.silu(self.norm1(x), inplace=inplace))
+        h = self.conv1(self.norm1(x))
         h += self.emb_proj(F.silu(emb))[:, :, None, None]
-        h = self.conv2(self.dropout(F.silu(self.norm2(h), inplace=inplace)))
+        h = self.conv2(self.dropout(self.norm2(h)))
         h += self.skip(x)
         return h
 
@@ -255,7 +268,7 @@ class UNet(nn.Module):
                 attn.append(attention(ch, resolutions[i]))
             self.up.append(Level(res, attn, Upsample(ch) if i > 0 else None))
 
-        self.norm_out = group_norm(ch, groups)
+        self.norm_out = group_norm(ch, groups, silu=True)
         self.conv_out = zero_(nn.Conv2d(ch, cfg.in_channels, 3, padding=1))
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
@@ -299,4 +312,4 @@ class UNet(nn.Module):
             if level.resample is not None:
                 h = level.resample(h)
 
-        return self.conv_out(F.silu(self.norm_out(h), inplace=not torch.is_grad_enabled())).contiguous()
+        return self.conv_out(self.norm_out(h)).contiguous()

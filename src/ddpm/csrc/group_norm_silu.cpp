@@ -1,0 +1,451 @@
+// GroupNorm, optionally followed by SiLU, for channels_last (NHWC) CPU tensors: forward and backward in one
+// pass pair per image each, float32 or bfloat16 activations, float32 statistics, weights and arithmetic.
+//
+// PyTorch's CPU GroupNorm on channels_last input walks the activation several times, and the SiLU after it, its
+// backward and autocast's casts around it walk it again. Here one image's activation (HW x C values) is read
+// once for the statistics and once more to write the output, while it is still in the core's cache; the backward
+// likewise reads x and dy twice and writes dx once. The loops run over the contiguous channel axis: with
+// AVX-512 (built with -march=native on such a CPU) as explicit 16-lane intrinsics, elsewhere as plain loops for
+// the compiler to vectorise; exp is a polynomial in both (no libm call in the loops).
+//
+// Statistics: per-channel sums are shifted by the channel's first value (no cancellation when |mean| >> std),
+// combined per group in double with the law of total variance.
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+// ---- scalar helpers (the portable path, and the statistics) ----
+
+inline float bf16_to_float(uint16_t v) {
+  uint32_t u = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+inline uint16_t float_to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;  // round to nearest even
+  return static_cast<uint16_t>(f != f ? 0x7FC0u : rounded);
+}
+
+inline float load1(const float* p, int64_t i) { return p[i]; }
+inline float load1(const uint16_t* p, int64_t i) { return bf16_to_float(p[i]); }
+inline void store1(float* p, int64_t i, float v) { p[i] = v; }
+inline void store1(uint16_t* p, int64_t i, float v) { p[i] = float_to_bf16(v); }
+
+// exp(x): 2^n * P(r) with n = round(x / ln 2), r = x - n ln 2 (in two parts), P the Cephes expf polynomial
+// (~1 ulp); x is clamped to where 2^n is a normal float. Branch-free, so plain loops over it vectorise.
+inline float exp_approx(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  x = x > 88.0f ? 88.0f : x;
+  float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  float r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+inline float sigmoid(float z) { return 1.0f / (1.0f + exp_approx(-z)); }
+
+// dL/dz from dL/dy where y = silu(z) (or y = z).
+template <bool Silu>
+inline float grad_z(float dy, float z) {
+  if (!Silu) return dy;
+  const float s = sigmoid(z);
+  return dy * s * (1.0f + z * (1.0f - s));
+}
+
+// ---- the four passes over an image [HW, C] (rows of C channels, one per pixel) ----
+// stats:    s1 = sum (x - pivot), s2 = sum (x - pivot)^2                        (per channel, over the pixels)
+// forward:  y = silu(a x + b)  (or a x + b)                                     (row by row)
+// sums:     dz = dL/dz; sum_dz = sum dz, sum_dzx = sum dz (x - m)               (per channel)
+// dx:       dx = a dz + B (x - m) + Cc                                          (row by row)
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+
+inline __mmask16 tail(int64_t c, int64_t C) {
+  return C - c >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (C - c)) - 1u);
+}
+
+// Loads and stores of 16 channels; masked (for a last block of fewer than 16) only where needed, since full-width
+// unmasked moves are faster on some CPUs.
+constexpr __mmask16 kFull = 0xFFFF;
+
+inline __m512 vload(const float* p, __mmask16 k) { return k == kFull ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(k, p); }
+inline __m512 vload(const uint16_t* p, __mmask16 k) {
+  const __m256i h = k == kFull ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)) : _mm256_maskz_loadu_epi16(k, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline void vstore(float* p, __m512 v, __mmask16 k) {
+  if (k == kFull) {
+    _mm512_storeu_ps(p, v);
+  } else {
+    _mm512_mask_storeu_ps(p, k, v);
+  }
+}
+inline void vstore(uint16_t* p, __m512 v, __mmask16 k) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  const __m256i h = _mm512_cvtepi32_epi16(r);
+  if (k == kFull) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), h);
+  } else {
+    _mm256_mask_storeu_epi16(p, k, h);
+  }
+}
+
+inline __m512 vexp(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+inline __m512 vsigmoid(__m512 z) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  return _mm512_div_ps(one, _mm512_add_ps(one, vexp(_mm512_sub_ps(_mm512_setzero_ps(), z))));
+}
+
+template <bool Silu>
+inline __m512 vgrad_z(__m512 dy, __m512 z) {
+  if (!Silu) return dy;
+  const __m512 s = vsigmoid(z);
+  const __m512 one = _mm512_set1_ps(1.0f);
+  return _mm512_mul_ps(_mm512_mul_ps(dy, s), _mm512_fmadd_ps(z, _mm512_sub_ps(one, s), one));
+}
+
+// The reductions walk the image in strips of 16 channels, row by row, with the sums in registers.
+template <typename T>
+inline void stats_pass(const T* x, int64_t HW, int64_t C, const float* pivot, float* s1, float* s2) {
+  for (int64_t c = 0; c < C; c += 16) {
+    const __mmask16 k = tail(c, C);
+    const __m512 pv = vload(pivot + c, k);
+    __m512 a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps();
+    for (int64_t p = 0; p < HW; ++p) {
+      const __m512 d = _mm512_sub_ps(vload(x + p * C + c, k), pv);
+      a1 = _mm512_add_ps(a1, d);
+      a2 = _mm512_fmadd_ps(d, d, a2);
+    }
+    vstore(s1 + c, a1, k);
+    vstore(s2 + c, a2, k);
+  }
+}
+
+template <typename T, bool Silu>
+inline void forward_row(const T* x, const float* a, const float* b, T* y, int64_t C) {
+  for (int64_t c = 0; c < C; c += 16) {
+    const __mmask16 k = tail(c, C);
+    const __m512 z = _mm512_fmadd_ps(vload(x + c, k), vload(a + c, k), vload(b + c, k));
+    vstore(y + c, Silu ? _mm512_mul_ps(z, vsigmoid(z)) : z, k);
+  }
+}
+
+template <typename T, bool Silu>
+inline void sums_pass(const T* x, const T* dy, int64_t HW, int64_t C, const float* a, const float* b, const float* m,
+                      float* sum_dz, float* sum_dzx) {
+  for (int64_t c = 0; c < C; c += 16) {
+    const __mmask16 k = tail(c, C);
+    const __m512 av = vload(a + c, k), bv = vload(b + c, k), mv = vload(m + c, k);
+    __m512 s1 = _mm512_setzero_ps(), s2 = _mm512_setzero_ps();
+    for (int64_t p = 0; p < HW; ++p) {
+      const __m512 xv = vload(x + p * C + c, k);
+      const __m512 dz = vgrad_z<Silu>(vload(dy + p * C + c, k), _mm512_fmadd_ps(xv, av, bv));
+      s1 = _mm512_add_ps(s1, dz);
+      s2 = _mm512_fmadd_ps(dz, _mm512_sub_ps(xv, mv), s2);
+    }
+    vstore(sum_dz + c, s1, k);
+    vstore(sum_dzx + c, s2, k);
+  }
+}
+
+template <typename T, bool Silu>
+inline void dx_row(const T* x, const T* dy, const float* a, const float* b, const float* m, const float* B,
+                   const float* Cc, T* dx, int64_t C) {
+  for (int64_t c = 0; c < C; c += 16) {
+    const __mmask16 k = tail(c, C);
+    const __m512 xv = vload(x + c, k), av = vload(a + c, k);
+    const __m512 dz = vgrad_z<Silu>(vload(dy + c, k), _mm512_fmadd_ps(xv, av, vload(b + c, k)));
+    const __m512 out =
+        _mm512_fmadd_ps(av, dz, _mm512_fmadd_ps(vload(B + c, k), _mm512_sub_ps(xv, vload(m + c, k)), vload(Cc + c, k)));
+    vstore(dx + c, out, k);
+  }
+}
+
+#else  // portable loops (the compiler vectorises them where it can)
+
+template <typename T>
+inline void stats_pass(const T* x, int64_t HW, int64_t C, const float* pivot, float* s1, float* s2) {
+  for (int64_t c = 0; c < C; ++c) s1[c] = s2[c] = 0.0f;
+  for (int64_t p = 0; p < HW; ++p) {
+    const T* row = x + p * C;
+    for (int64_t c = 0; c < C; ++c) {
+      const float d = load1(row, c) - pivot[c];
+      s1[c] += d;
+      s2[c] += d * d;
+    }
+  }
+}
+
+template <typename T, bool Silu>
+inline void forward_row(const T* x, const float* a, const float* b, T* y, int64_t C) {
+  for (int64_t c = 0; c < C; ++c) {
+    const float z = load1(x, c) * a[c] + b[c];
+    store1(y, c, Silu ? z * sigmoid(z) : z);
+  }
+}
+
+template <typename T, bool Silu>
+inline void sums_pass(const T* x, const T* dy, int64_t HW, int64_t C, const float* a, const float* b, const float* m,
+                      float* sum_dz, float* sum_dzx) {
+  for (int64_t c = 0; c < C; ++c) sum_dz[c] = sum_dzx[c] = 0.0f;
+  for (int64_t p = 0; p < HW; ++p) {
+    for (int64_t c = 0; c < C; ++c) {
+      const float xv = load1(x + p * C, c);
+      const float dz = grad_z<Silu>(load1(dy + p * C, c), xv * a[c] + b[c]);
+      sum_dz[c] += dz;
+      sum_dzx[c] += dz * (xv - m[c]);
+    }
+  }
+}
+
+template <typename T, bool Silu>
+inline void dx_row(const T* x, const T* dy, const float* a, const float* b, const float* m, const float* B,
+                   const float* Cc, T* dx, int64_t C) {
+  for (int64_t c = 0; c < C; ++c) {
+    const float xv = load1(x, c);
+    const float dz = grad_z<Silu>(load1(dy, c), xv * a[c] + b[c]);
+    store1(dx, c, a[c] * dz + B[c] * (xv - m[c]) + Cc[c]);
+  }
+}
+
+#endif
+
+// Per-channel scale a and shift b of one image (z = a x + b), and each channel's group mean m.
+void affine(const float* mean, const float* rstd, const float* weight, const float* bias, int64_t C, int64_t G,
+            float* a, float* b, float* m) {
+  const int64_t D = C / G;
+  for (int64_t c = 0; c < C; ++c) {
+    const int64_t g = c / D;
+    const float w = weight ? weight[c] : 1.0f;
+    a[c] = rstd[g] * w;
+    b[c] = (bias ? bias[c] : 0.0f) - mean[g] * a[c];
+    m[c] = mean[g];
+  }
+}
+
+// One image [HW, C]: group statistics (mean, rstd [G]), then y. buf holds 5 C floats.
+template <typename T, bool Silu>
+void forward_image(const T* x, T* y, const float* weight, const float* bias, int64_t HW, int64_t C, int64_t G,
+                   double eps, float* mean, float* rstd, float* buf) {
+  float* pivot = buf;
+  float* s1 = buf + C;
+  float* s2 = buf + 2 * C;
+  float* a = buf + 3 * C;
+  float* b = buf + 4 * C;
+  for (int64_t c = 0; c < C; ++c) pivot[c] = load1(x, c);
+  stats_pass(x, HW, C, pivot, s1, s2);
+  // Group statistics from the channels' (law of total variance, in double): the mean of the channel means,
+  // and the mean channel variance plus the variance of the channel means around the group's.
+  const int64_t D = C / G;
+  for (int64_t g = 0; g < G; ++g) {
+    double group_mean = 0.0, var = 0.0;
+    for (int64_t c = g * D; c < (g + 1) * D; ++c) group_mean += pivot[c] + static_cast<double>(s1[c]) / HW;
+    group_mean /= D;
+    for (int64_t c = g * D; c < (g + 1) * D; ++c) {
+      const double shift = static_cast<double>(s1[c]) / HW;
+      const double spread = pivot[c] + shift - group_mean;
+      var += static_cast<double>(s2[c]) / HW - shift * shift + spread * spread;
+    }
+    var /= D;
+    var = var > 0.0 ? var : 0.0;
+    mean[g] = static_cast<float>(group_mean);
+    rstd[g] = static_cast<float>(1.0 / std::sqrt(var + eps));
+  }
+  affine(mean, rstd, weight, bias, C, G, a, b, pivot);
+  for (int64_t p = 0; p < HW; ++p) forward_row<T, Silu>(x + p * C, a, b, y + p * C, C);
+}
+
+// One image: dx, and this image's terms of dweight and dbias [C]. buf holds 7 C floats.
+template <typename T, bool Silu>
+void backward_image(const T* dy, const T* x, T* dx, const float* mean, const float* rstd, const float* weight,
+                    const float* bias, int64_t HW, int64_t C, int64_t G, float* dweight, float* dbias, float* buf) {
+  float* a = buf;  // z = a x + b; a is also dx's factor of dz, rstd * weight
+  float* b = buf + C;
+  float* m = buf + 2 * C;
+  float* sum_dz = buf + 3 * C;
+  float* sum_dzx = buf + 4 * C;  // sum of dz * (x - mean)
+  float* B = buf + 5 * C;
+  float* Cc = buf + 6 * C;
+  affine(mean, rstd, weight, bias, C, G, a, b, m);
+  sums_pass<T, Silu>(x, dy, HW, C, a, b, m, sum_dz, sum_dzx);
+  // dx = rstd (w dz - mean(w dz) - xhat mean(w dz xhat)) = a dz + B (x - mean) + Cc, means over the group
+  const int64_t D = C / G;
+  const double M = static_cast<double>(HW) * D;
+  for (int64_t g = 0; g < G; ++g) {
+    double m1 = 0.0, m2 = 0.0;
+    for (int64_t c = g * D; c < (g + 1) * D; ++c) {
+      const double w = weight ? weight[c] : 1.0;
+      m1 += w * sum_dz[c];
+      m2 += w * sum_dzx[c];
+    }
+    const double r = rstd[g];
+    m1 /= M;
+    m2 = m2 * r / M;
+    for (int64_t c = g * D; c < (g + 1) * D; ++c) {
+      dweight[c] = static_cast<float>(sum_dzx[c] * r);
+      dbias[c] = sum_dz[c];
+      B[c] = static_cast<float>(-r * r * m2);
+      Cc[c] = static_cast<float>(-r * m1);
+    }
+  }
+  for (int64_t p = 0; p < HW; ++p) dx_row<T, Silu>(x + p * C, dy + p * C, a, b, m, B, Cc, dx + p * C, C);
+}
+
+void check_input(const torch::Tensor& x, const c10::optional<torch::Tensor>& weight,
+                 const c10::optional<torch::Tensor>& bias, int64_t groups) {
+  TORCH_CHECK(x.device().is_cpu(), "group_norm_silu: x must be a CPU tensor");
+  TORCH_CHECK(x.dim() == 4, "group_norm_silu: x must be 4-d [N, C, H, W], got ", x.dim(), "-d");
+  TORCH_CHECK(x.is_contiguous(at::MemoryFormat::ChannelsLast), "group_norm_silu: x must be channels_last");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+              "group_norm_silu: x must be float32 or bfloat16, got ", x.scalar_type());
+  const int64_t C = x.size(1);
+  TORCH_CHECK(groups > 0 && C % groups == 0, "group_norm_silu: groups=", groups, " must divide C=", C);
+  for (const auto* t : {&weight, &bias}) {
+    if (t->has_value()) {
+      const auto& v = t->value();
+      TORCH_CHECK(v.scalar_type() == at::kFloat && v.is_contiguous() && v.numel() == C && v.device().is_cpu(),
+                  "group_norm_silu: weight and bias must be contiguous float32 CPU tensors of C=", C, " values");
+    }
+  }
+}
+
+const float* data_or_null(const c10::optional<torch::Tensor>& t) {
+  return t.has_value() ? t->data_ptr<float>() : nullptr;
+}
+
+}  // namespace
+
+std::vector<torch::Tensor> forward(const torch::Tensor& x, const c10::optional<torch::Tensor>& weight,
+                                   const c10::optional<torch::Tensor>& bias, int64_t groups, double eps, bool silu) {
+  check_input(x, weight, bias, groups);
+  const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
+  auto y = torch::empty_like(x, at::MemoryFormat::ChannelsLast);
+  auto mean = torch::empty({N, groups}, x.options().dtype(at::kFloat));
+  auto rstd = torch::empty({N, groups}, x.options().dtype(at::kFloat));
+  const float* w = data_or_null(weight);
+  const float* b = data_or_null(bias);
+  float* mean_p = mean.data_ptr<float>();
+  float* rstd_p = rstd.data_ptr<float>();
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  const void* xp = x.data_ptr();
+  void* yp = y.data_ptr();
+  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> buf(5 * C);
+    for (int64_t n = begin; n < end; ++n) {
+      const int64_t off = n * HW * C;
+      float* mn = mean_p + n * groups;
+      float* rs = rstd_p + n * groups;
+      if (bf16) {
+        const auto* xs = static_cast<const uint16_t*>(xp) + off;
+        auto* ys = static_cast<uint16_t*>(yp) + off;
+        silu ? forward_image<uint16_t, true>(xs, ys, w, b, HW, C, groups, eps, mn, rs, buf.data())
+             : forward_image<uint16_t, false>(xs, ys, w, b, HW, C, groups, eps, mn, rs, buf.data());
+      } else {
+        const auto* xs = static_cast<const float*>(xp) + off;
+        auto* ys = static_cast<float*>(yp) + off;
+        silu ? forward_image<float, true>(xs, ys, w, b, HW, C, groups, eps, mn, rs, buf.data())
+             : forward_image<float, false>(xs, ys, w, b, HW, C, groups, eps, mn, rs, buf.data());
+      }
+    }
+  });
+  return {y, mean, rstd};
+}
+
+std::vector<torch::Tensor> backward(const torch::Tensor& dy, const torch::Tensor& x, const torch::Tensor& mean,
+                                    const torch::Tensor& rstd, const c10::optional<torch::Tensor>& weight,
+                                    const c10::optional<torch::Tensor>& bias, int64_t groups, bool silu) {
+  check_input(x, weight, bias, groups);
+  TORCH_CHECK(dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type() &&
+                  dy.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "group_norm_silu: dy must be a channels_last tensor of x's shape and dtype");
+  const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
+  TORCH_CHECK(mean.numel() == N * groups && rstd.numel() == N * groups && mean.is_contiguous() &&
+                  rstd.is_contiguous() && mean.scalar_type() == at::kFloat && rstd.scalar_type() == at::kFloat,
+              "group_norm_silu: mean and rstd must be contiguous float32 [N, groups]");
+  auto dx = torch::empty_like(x, at::MemoryFormat::ChannelsLast);
+  auto dweight_parts = torch::empty({N, C}, x.options().dtype(at::kFloat));
+  auto dbias_parts = torch::empty({N, C}, x.options().dtype(at::kFloat));
+  const float* w = data_or_null(weight);
+  const float* b = data_or_null(bias);
+  const float* mean_p = mean.data_ptr<float>();
+  const float* rstd_p = rstd.data_ptr<float>();
+  float* dw_p = dweight_parts.data_ptr<float>();
+  float* db_p = dbias_parts.data_ptr<float>();
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  const void* xp = x.data_ptr();
+  const void* dyp = dy.data_ptr();
+  void* dxp = dx.data_ptr();
+  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> buf(7 * C);
+    for (int64_t n = begin; n < end; ++n) {
+      const int64_t off = n * HW * C;
+      const float* mn = mean_p + n * groups;
+      const float* rs = rstd_p + n * groups;
+      float* dwn = dw_p + n * C;
+      float* dbn = db_p + n * C;
+      if (bf16) {
+        const auto* xs = static_cast<const uint16_t*>(xp) + off;
+        const auto* dys = static_cast<const uint16_t*>(dyp) + off;
+        auto* dxs = static_cast<uint16_t*>(dxp) + off;
+        silu ? backward_image<uint16_t, true>(dys, xs, dxs, mn, rs, w, b, HW, C, groups, dwn, dbn, buf.data())
+             : backward_image<uint16_t, false>(dys, xs, dxs, mn, rs, w, b, HW, C, groups, dwn, dbn, buf.data());
+      } else {
+        const auto* xs = static_cast<const float*>(xp) + off;
+        const auto* dys = static_cast<const float*>(dyp) + off;
+        auto* dxs = static_cast<float*>(dxp) + off;
+        silu ? backward_image<float, true>(dys, xs, dxs, mn, rs, w, b, HW, C, groups, dwn, dbn, buf.data())
+             : backward_image<float, false>(dys, xs, dxs, mn, rs, w, b, HW, C, groups, dwn, dbn, buf.data());
+      }
+    }
+  });
+  return {dx, dweight_parts.sum(0), dbias_parts.sum(0)};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &forward, "GroupNorm (+ SiLU) forward on channels_last CPU tensors: (y, mean, rstd)");
+  m.def("backward", &backward, "GroupNorm (+ SiLU) backward: (dx, dweight, dbias)");
+}

@@ -1,0 +1,167 @@
+"""Native CPU kernel: GroupNorm, optionally fused with the SiLU after it, on channels_last activations.
+
+The U-Net normalises every block's input with GroupNorm and most of them go straight into a SiLU. On the
+CPU, PyTorch runs these as separate passes over the activation (and, under bf16 autocast, two casts more),
+and its channels_last GroupNorm walks each image several times; the fused kernel in
+``csrc/group_norm_silu.cpp`` reads an image once for its statistics and once to write the output, while it
+is still in cache, and its backward likewise (see ``benchmarks/results.md`` for what it gains).
+
+The kernel is compiled with :mod:`torch.utils.cpp_extension` the first time it is needed (about 20 s with
+a C++ compiler; :func:`main` builds it ahead, as ``make install`` does) into
+``$DDPM_KERNELS_DIR`` (by default ``~/.cache/ddpm-pipeline/kernels``), once per torch version and CPU kind.
+Where it cannot be built or does not apply (GPU tensors, NCHW layout, other dtypes, inside
+``torch.compile``, which fuses these ops itself) PyTorch's own ops run instead, with the same results up to
+float rounding. ``DDPM_NATIVE_KERNELS=0`` switches the kernel off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import platform
+import sys
+import time
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+SOURCE = Path(__file__).with_name("csrc") / "group_norm_silu.cpp"
+ENV = "DDPM_NATIVE_KERNELS"
+STALE_LOCK_SECONDS = 600  # a build lock older than this was left by a build that was killed
+_DTYPES = (torch.float32, torch.bfloat16)
+
+_extension: ModuleType | None = None
+_error: str | None = None
+
+
+def _cpu_tag() -> str:
+    """A short hash of the CPU model and its instruction-set flags: the kernel is built for the host CPU."""
+    text = platform.machine() + platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "flags")):
+                text += line
+            if line.strip() == "":
+                break
+    except OSError:
+        pass
+    return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+def build_directory(name: str) -> Path:
+    """Where the kernel ``name`` is built: one folder per torch version (the module links against libtorch)."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    root = Path(os.environ.get("DDPM_KERNELS_DIR") or cache / "ddpm-pipeline" / "kernels")
+    folder = root / f"torch-{torch.__version__}" / name
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / "lock"  # torch's build lock: another process waits for it to go, forever if it was orphaned
+    with contextlib.suppress(OSError):
+        if time.time() - lock.stat().st_mtime > STALE_LOCK_SECONDS:
+            lock.unlink()
+    return folder
+
+
+def enabled() -> bool:
+    """Whether the native kernel may be used (``DDPM_NATIVE_KERNELS`` is not ``0``)."""
+    return os.environ.get(ENV, "1") != "0"
+
+
+def extension() -> ModuleType | None:
+    """The compiled kernel module, built on first call; None (after one warning) where it cannot be built."""
+    global _extension, _error
+    if _extension is not None or _error is not None:
+        return _extension
+    try:
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime is found"
+        from torch.utils import cpp_extension
+
+        flags = ["-O3", "-fno-trapping-math", "-fopenmp"]
+        if platform.machine() in ("x86_64", "AMD64", "aarch64", "arm64"):
+            flags.append("-march=native" if platform.machine() in ("x86_64", "AMD64") else "-mcpu=native")
+        name = f"ddpm_group_norm_silu_{_cpu_tag()}"
+        _extension = cpp_extension.load(
+            name=name,
+            sources=[str(SOURCE)],
+            build_directory=str(build_directory(name)),
+            extra_cflags=flags,
+            extra_ldflags=["-fopenmp"],
+            verbose=False,
+        )
+    except Exception as err:  # no compiler, no Python headers, an unsupported platform
+        _error = f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
+        warnings.warn(
+            f"ddpm: the native GroupNorm kernel could not be built ({_error}); using PyTorch's GroupNorm and SiLU "
+            f"(set {ENV}=0 to skip the attempt)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return _extension
+
+
+def applies(x: Tensor) -> bool:
+    """Whether the native kernel takes x: a 4-d float32 or bfloat16 channels_last CPU tensor, outside compile."""
+    return (
+        x.device.type == "cpu"
+        and x.dim() == 4
+        and x.dtype in _DTYPES
+        and x.is_contiguous(memory_format=torch.channels_last)
+        and enabled()
+        and not torch.compiler.is_compiling()
+        and extension() is not None
+    )
+
+
+class _GroupNormSiLU(torch.autograd.Function):
+    """Autograd of the native kernel: saves x and the per-group statistics, not the normalised activation."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float, silu: bool) -> Tensor:
+        y, mean, rstd = _extension.forward(x, weight, bias, groups, eps, silu)
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        ctx.groups, ctx.silu = groups, silu
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        dy = dy.to(x.dtype).contiguous(memory_format=torch.channels_last)
+        dx, dweight, dbias = _extension.backward(dy, x, mean, rstd, weight, bias, ctx.groups, ctx.silu)
+        return dx, dweight, dbias, None, None, None
+
+
+def group_norm(
+    x: Tensor, groups: int, weight: Tensor, bias: Tensor, eps: float = 1e-5, silu: bool = False, native: bool = True
+) -> Tensor:
+    """``silu(group_norm(x))`` (or ``group_norm(x)``) in x's dtype, with float32 statistics and arithmetic.
+
+    The native kernel where it applies (and ``native``); elsewhere PyTorch's GroupNorm computed in float32 (as
+    CUDA autocast does; on the CPU, PyTorch's bf16 GroupNorm on channels_last input is also ~5x slower than
+    float32's), then SiLU, in place when no gradient is recorded.
+    """
+    if native and applies(x) and weight.dtype == torch.float32 and bias.dtype == torch.float32:
+        weight, bias = weight.contiguous(), bias.contiguous()
+        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad):
+            return _GroupNormSiLU.apply(x, weight, bias, groups, eps, silu)
+        return _extension.forward(x, weight, bias, groups, eps, silu)[0]
+    if x.dtype == torch.float32:
+        h = F.group_norm(x, groups, weight, bias, eps)
+    else:
+        with torch.autocast(x.device.type, enabled=False):
+            h = F.group_norm(x.float(), groups, weight.float(), bias.float(), eps).to(x.dtype)
+    return F.silu(h, inplace=not torch.is_grad_enabled()) if silu else h
+
+
+def main() -> None:
+    """Build the kernel now and say where it is, or why it is not (exit status 1)."""
+    ext = extension()
+    if ext is None:
+        print(f"native GroupNorm kernel: not built ({_error}); PyTorch's ops will run", file=sys.stderr)
+        sys.exit(1)
+    print(f"native GroupNorm kernel: {ext.__file__}")

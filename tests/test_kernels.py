@@ -1,0 +1,156 @@
+"""The native GroupNorm(+SiLU) kernel against PyTorch's ops: values, gradients, layouts, fallbacks and bad input."""
+
+import shutil
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ddpm import kernels
+from ddpm.nets import UNet, group_norm
+
+CL = torch.channels_last
+needs_native = pytest.mark.skipif(
+    not sys.platform.startswith("linux") or shutil.which("c++") is None, reason="no C++ compiler to build the kernel"
+)
+
+
+def reference(x, groups, weight, bias, silu, eps=1e-5):
+    """PyTorch's GroupNorm (+ SiLU) in float64: the exact values the kernel approximates in float32."""
+    h = F.group_norm(x.double(), groups, weight.double(), bias.double(), eps)
+    return F.silu(h) if silu else h
+
+
+def inputs(shape, dtype, groups, offset=0.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=g) * 2 + offset).to(dtype).contiguous(memory_format=CL)
+    weight = torch.randn(shape[1], generator=g)
+    bias = torch.randn(shape[1], generator=g)
+    return x, weight, bias
+
+
+@needs_native
+def test_the_kernel_builds_on_this_machine():
+    ext = kernels.extension()
+    assert ext is not None, kernels._error
+    assert kernels.applies(torch.randn(2, 8, 3, 3).contiguous(memory_format=CL))
+
+
+SHAPES = [
+    ((4, 32, 7, 9), 8),
+    ((3, 64, 14, 14), 8),
+    ((1, 12, 5, 5), 3),
+    ((2, 16, 1, 1), 4),
+    ((5, 8, 6, 6), 1),
+    ((2, 8, 3, 3), 8),
+]
+
+
+@needs_native
+@pytest.mark.parametrize("shape,groups", SHAPES)
+@pytest.mark.parametrize("silu", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_forward_and_backward_match_pytorch(shape, groups, silu, dtype):
+    x, weight, bias = inputs(shape, dtype, groups, offset=3.0)
+    x.requires_grad_()
+    w, b = weight.clone().requires_grad_(), bias.clone().requires_grad_()
+    out = kernels.group_norm(x, groups, w, b, silu=silu)
+    assert out.dtype == dtype and out.is_contiguous(memory_format=CL) and out.grad_fn is not None
+    xd = x.detach().double().requires_grad_()
+    wd, bd = weight.double().requires_grad_(), bias.double().requires_grad_()
+    expected = reference(xd, groups, wd, bd, silu)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16 output: 8 bits of mantissa
+    torch.testing.assert_close(out.double(), expected, atol=tol, rtol=tol)
+
+    dy = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    out.backward(dy)
+    expected.backward(dy.double())
+    for got, want in ((x.grad, xd.grad), (w.grad, wd.grad), (b.grad, bd.grad)):
+        scale = want.abs().max().item() + 1e-12
+        # bf16 gradients: dx is rounded to bf16 and x itself was rounded before the reference saw it
+        limit = 2e-5 if dtype == torch.float32 else 1e-2
+        assert (got.double() - want).abs().max().item() / scale < limit
+
+
+@needs_native
+def test_statistics_stay_exact_when_the_mean_dwarfs_the_spread():
+    """Per-channel shifted sums: no cancellation in E[x^2] - E[x]^2 when |mean| is 10^4 times the std."""
+    x, weight, bias = inputs((2, 16, 8, 8), torch.float32, 4)
+    x = (x * 1e-3 + 10.0).contiguous(memory_format=CL)
+    out = kernels.group_norm(x, 4, weight, bias)
+    torch.testing.assert_close(out.double(), reference(x, 4, weight, bias, False), atol=2e-3, rtol=0)
+    naive = F.group_norm(x, 4, weight, bias)  # float32 PyTorch for comparison: the kernel is at least as close
+    err = (out.double() - reference(x, 4, weight, bias, False)).abs().max()
+    assert err <= (naive.double() - reference(x, 4, weight, bias, False)).abs().max() + 1e-6
+
+
+@needs_native
+def test_results_are_deterministic_and_nan_propagates():
+    x, weight, bias = inputs((8, 32, 10, 10), torch.float32, 8)
+    a, b = (kernels.group_norm(x, 8, weight, bias, silu=True) for _ in range(2))
+    assert torch.equal(a, b)
+    x[3, 5, 2, 2] = float("nan")
+    out = kernels.group_norm(x, 8, weight, bias, silu=True)
+    assert out[3, 4:8].isnan().all()  # the group of channel 5 (channels 4..7) of image 3
+    assert not out[3, :4].isnan().any() and not out[:3].isnan().any()
+
+
+@needs_native
+def test_inference_does_not_record_a_graph_and_matches_training_mode():
+    x, weight, bias = inputs((2, 16, 6, 6), torch.float32, 4)
+    with torch.inference_mode():
+        inferred = kernels.group_norm(x, 4, weight, bias, silu=True)
+    assert inferred.grad_fn is None
+    trained = kernels.group_norm(x.requires_grad_(), 4, weight, bias, silu=True)
+    assert torch.equal(inferred, trained.detach())
+
+
+@needs_native
+def test_the_net_with_the_kernel_matches_the_net_without_it():
+    """The whole U-Net, forward and backward, with the kernel and with PyTorch's GroupNorm and SiLU."""
+    torch.manual_seed(0)
+    net = UNet(channels=16, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(14,), norm_groups=4, dropout=0.0)
+    for p in net.parameters():  # no zero-initialised layers: every path carries signal
+        p.data.add_(torch.randn_like(p) * 0.05)
+    x, t = torch.randn(3, 1, 28, 28), torch.tensor([3, 300, 900])
+    outs, grads = [], []
+    for native in (True, False):
+        for m in net.modules():
+            if hasattr(m, "native"):
+                m.native = native
+        net.zero_grad()
+        out = net(x, t)
+        out.square().mean().backward()
+        outs.append(out.detach())
+        grads.append(torch.cat([p.grad.flatten() for p in net.parameters()]))
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+    assert (grads[0] - grads[1]).abs().max() / grads[1].abs().max() < 1e-4
+
+
+def test_the_switch_and_the_layouts_it_does_not_take(monkeypatch):
+    x, weight, bias = inputs((2, 8, 4, 4), torch.float32, 2)
+    nchw = x.contiguous()
+    assert not kernels.applies(nchw) and not kernels.applies(x.double())
+    monkeypatch.setenv(kernels.ENV, "0")
+    assert not kernels.applies(x)
+    # PyTorch's ops run instead, with the same values
+    torch.testing.assert_close(
+        kernels.group_norm(nchw, 2, weight, bias, silu=True), F.silu(F.group_norm(nchw, 2, weight, bias))
+    )
+    norm = group_norm(8, 2, silu=True)
+    assert "silu=True" in repr(norm) and set(norm.state_dict()) == {"weight", "bias"}
+
+
+@needs_native
+def test_bad_input_to_the_kernel_is_named():
+    ext = kernels.extension()
+    x, weight, bias = inputs((2, 8, 4, 4), torch.float32, 2)
+    with pytest.raises(RuntimeError, match="channels_last"):
+        ext.forward(x.contiguous(), weight, bias, 2, 1e-5, True)
+    with pytest.raises(RuntimeError, match="groups=3 must divide C=8"):
+        ext.forward(x, weight, bias, 3, 1e-5, True)
+    with pytest.raises(RuntimeError, match="weight and bias"):
+        ext.forward(x, weight[:4], bias, 2, 1e-5, True)
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        ext.forward(x.double(), weight, bias, 2, 1e-5, True)
