@@ -21,6 +21,7 @@ import hashlib
 import logging
 import os
 import platform
+import shutil
 import sys
 import time
 import warnings
@@ -67,6 +68,15 @@ def build_directory(name: str) -> Path:
     return folder
 
 
+def _ninja_on_path() -> None:
+    """Put the ninja build tool of the ``ninja`` package on PATH where none is (torch's builder runs ``ninja``)."""
+    if shutil.which("ninja") is None:
+        with contextlib.suppress(ImportError):
+            import ninja
+
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
 def enabled() -> bool:
     """Whether the native kernel may be used (``DDPM_NATIVE_KERNELS`` is not ``0``)."""
     return os.environ.get(ENV, "1") != "0"
@@ -80,6 +90,8 @@ def extension() -> ModuleType | None:
     try:
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime is found"
         from torch.utils import cpp_extension
+
+        _ninja_on_path()
 
         flags = ["-O3", "-fno-trapping-math", "-fopenmp"]
         if platform.machine() in ("x86_64", "AMD64", "aarch64", "arm64"):
