@@ -1097,8 +1097,9 @@ def report(
         "The sample stage (`ddpm.sampling.draw`, one step per image here: a chunk's memory does not depend on the"
         " step count) streams each chunk into the `.npz`, so its peak is one chunk's forward pass, whatever the"
         " number of images (see Targets). The peak is the kernel's high-water mark of the resident set, reset"
-        " just before the job. The jobs run at the same time; between runs of this benchmark the same job's peak"
-        " has varied by about 100 MB (allocator and thread timing), more than the 10,000-image output array.",
+        " just before the job. The jobs run one after the other: run at once, sharing the cores, the same job's"
+        " peak moved by up to about 100 MB between runs of this benchmark (allocator and thread timing), more"
+        " than the 10,000-image output array.",
     ]
 
     lines += ["", "## Evaluation (FID feature extraction, uint8 images in, inference_mode)", ""]
@@ -1178,9 +1179,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{what}: {time.perf_counter() - phase:.0f} s", file=sys.stderr, flush=True)
         phase = time.perf_counter()
 
-    # The memory jobs run all at once (each peak is its own process's); the allocator pair, which times steps,
-    # runs one after the other, after the timings of this process. The quick run times nothing precisely, so
-    # there everything overlaps.
+    # The memory jobs and the allocator pair run one after the other, after the timings of this process: run
+    # at once, the memory jobs' peaks moved by tens of MB with the thread timing of their neighbours. The quick
+    # run measures nothing precisely, so there everything overlaps.
     # Host memory and glibc's allocator are CPU matters: a GPU run leaves them out.
     memory, alloc = (memory_jobs(s), allocator_jobs(s)) if device.type == "cpu" else ([], [])
     early = Jobs(memory + alloc, concurrent=True) if s.quick else None
@@ -1194,7 +1195,7 @@ def main(argv: list[str] | None = None) -> None:
     shares = time_shares(s, device, peer)
     done("time shares")
     if early is None:
-        mem = Jobs(memory, concurrent=True).results() if memory else []
+        mem = Jobs(memory, concurrent=False).results() if memory else []
         alloc = merge_rounds(Jobs(alloc, concurrent=False).results()) if alloc else []
     else:
         results = early.results()
