@@ -154,3 +154,22 @@ def test_bad_input_to_the_kernel_is_named():
         ext.forward(x, weight[:4], bias, 2, 1e-5, True)
     with pytest.raises(RuntimeError, match="float32 or bfloat16"):
         ext.forward(x.double(), weight, bias, 2, 1e-5, True)
+
+
+def test_a_failed_build_warns_once_and_pytorch_runs(monkeypatch, tmp_path):
+    """No compiler (here: a builder that fails): one warning naming the cause, then PyTorch's ops, same values."""
+    from torch.utils import cpp_extension
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("Error building extension: c++: command not found")
+
+    monkeypatch.setattr(kernels, "_extension", None)
+    monkeypatch.setattr(kernels, "_error", None)
+    monkeypatch.setattr(cpp_extension, "load", fail)
+    monkeypatch.setenv("DDPM_KERNELS_DIR", str(tmp_path))
+    x, weight, bias = inputs((2, 8, 4, 4), torch.float32, 2)
+    with pytest.warns(RuntimeWarning, match="could not be built.*command not found"):
+        assert kernels.extension() is None
+    assert not kernels.applies(x)
+    out = kernels.group_norm(x, 2, weight, bias, silu=True)
+    torch.testing.assert_close(out, F.silu(F.group_norm(x, 2, weight, bias)))

@@ -8,7 +8,8 @@ is still in cache, and its backward likewise (see ``benchmarks/results.md`` for 
 
 The kernel is compiled with :mod:`torch.utils.cpp_extension` the first time it is needed (about 20 s with
 a C++ compiler; :func:`main` builds it ahead, as ``make install`` does) into
-``$DDPM_KERNELS_DIR`` (by default ``~/.cache/ddpm-pipeline/kernels``), once per torch version and CPU kind.
+``$DDPM_KERNELS_DIR`` (by default ``~/.cache/ddpm-pipeline/kernels``), once per torch version, CPU kind and
+revision of the source.
 Where it cannot be built or does not apply (GPU tensors, NCHW layout, other dtypes, inside
 ``torch.compile``, which fuses these ops itself) PyTorch's own ops run instead, with the same results up to
 float rounding. ``DDPM_NATIVE_KERNELS=0`` switches the kernel off.
@@ -96,11 +97,20 @@ def extension() -> ModuleType | None:
         flags = ["-O3", "-fno-trapping-math", "-fopenmp"]
         if platform.machine() in ("x86_64", "AMD64", "aarch64", "arm64"):
             flags.append("-march=native" if platform.machine() in ("x86_64", "AMD64") else "-mcpu=native")
-        name = f"ddpm_group_norm_silu_{_cpu_tag()}"
+        code = SOURCE.read_bytes()
+        name = f"ddpm_group_norm_silu_{_cpu_tag()}_{hashlib.sha256(code).hexdigest()[:8]}"
+        folder = build_directory(name)
+        # Built from a copy inside its folder: every checkout of the same source shares one build (ninja would
+        # rebuild for each source path), and other revisions of the source build beside it.
+        source = folder / SOURCE.name
+        if not source.exists() or source.read_bytes() != code:
+            tmp = source.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_bytes(code)
+            os.replace(tmp, source)
         _extension = cpp_extension.load(
             name=name,
-            sources=[str(SOURCE)],
-            build_directory=str(build_directory(name)),
+            sources=[str(source)],
+            build_directory=str(folder),
             extra_cflags=flags,
             extra_ldflags=["-fopenmp"],
             verbose=False,
