@@ -6,7 +6,7 @@ and its channels_last GroupNorm walks each image several times; the fused kernel
 ``csrc/group_norm_silu.cpp`` reads an image once for its statistics and once to write the output, while it
 is still in cache, and its backward likewise (see ``benchmarks/results.md`` for what it gains).
 
-The kernel is compiled with :mod:`torch.utils.cpp_extension` the first time it is needed (about 20 s with
+The kernel is compiled with :mod:`torch.utils.cpp_extension` the first time it is needed (20-30 s with
 a C++ compiler; :func:`main` builds it ahead, as ``make install`` does) into
 ``$DDPM_KERNELS_DIR`` (by default ``~/.cache/ddpm-pipeline/kernels``), once per torch version, CPU kind and
 revision of the source.
@@ -153,7 +153,7 @@ class _GroupNormSiLU(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy: Tensor) -> tuple[Tensor | None, ...]:
         x, weight, bias, mean, rstd = ctx.saved_tensors
-        dy = dy.to(x.dtype).contiguous(memory_format=torch.channels_last)
+        dy = dy.contiguous(memory_format=torch.channels_last)
         dx, dweight, dbias = _extension.backward(dy, x, mean, rstd, weight, bias, ctx.groups, ctx.silu)
         return dx, dweight, dbias, None, None, None
 

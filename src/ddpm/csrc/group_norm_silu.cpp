@@ -22,6 +22,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -148,9 +149,10 @@ inline __m512 vgrad_z(__m512 dy, __m512 z) {
   return _mm512_mul_ps(_mm512_mul_ps(dy, s), _mm512_fmadd_ps(z, _mm512_sub_ps(one, s), one));
 }
 
+struct Avx512 {
 // The reductions walk the image in strips of 16 channels, row by row, with the sums in registers.
 template <typename T>
-inline void stats_pass(const T* x, int64_t HW, int64_t C, const float* pivot, float* s1, float* s2) {
+static void stats_pass(const T* x, int64_t HW, int64_t C, const float* pivot, float* s1, float* s2) {
   for (int64_t c = 0; c < C; c += 16) {
     const __mmask16 k = tail(c, C);
     const __m512 pv = vload(pivot + c, k);
@@ -166,7 +168,7 @@ inline void stats_pass(const T* x, int64_t HW, int64_t C, const float* pivot, fl
 }
 
 template <typename T, bool Silu>
-inline void forward_row(const T* x, const float* a, const float* b, T* y, int64_t C) {
+static void forward_row(const T* x, const float* a, const float* b, T* y, int64_t C) {
   for (int64_t c = 0; c < C; c += 16) {
     const __mmask16 k = tail(c, C);
     const __m512 z = _mm512_fmadd_ps(vload(x + c, k), vload(a + c, k), vload(b + c, k));
@@ -175,7 +177,7 @@ inline void forward_row(const T* x, const float* a, const float* b, T* y, int64_
 }
 
 template <typename T, bool Silu>
-inline void sums_pass(const T* x, const T* dy, int64_t HW, int64_t C, const float* a, const float* b, const float* m,
+static void sums_pass(const T* x, const T* dy, int64_t HW, int64_t C, const float* a, const float* b, const float* m,
                       float* sum_dz, float* sum_dzx) {
   for (int64_t c = 0; c < C; c += 16) {
     const __mmask16 k = tail(c, C);
@@ -193,7 +195,7 @@ inline void sums_pass(const T* x, const T* dy, int64_t HW, int64_t C, const floa
 }
 
 template <typename T, bool Silu>
-inline void dx_row(const T* x, const T* dy, const float* a, const float* b, const float* m, const float* B,
+static void dx_row(const T* x, const T* dy, const float* a, const float* b, const float* m, const float* B,
                    const float* Cc, T* dx, int64_t C) {
   for (int64_t c = 0; c < C; c += 16) {
     const __mmask16 k = tail(c, C);
@@ -205,10 +207,15 @@ inline void dx_row(const T* x, const T* dy, const float* a, const float* b, cons
   }
 }
 
-#else  // portable loops (the compiler vectorises them where it can)
+};
 
+#endif
+
+// Plain loops (the compiler vectorises them where it can): the passes on CPUs without AVX-512, and a reference
+// build of them everywhere (the module's *_portable functions, which the tests run).
+struct Portable {
 template <typename T>
-inline void stats_pass(const T* x, int64_t HW, int64_t C, const float* pivot, float* s1, float* s2) {
+static void stats_pass(const T* x, int64_t HW, int64_t C, const float* pivot, float* s1, float* s2) {
   for (int64_t c = 0; c < C; ++c) s1[c] = s2[c] = 0.0f;
   for (int64_t p = 0; p < HW; ++p) {
     const T* row = x + p * C;
@@ -221,7 +228,7 @@ inline void stats_pass(const T* x, int64_t HW, int64_t C, const float* pivot, fl
 }
 
 template <typename T, bool Silu>
-inline void forward_row(const T* x, const float* a, const float* b, T* y, int64_t C) {
+static void forward_row(const T* x, const float* a, const float* b, T* y, int64_t C) {
   for (int64_t c = 0; c < C; ++c) {
     const float z = load1(x, c) * a[c] + b[c];
     store1(y, c, Silu ? z * sigmoid(z) : z);
@@ -229,7 +236,7 @@ inline void forward_row(const T* x, const float* a, const float* b, T* y, int64_
 }
 
 template <typename T, bool Silu>
-inline void sums_pass(const T* x, const T* dy, int64_t HW, int64_t C, const float* a, const float* b, const float* m,
+static void sums_pass(const T* x, const T* dy, int64_t HW, int64_t C, const float* a, const float* b, const float* m,
                       float* sum_dz, float* sum_dzx) {
   for (int64_t c = 0; c < C; ++c) sum_dz[c] = sum_dzx[c] = 0.0f;
   for (int64_t p = 0; p < HW; ++p) {
@@ -243,7 +250,7 @@ inline void sums_pass(const T* x, const T* dy, int64_t HW, int64_t C, const floa
 }
 
 template <typename T, bool Silu>
-inline void dx_row(const T* x, const T* dy, const float* a, const float* b, const float* m, const float* B,
+static void dx_row(const T* x, const T* dy, const float* a, const float* b, const float* m, const float* B,
                    const float* Cc, T* dx, int64_t C) {
   for (int64_t c = 0; c < C; ++c) {
     const float xv = load1(x, c);
@@ -251,7 +258,12 @@ inline void dx_row(const T* x, const T* dy, const float* a, const float* b, cons
     store1(dx, c, a[c] * dz + B[c] * (xv - m[c]) + Cc[c]);
   }
 }
+};
 
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+using Best = Avx512;
+#else
+using Best = Portable;
 #endif
 
 // Per-channel scale a and shift b of one image (z = a x + b), and each channel's group mean m.
@@ -268,7 +280,7 @@ void affine(const float* mean, const float* rstd, const float* weight, const flo
 }
 
 // One image [HW, C]: group statistics (mean, rstd [G]), then y. buf holds 5 C floats.
-template <typename T, bool Silu>
+template <typename Ops, typename T, bool Silu>
 void forward_image(const T* x, T* y, const float* weight, const float* bias, int64_t HW, int64_t C, int64_t G,
                    double eps, float* mean, float* rstd, float* buf) {
   float* pivot = buf;
@@ -277,7 +289,7 @@ void forward_image(const T* x, T* y, const float* weight, const float* bias, int
   float* a = buf + 3 * C;
   float* b = buf + 4 * C;
   for (int64_t c = 0; c < C; ++c) pivot[c] = load1(x, c);
-  stats_pass(x, HW, C, pivot, s1, s2);
+  Ops::stats_pass(x, HW, C, pivot, s1, s2);
   // Group statistics from the channels' (law of total variance, in double): the mean of the channel means,
   // and the mean channel variance plus the variance of the channel means around the group's.
   const int64_t D = C / G;
@@ -296,11 +308,11 @@ void forward_image(const T* x, T* y, const float* weight, const float* bias, int
     rstd[g] = static_cast<float>(1.0 / std::sqrt(var + eps));
   }
   affine(mean, rstd, weight, bias, C, G, a, b, pivot);
-  for (int64_t p = 0; p < HW; ++p) forward_row<T, Silu>(x + p * C, a, b, y + p * C, C);
+  for (int64_t p = 0; p < HW; ++p) Ops::template forward_row<T, Silu>(x + p * C, a, b, y + p * C, C);
 }
 
 // One image: dx, and this image's terms of dweight and dbias [C]. buf holds 7 C floats.
-template <typename T, bool Silu>
+template <typename Ops, typename T, bool Silu>
 void backward_image(const T* dy, const T* x, T* dx, const float* mean, const float* rstd, const float* weight,
                     const float* bias, int64_t HW, int64_t C, int64_t G, float* dweight, float* dbias, float* buf) {
   float* a = buf;  // z = a x + b; a is also dx's factor of dz, rstd * weight
@@ -311,7 +323,7 @@ void backward_image(const T* dy, const T* x, T* dx, const float* mean, const flo
   float* B = buf + 5 * C;
   float* Cc = buf + 6 * C;
   affine(mean, rstd, weight, bias, C, G, a, b, m);
-  sums_pass<T, Silu>(x, dy, HW, C, a, b, m, sum_dz, sum_dzx);
+  Ops::template sums_pass<T, Silu>(x, dy, HW, C, a, b, m, sum_dz, sum_dzx);
   // dx = rstd (w dz - mean(w dz) - xhat mean(w dz xhat)) = a dz + B (x - mean) + Cc, means over the group
   const int64_t D = C / G;
   const double M = static_cast<double>(HW) * D;
@@ -332,7 +344,7 @@ void backward_image(const T* dy, const T* x, T* dx, const float* mean, const flo
       Cc[c] = static_cast<float>(-r * m1);
     }
   }
-  for (int64_t p = 0; p < HW; ++p) dx_row<T, Silu>(x + p * C, dy + p * C, a, b, m, B, Cc, dx + p * C, C);
+  for (int64_t p = 0; p < HW; ++p) Ops::template dx_row<T, Silu>(x + p * C, dy + p * C, a, b, m, B, Cc, dx + p * C, C);
 }
 
 void check_input(const torch::Tensor& x, const c10::optional<torch::Tensor>& weight,
@@ -357,10 +369,20 @@ const float* data_or_null(const c10::optional<torch::Tensor>& t) {
   return t.has_value() ? t->data_ptr<float>() : nullptr;
 }
 
-}  // namespace
+// f(T{}, std::bool_constant<Silu>{}) for the activation type (uint16_t holds bf16) and the SiLU flag.
+template <typename F>
+void dispatch(bool bf16, bool silu, F&& f) {
+  if (bf16) {
+    silu ? f(uint16_t{}, std::true_type{}) : f(uint16_t{}, std::false_type{});
+  } else {
+    silu ? f(float{}, std::true_type{}) : f(float{}, std::false_type{});
+  }
+}
 
-std::vector<torch::Tensor> forward(const torch::Tensor& x, const c10::optional<torch::Tensor>& weight,
-                                   const c10::optional<torch::Tensor>& bias, int64_t groups, double eps, bool silu) {
+template <typename Ops>
+std::vector<torch::Tensor> run_forward(const torch::Tensor& x, const c10::optional<torch::Tensor>& weight,
+                                       const c10::optional<torch::Tensor>& bias, int64_t groups, double eps,
+                                       bool silu) {
   check_input(x, weight, bias, groups);
   const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
   auto y = torch::empty_like(x, at::MemoryFormat::ChannelsLast);
@@ -370,34 +392,27 @@ std::vector<torch::Tensor> forward(const torch::Tensor& x, const c10::optional<t
   const float* b = data_or_null(bias);
   float* mean_p = mean.data_ptr<float>();
   float* rstd_p = rstd.data_ptr<float>();
-  const bool bf16 = x.scalar_type() == at::kBFloat16;
   const void* xp = x.data_ptr();
   void* yp = y.data_ptr();
-  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> buf(5 * C);
-    for (int64_t n = begin; n < end; ++n) {
-      const int64_t off = n * HW * C;
-      float* mn = mean_p + n * groups;
-      float* rs = rstd_p + n * groups;
-      if (bf16) {
-        const auto* xs = static_cast<const uint16_t*>(xp) + off;
-        auto* ys = static_cast<uint16_t*>(yp) + off;
-        silu ? forward_image<uint16_t, true>(xs, ys, w, b, HW, C, groups, eps, mn, rs, buf.data())
-             : forward_image<uint16_t, false>(xs, ys, w, b, HW, C, groups, eps, mn, rs, buf.data());
-      } else {
-        const auto* xs = static_cast<const float*>(xp) + off;
-        auto* ys = static_cast<float*>(yp) + off;
-        silu ? forward_image<float, true>(xs, ys, w, b, HW, C, groups, eps, mn, rs, buf.data())
-             : forward_image<float, false>(xs, ys, w, b, HW, C, groups, eps, mn, rs, buf.data());
+  dispatch(x.scalar_type() == at::kBFloat16, silu, [&](auto type, auto with_silu) {
+    using T = decltype(type);
+    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> buf(5 * C);
+      for (int64_t n = begin; n < end; ++n) {
+        const int64_t off = n * HW * C;
+        forward_image<Ops, T, decltype(with_silu)::value>(static_cast<const T*>(xp) + off, static_cast<T*>(yp) + off,
+                                                          w, b, HW, C, groups, eps, mean_p + n * groups,
+                                                          rstd_p + n * groups, buf.data());
       }
-    }
+    });
   });
   return {y, mean, rstd};
 }
 
-std::vector<torch::Tensor> backward(const torch::Tensor& dy, const torch::Tensor& x, const torch::Tensor& mean,
-                                    const torch::Tensor& rstd, const c10::optional<torch::Tensor>& weight,
-                                    const c10::optional<torch::Tensor>& bias, int64_t groups, bool silu) {
+template <typename Ops>
+std::vector<torch::Tensor> run_backward(const torch::Tensor& dy, const torch::Tensor& x, const torch::Tensor& mean,
+                                        const torch::Tensor& rstd, const c10::optional<torch::Tensor>& weight,
+                                        const c10::optional<torch::Tensor>& bias, int64_t groups, bool silu) {
   check_input(x, weight, bias, groups);
   TORCH_CHECK(dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type() &&
                   dy.is_contiguous(at::MemoryFormat::ChannelsLast),
@@ -415,37 +430,30 @@ std::vector<torch::Tensor> backward(const torch::Tensor& dy, const torch::Tensor
   const float* rstd_p = rstd.data_ptr<float>();
   float* dw_p = dweight_parts.data_ptr<float>();
   float* db_p = dbias_parts.data_ptr<float>();
-  const bool bf16 = x.scalar_type() == at::kBFloat16;
   const void* xp = x.data_ptr();
   const void* dyp = dy.data_ptr();
   void* dxp = dx.data_ptr();
-  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> buf(7 * C);
-    for (int64_t n = begin; n < end; ++n) {
-      const int64_t off = n * HW * C;
-      const float* mn = mean_p + n * groups;
-      const float* rs = rstd_p + n * groups;
-      float* dwn = dw_p + n * C;
-      float* dbn = db_p + n * C;
-      if (bf16) {
-        const auto* xs = static_cast<const uint16_t*>(xp) + off;
-        const auto* dys = static_cast<const uint16_t*>(dyp) + off;
-        auto* dxs = static_cast<uint16_t*>(dxp) + off;
-        silu ? backward_image<uint16_t, true>(dys, xs, dxs, mn, rs, w, b, HW, C, groups, dwn, dbn, buf.data())
-             : backward_image<uint16_t, false>(dys, xs, dxs, mn, rs, w, b, HW, C, groups, dwn, dbn, buf.data());
-      } else {
-        const auto* xs = static_cast<const float*>(xp) + off;
-        const auto* dys = static_cast<const float*>(dyp) + off;
-        auto* dxs = static_cast<float*>(dxp) + off;
-        silu ? backward_image<float, true>(dys, xs, dxs, mn, rs, w, b, HW, C, groups, dwn, dbn, buf.data())
-             : backward_image<float, false>(dys, xs, dxs, mn, rs, w, b, HW, C, groups, dwn, dbn, buf.data());
+  dispatch(x.scalar_type() == at::kBFloat16, silu, [&](auto type, auto with_silu) {
+    using T = decltype(type);
+    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> buf(7 * C);
+      for (int64_t n = begin; n < end; ++n) {
+        const int64_t off = n * HW * C;
+        backward_image<Ops, T, decltype(with_silu)::value>(
+            static_cast<const T*>(dyp) + off, static_cast<const T*>(xp) + off, static_cast<T*>(dxp) + off,
+            mean_p + n * groups, rstd_p + n * groups, w, b, HW, C, groups, dw_p + n * C, db_p + n * C, buf.data());
       }
-    }
+    });
   });
   return {dx, dweight_parts.sum(0), dbias_parts.sum(0)};
 }
 
+}  // namespace
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &forward, "GroupNorm (+ SiLU) forward on channels_last CPU tensors: (y, mean, rstd)");
-  m.def("backward", &backward, "GroupNorm (+ SiLU) backward: (dx, dweight, dbias)");
+  m.def("forward", &run_forward<Best>, "GroupNorm (+ SiLU) forward on channels_last CPU tensors: (y, mean, rstd)");
+  m.def("backward", &run_backward<Best>, "GroupNorm (+ SiLU) backward: (dx, dweight, dbias)");
+  m.def("forward_portable", &run_forward<Portable>, "forward with the plain-loop passes");
+  m.def("backward_portable", &run_backward<Portable>, "backward with the plain-loop passes");
+  m.attr("vector_isa") = pybind11::str(std::is_same_v<Best, Avx512> ? "avx512" : "portable");
 }
