@@ -20,8 +20,10 @@ RUN := PATH="$(CURDIR)/$(VENV)/bin:$$PATH"
 export DO_NOT_TRACK := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
-# OpenMP threads sleep instead of spinning: on a shared 2-core machine spinning makes small ops ~100x slower.
-export OMP_WAIT_POLICY ?= PASSIVE
+# Idle OpenMP threads spin ~0.3 ms (30000 turns), then sleep: the spinning bridges the gaps between one step's
+# operators (threads that sleep at once cost ~10% of CPU training throughput, see benchmarks/results.md), the
+# bound keeps a shared machine's cores free. OMP_WAIT_POLICY=PASSIVE (sleep at once) overrides it.
+export GOMP_SPINCOUNT ?= 30000
 
 .DEFAULT_GOAL := help
 .PHONY: help install test lint repro smoke sample metrics plots clean ui prefect-server serve deploy bench

@@ -9,8 +9,9 @@
 resident memory; ``train`` does the same for three training steps. The peak is the kernel's high-water mark
 of the resident set (``VmHWM``), reset just before the job through ``/proc/self/clear_refs``; where that is
 unavailable it is ``ru_maxrss`` of the whole process. ``steps`` times sampling steps (one network evaluation
-at the sampling batch size, fp32) and training steps (bf16-mixed) of our net and of the peer, and counts the
-page faults, so that settings applied at process start (``--keep-freed-memory``) can be compared.
+at the sampling batch size, fp32) and training steps (bf16-mixed and 32-true) of our net and of the peer, and
+counts the page faults, so that settings applied at process start (``--keep-freed-memory``, the OpenMP wait
+policy in the environment) can be compared.
 """
 
 from __future__ import annotations
@@ -94,6 +95,7 @@ def main(argv: list[str] | None = None) -> None:
 
             calls[f"{name} sample"] = sample_step
             calls[f"{name} train"] = TrainStep(module, net, batch, "bf16-mixed")
+            calls[f"{name} train32"] = TrainStep(module, net, batch, "32-true")
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         result |= {
             "seconds": {k: statistics.median(v) for k, v in in_turns(calls, args.reps, warmup=2).items()},

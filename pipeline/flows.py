@@ -153,15 +153,21 @@ def grid_points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
 
 
 def dvc_env() -> dict[str, str]:
-    """The environment of DVC and its stages: this interpreter first on PATH, no telemetry, passive OpenMP."""
+    """The environment of DVC and its stages: this interpreter first on PATH, no telemetry, bounded OpenMP spinning.
+
+    Unless the caller chose an OpenMP wait policy, idle OpenMP threads spin for GOMP_SPINCOUNT=30000 turns
+    (~0.3 ms) before they sleep: long enough to bridge the gaps between one step's operators (sleeping threads
+    cost ~10% of CPU training throughput), short enough not to hold a shared machine's cores.
+    """
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     for key, value in {
         "DVC_NO_ANALYTICS": "1",
         "DO_NOT_TRACK": "1",
         "MLFLOW_DISABLE_TELEMETRY": "true",
-        "OMP_WAIT_POLICY": "PASSIVE",
     }.items():
         env.setdefault(key, value)
+    if "OMP_WAIT_POLICY" not in env and "GOMP_SPINCOUNT" not in env:
+        env["GOMP_SPINCOUNT"] = "30000"
     return env
 
 

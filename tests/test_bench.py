@@ -30,7 +30,7 @@ def _number(cell: str) -> float:
 @pytest.mark.slow
 def test_quick_bench_writes_well_formed_tables(tmp_path):
     out = tmp_path / "results.md"
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    env = {**os.environ, "GOMP_SPINCOUNT": "30000"}
     command = [sys.executable, "-m", "benchmarks.bench", "--quick", "--reps", "1", "--out", str(out)]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -80,7 +80,7 @@ def test_e2e_times_every_variant_of_the_stages_code(tmp_path, smoke_params):
     """``benchmarks.e2e`` on the smoke configuration (8x8 digits), compiled variants traced with ``eager``."""
     params, out = tmp_path / "params.yaml", tmp_path / "e2e.md"
     params.write_text(smoke_params)
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    env = {**os.environ, "GOMP_SPINCOUNT": "30000"}
     command = [sys.executable, "-m", "benchmarks.e2e", "--params", str(params), "--steps", "3", "--warmup-steps"]
     command += ["1", "--n", "16", "--compile", "eager", "--out", str(out)]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

@@ -30,7 +30,7 @@ pytestmark = pytest.mark.slow
 
 def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    env.update(DO_NOT_TRACK="1", DVC_NO_ANALYTICS="1", OMP_WAIT_POLICY="PASSIVE")
+    env.update(DO_NOT_TRACK="1", DVC_NO_ANALYTICS="1", GOMP_SPINCOUNT="30000")
     result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     if check and result.returncode != 0:
         raise AssertionError(f"{cmd} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
@@ -207,7 +207,7 @@ def test_sample_cli_redraws_with_overrides_without_retraining(repro):
 def test_killed_stage_leaves_outputs_that_dvc_still_accepts(repro):
     project, _ = repro
     before = digest(project / "outputs" / "samples")
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    env = {**os.environ, "GOMP_SPINCOUNT": "30000"}
     cmd = [sys.executable, "-m", "pipeline.sample", "--n", "200000", "--batch-size", "100", "--quiet"]
     proc = subprocess.Popen(cmd, cwd=project, env=env)
     deadline = time.monotonic() + 120
@@ -228,7 +228,7 @@ FAULTS = ROOT / "tests" / "faults"  # sitecustomize.py: kills or holds a stage p
 def repro_with_faults(project: Path, **faults: str) -> subprocess.Popen:
     """Start ``dvc repro evaluate`` whose stage processes get ``faults`` (see tests/faults/sitecustomize.py)."""
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    env.update(DO_NOT_TRACK="1", DVC_NO_ANALYTICS="1", OMP_WAIT_POLICY="PASSIVE", PYTHONPATH=str(FAULTS), **faults)
+    env.update(DO_NOT_TRACK="1", DVC_NO_ANALYTICS="1", GOMP_SPINCOUNT="30000", PYTHONPATH=str(FAULTS), **faults)
     cmd = ["dvc", "repro", "evaluate"]
     return subprocess.Popen(cmd, cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
