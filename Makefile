@@ -21,7 +21,7 @@ export DO_NOT_TRACK := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 # Idle OpenMP threads spin ~0.3 ms (30000 turns), then sleep: the spinning bridges the gaps between one step's
-# operators (threads that sleep at once cost ~10% of CPU training throughput, see benchmarks/results.md), the
+# operators (it trained 1.09-1.18x faster than threads that sleep at once, see benchmarks/results.md), the
 # bound keeps a shared machine's cores free. Set OMP_WAIT_POLICY (PASSIVE: sleep at once) to choose otherwise.
 ifeq ($(origin OMP_WAIT_POLICY),undefined)
 export GOMP_SPINCOUNT ?= 30000

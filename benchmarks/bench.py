@@ -902,8 +902,6 @@ def summary(
     if alloc and "peer sample" in alloc[0]["seconds"]:
         plain, ours = alloc[0], alloc[-1]
         for task, ratio_target, label in PROCESS_TASKS:
-            if f"peer {task}" not in plain["seconds"]:
-                continue
             ratio = plain["seconds"][f"peer {task}"] / ours["seconds"][f"ours {task}"]
             lines.append(
                 f"- Ours as the stages run ({ours['setting']}) over the peer as a plain script runs, {label}:"
@@ -1087,7 +1085,6 @@ def report(
             cross = [
                 f"{label} {alloc[0]['seconds'][f'peer {task}'] / alloc[-1]['seconds'][f'ours {task}']:.2f}x"
                 for task, _, label in PROCESS_TASKS
-                if f"peer {task}" in alloc[0]["seconds"]
             ]
             lines.append(f"Ours ({names[-1]}) over the peer as a plain script runs it: " + ", ".join(cross) + ".")
 

@@ -71,6 +71,14 @@ def test_quick_bench_writes_well_formed_tables(tmp_path):
     for r in shares:
         assert _number(r[3]) > 0 and _number(r[4]) > 0  # time, and some of it in the convolutions
         assert abs(sum(_number(c) for c in r[4:]) - 100) <= 4  # the kinds add up (to rounding)
+    # Fresh processes per start-up setting (allocator, OpenMP wait policy): a rate for every setting and row
+    from benchmarks.bench import PROCESS_SETTINGS, PROCESS_TASKS
+
+    settings_rows = _table(text, "Settings applied at process start")
+    names = [name for name, _, _ in PROCESS_SETTINGS]
+    assert f"| net | img/s | {' | '.join(names)} |" in text
+    assert {(r[0], r[1]) for r in settings_rows} == {(n, label) for n in nets for _, _, label in PROCESS_TASKS}
+    assert all(_number(c) > 0 for r in settings_rows for c in r[2 : 2 + len(names)])
     features = _table(text, "## Evaluation")
     assert features[0][0].startswith("classifier") and _number(features[0][1]) > 0
 
