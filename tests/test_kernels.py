@@ -1,7 +1,10 @@
 """The native GroupNorm(+SiLU) kernel against PyTorch's ops: values, gradients, layouts, fallbacks and bad input."""
 
+import os
 import shutil
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -36,6 +39,27 @@ def test_the_kernel_builds_on_this_machine():
     assert ext is not None, kernels._error
     assert ext.vector_isa in ("avx512", "portable")
     assert kernels.applies(torch.randn(2, 8, 3, 3).contiguous(memory_format=CL))
+
+
+@needs_native
+def test_a_process_with_another_ninja_first_on_path_reuses_the_build(tmp_path):
+    """Every process builds with the ``ninja`` package's tool, whatever ``ninja`` comes first on its PATH: ninja
+    versions keep their logs in different formats, and one that finds another's log rebuilds from scratch."""
+    pytest.importorskip("ninja")
+    ext = kernels.extension()
+    assert ext is not None, kernels._error
+    log = Path(ext.__file__).with_name(".ninja_log")
+    before = log.read_bytes()
+    impostor = tmp_path / "bin" / "ninja"  # a system ninja of another version, as far as the build can tell
+    impostor.parent.mkdir()
+    impostor.write_text(f"#!/bin/sh\ntouch {tmp_path / 'called'}\nexit 1\n")
+    impostor.chmod(0o755)
+    env = {**os.environ, "PATH": f"{impostor.parent}{os.pathsep}{os.environ['PATH']}"}
+    code = "from ddpm import kernels; e = kernels.extension(); print(e.__file__ if e else kernels._error)"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == ext.__file__, done.stdout + done.stderr
+    assert not (tmp_path / "called").exists(), "the ninja first on PATH ran"
+    assert log.read_bytes() == before, "nothing was rebuilt"
 
 
 SHAPES = [

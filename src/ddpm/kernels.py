@@ -8,7 +8,7 @@ is still in cache, and its backward likewise (see ``benchmarks/results.md`` for 
 
 The kernel is compiled with :mod:`torch.utils.cpp_extension` the first time it is needed (20-30 s with
 a C++ compiler; :func:`main` builds it ahead, as ``make install`` does) into
-``$DDPM_KERNELS_DIR`` (by default ``~/.cache/ddpm-pipeline/kernels``), once per torch version, CPU kind and
+``$DDPM_KERNELS_DIR`` (by default ``~/.cache/ddpm-pipeline/kernels``), once per torch installation, CPU kind and
 revision of the source.
 Where it cannot be built or does not apply (GPU tensors, NCHW layout, other dtypes, inside
 ``torch.compile``, which fuses these ops itself) PyTorch's own ops run instead, with the same results up to
@@ -22,10 +22,10 @@ import hashlib
 import logging
 import os
 import platform
-import shutil
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -57,10 +57,15 @@ def _cpu_tag() -> str:
 
 
 def build_directory(name: str) -> Path:
-    """Where the kernel ``name`` is built: one folder per torch version (the module links against libtorch)."""
+    """Where the kernel ``name`` is built: one folder per torch installation (its version and location).
+
+    The module links against that libtorch, and the build commands name its headers' path: two environments
+    sharing one folder would each see the other's commands and rebuild it on every switch.
+    """
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     root = Path(os.environ.get("DDPM_KERNELS_DIR") or cache / "ddpm-pipeline" / "kernels")
-    folder = root / f"torch-{torch.__version__}" / name
+    where = hashlib.sha256(str(Path(torch.__file__).resolve().parent).encode()).hexdigest()[:8]
+    folder = root / f"torch-{torch.__version__}-{where}" / name
     folder.mkdir(parents=True, exist_ok=True)
     lock = folder / "lock"  # torch's build lock: another process waits for it to go, forever if it was orphaned
     with contextlib.suppress(OSError):
@@ -69,13 +74,28 @@ def build_directory(name: str) -> Path:
     return folder
 
 
-def _ninja_on_path() -> None:
-    """Put the ninja build tool of the ``ninja`` package on PATH where none is (torch's builder runs ``ninja``)."""
-    if shutil.which("ninja") is None:
-        with contextlib.suppress(ImportError):
-            import ninja
+@contextlib.contextmanager
+def _one_ninja() -> Iterator[None]:
+    """The ``ninja`` package's build tool first on PATH while torch's builder runs (it calls ``ninja``).
 
-            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    Always the same one: ninja versions keep their build logs in different formats, so a ninja that finds
+    another version's log (a system ninja in one process, the package's in another) rebuilds everything.
+    Without the package, whatever ``ninja`` is on PATH runs.
+    """
+    try:
+        import ninja
+    except ImportError:
+        yield
+        return
+    path = os.environ.get("PATH")
+    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + (path or "")
+    try:
+        yield
+    finally:
+        if path is None:
+            os.environ.pop("PATH", None)
+        else:
+            os.environ["PATH"] = path
 
 
 def enabled() -> bool:
@@ -92,8 +112,6 @@ def extension() -> ModuleType | None:
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime is found"
         from torch.utils import cpp_extension
 
-        _ninja_on_path()
-
         flags = ["-O3", "-fno-trapping-math", "-fopenmp"]
         if platform.machine() in ("x86_64", "AMD64", "aarch64", "arm64"):
             flags.append("-march=native" if platform.machine() in ("x86_64", "AMD64") else "-mcpu=native")
@@ -107,14 +125,15 @@ def extension() -> ModuleType | None:
             tmp = source.with_suffix(f".{os.getpid()}.tmp")
             tmp.write_bytes(code)
             os.replace(tmp, source)
-        _extension = cpp_extension.load(
-            name=name,
-            sources=[str(source)],
-            build_directory=str(folder),
-            extra_cflags=flags,
-            extra_ldflags=["-fopenmp"],
-            verbose=False,
-        )
+        with _one_ninja():
+            _extension = cpp_extension.load(
+                name=name,
+                sources=[str(source)],
+                build_directory=str(folder),
+                extra_cflags=flags,
+                extra_ldflags=["-fopenmp"],
+                verbose=False,
+            )
     except Exception as err:  # no compiler, no Python headers, an unsupported platform
         _error = f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
         warnings.warn(
