@@ -23,6 +23,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext, suppress
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -578,34 +579,32 @@ def levers(s: Settings, timer: Timer, device: torch.device) -> list[tuple[str, s
 
 
 class Jobs:
-    """``python -m benchmarks.job JOB...`` in fresh processes, started at once or one after the other.
+    """``python -m benchmarks.job JOB...`` in fresh processes, at most ``at_once`` of them running at a time.
 
-    A job is its arguments, or (arguments, environment variables to set, names to unset).
+    A job is its arguments, or (arguments, environment variables to set, names to unset); ``env`` is set in
+    every job's environment. The jobs start from a thread, so this process goes on meanwhile.
     """
 
-    def __init__(self, jobs: list[Any], concurrent: bool) -> None:
-        self.commands, self.running = [], []
+    def __init__(self, jobs: list[Any], at_once: int = 1, env: dict[str, str] | None = None) -> None:
+        self.commands, self.outputs = [], []
         for job in jobs:
             args, env_set, env_unset = job if isinstance(job, tuple) else (job, {}, ())
-            env = {k: v for k, v in os.environ.items() if k not in env_unset} | env_set
-            self.commands.append([sys.executable, "-m", "benchmarks.job", *args])
-            self.running.append(
-                subprocess.Popen(
-                    self.commands[-1], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-                )
-            )
-            if not concurrent:
-                self.running[-1].wait()
+            job_env = {k: v for k, v in os.environ.items() if k not in env_unset} | env_set | (env or {})
+            self.commands.append(([sys.executable, "-m", "benchmarks.job", *args], job_env))
+        self.pool = ThreadPoolExecutor(max_workers=at_once)
+        self.outputs = [self.pool.submit(self._run, command, job_env) for command, job_env in self.commands]
+        self.pool.shutdown(wait=False)
+
+    @staticmethod
+    def _run(command: list[str], env: dict[str, str]) -> dict[str, Any]:
+        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-2000:]}")
+        return json.loads(done.stdout.strip().splitlines()[-1])
 
     def results(self) -> list[dict[str, Any]]:
-        """Each job's JSON line, once it has finished."""
-        out = []
-        for command, process in zip(self.commands, self.running):
-            stdout, stderr = process.communicate()
-            if process.returncode:
-                raise RuntimeError(f"{' '.join(command)} failed:\n{stderr[-2000:]}")
-            out.append(json.loads(stdout.strip().splitlines()[-1]))
-        return out
+        """Each job's JSON line, once it has finished (the first failure raises, naming its command)."""
+        return [output.result() for output in self.outputs]
 
 
 def memory_jobs(s: Settings) -> list[list[str]]:
@@ -1210,12 +1209,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{what}: {time.perf_counter() - phase:.0f} s", file=sys.stderr, flush=True)
         phase = time.perf_counter()
 
-    # The memory jobs and the allocator pair run one after the other, after the timings of this process: run
-    # at once, the memory jobs' peaks moved by tens of MB with the thread timing of their neighbours. The quick
-    # run measures nothing precisely, so there everything overlaps.
     # Host memory and glibc's allocator are CPU matters: a GPU run leaves them out.
     memory, alloc = (memory_jobs(s), allocator_jobs(s)) if device.type == "cpu" else ([], [])
-    early = Jobs(memory + alloc, concurrent=True) if s.quick else None
     rows, info = throughput(s, timer, device, peer)
     done("throughput")
     lever_rows = levers(s, timer, device)
@@ -1225,12 +1220,16 @@ def main(argv: list[str] | None = None) -> None:
     syncs = synchronisations(s, device)
     shares = time_shares(s, device, peer)
     done("time shares")
-    if early is None:
-        mem = Jobs(memory, concurrent=False).results() if memory else []
-        alloc = merge_rounds(Jobs(alloc, concurrent=False).results()) if alloc else []
-    else:
-        results = early.results()
+    # The memory jobs and the allocator pair run one after the other, after the timings of this process: run
+    # at once, the memory jobs' peaks moved by tens of MB with the thread timing of their neighbours. The quick
+    # run measures nothing precisely: there two single-threaded jobs run at a time (started beside this
+    # process's rows, or with more threads each, they oversubscribed the two cores and took longer).
+    if s.quick:
+        results = Jobs(memory + alloc, at_once=2, env={"OMP_NUM_THREADS": "1"}).results()
         mem, alloc = results[: len(memory)], merge_rounds(results[len(memory) :]) if alloc else []
+    else:
+        mem = Jobs(memory).results() if memory else []
+        alloc = merge_rounds(Jobs(alloc).results()) if alloc else []
     done("memory and allocator")
     command = "python -m benchmarks.bench" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
     text = report(

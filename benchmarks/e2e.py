@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -111,10 +113,11 @@ def sample_job(precision: str, compile: bool, model: Path, n: int | None) -> dic
     return {"rate": meta["images_per_second"], "nfe": meta["nfe"], "warmup": warmup}
 
 
-def run_job(*args: str) -> dict[str, Any]:
-    """``python -m benchmarks.e2e --job ...`` in a fresh process; its JSON line."""
+def run_job(*args: str, threads: int | None = None) -> dict[str, Any]:
+    """``python -m benchmarks.e2e --job ...`` in a fresh process (with ``threads`` OpenMP threads); its JSON line."""
     command = [sys.executable, "-m", "benchmarks.e2e", "--params", str(PARAMS), "--job", *args]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -131,6 +134,12 @@ def main(argv: list[str] | None = None) -> None:
         "--compile", default="true", help="the compiled variants' setting: true (inductor) or a backend (eager)"
     )
     parser.add_argument("--params", type=Path, default=None, help="params.yaml of the model and data (the project's)")
+    parser.add_argument(
+        "--at-once",
+        type=int,
+        default=1,
+        help="variants run at a time, sharing the cores (more than 1 checks the code, not the speed)",
+    )
     parser.add_argument("--job", nargs=4, metavar=("KIND", "PRECISION", "COMPILE", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     PARAMS = (args.params or PARAMS).resolve()
@@ -150,13 +159,32 @@ def main(argv: list[str] | None = None) -> None:
     rows = ["| training | compile | steady img/s | total s | val loss (EMA) |", "|---|---|---|---|---|"]
     common = ["--steps", str(args.steps), "--warmup-steps", str(args.warmup_steps)]
     setting = json.dumps(True if args.compile == "true" else args.compile)
-    with tempfile.TemporaryDirectory() as tmp:
-        first, n_train = None, 0
-        for precision, compile in TRAIN_VARIANTS:
-            out = Path(tmp, f"{precision}-{compile}")
-            r = run_job("train", precision, setting if compile else "false", str(out), *common)
-            first, n_train = first or out / "model.pt", r["n_train"]
-            shown = args.compile if compile else "false"
+    threads = max(1, (os.cpu_count() or 1) // args.at_once) if args.at_once > 1 else None
+    with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(max_workers=args.at_once) as pool:
+        outs = [Path(tmp, f"{precision}-{compile}") for precision, compile in TRAIN_VARIANTS]
+        trained = [
+            pool.submit(
+                run_job, "train", precision, setting if compile else "false", str(out), *common, threads=threads
+            )
+            for (precision, compile), out in zip(TRAIN_VARIANTS, outs)
+        ]
+        n_train = trained[0].result()["n_train"]  # the sampling variants draw from the first variant's model
+        n = args.n or p["sample"]["n"]
+        extra = ["--n", str(n)]
+        drawn = [
+            pool.submit(
+                run_job,
+                "sample",
+                precision,
+                setting if compile else "false",
+                str(outs[0] / "model.pt"),
+                *extra,
+                threads=threads,
+            )
+            for precision, compile in SAMPLE_VARIANTS
+        ]
+        for (precision, compile), job in zip(TRAIN_VARIANTS, trained):
+            r, shown = job.result(), args.compile if compile else "false"
             rows.append(f"| {precision} | {shown} | {r['rate']:,.0f} | {r['total']:.1f} | {r['val_loss_ema']:.4f} |")
             print(rows[-1], flush=True)
         lines += [
@@ -167,7 +195,6 @@ def main(argv: list[str] | None = None) -> None:
             "",
             *rows,
         ]
-        n = args.n or p["sample"]["n"]
         lines += [
             "",
             f"Sampling: `ddpm.sampling.draw` of {n} images, {p['sample']['sampler']} with {p['sample']['steps']}"
@@ -177,14 +204,14 @@ def main(argv: list[str] | None = None) -> None:
             "| sampling | compile | img/s | img-steps/s | warm-up chunk s |",
             "|---|---|---|---|---|",
         ]
-        extra = ["--n", str(n)]
-        for precision, compile in SAMPLE_VARIANTS:
-            r = run_job("sample", precision, setting if compile else "false", str(first), *extra)
-            shown = args.compile if compile else "false"
+        for (precision, compile), job in zip(SAMPLE_VARIANTS, drawn):
+            r, shown = job.result(), args.compile if compile else "false"
             lines.append(
                 f"| {precision} | {shown} | {r['rate']:,.1f} | {r['rate'] * r['nfe']:,.0f} | {r['warmup']:.1f} |"
             )
             print(lines[-1], flush=True)
+    if args.at_once > 1:
+        lines += ["", f"{args.at_once} variants ran at a time, sharing the cores: these rates do not compare."]
     text = "\n".join(lines) + "\n"
     if args.out:
         args.out.write_text(text)

@@ -85,12 +85,13 @@ def test_quick_bench_writes_well_formed_tables(tmp_path):
 
 @pytest.mark.slow
 def test_e2e_times_every_variant_of_the_stages_code(tmp_path, smoke_params):
-    """``benchmarks.e2e`` on the smoke configuration (8x8 digits), compiled variants traced with ``eager``."""
+    """``benchmarks.e2e`` on the smoke configuration (8x8 digits), compiled variants traced with ``eager``, two
+    variants at a time (the rows keep the variants' order)."""
     params, out = tmp_path / "params.yaml", tmp_path / "e2e.md"
     params.write_text(smoke_params)
     env = {**os.environ, "GOMP_SPINCOUNT": "30000"}
     command = [sys.executable, "-m", "benchmarks.e2e", "--params", str(params), "--steps", "3", "--warmup-steps"]
-    command += ["1", "--n", "16", "--compile", "eager", "--out", str(out)]
+    command += ["1", "--n", "16", "--compile", "eager", "--at-once", "2", "--out", str(out)]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     text = out.read_text()
@@ -106,3 +107,4 @@ def test_e2e_times_every_variant_of_the_stages_code(tmp_path, smoke_params):
         assert _number(row[2]) > 0 and _number(row[3]) > 0 and 0 < _number(row[4]) < 10
     for row in sampling:
         assert _number(row[2]) > 0 and _number(row[3]) > _number(row[2])  # img-steps/s = img/s x NFE
+    assert "2 variants ran at a time, sharing the cores: these rates do not compare." in text
