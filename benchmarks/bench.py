@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -733,6 +734,76 @@ def share_bounds(shares: list[dict[str, Any]]) -> dict[tuple[str, str], float]:
     }
 
 
+CONV_PHASES = ("forward", "input gradient", "weight gradient")
+
+
+def conv_phases(s: Settings, timer: Timer, device: torch.device) -> list[dict[str, Any]]:
+    """Our net's convolutions in one fp32 training step, timed by phase: forward, input and weight gradient.
+
+    The convolutions of the first configuration are collected with forward hooks during a training forward at
+    the training batch; each distinct one runs alone, its three phases through ``aten::convolution_backward``
+    with one output at a time, all of them taking turns. Every phase does the forward's FLOPs. A convolution
+    whose input needs no gradient (the first, on the data) has no input-gradient phase, as in training.
+    Returns one dict per phase: convolutions, ms and GFLOP per step.
+    """
+    cfg = next(iter(s.configs.values()))
+    torch.manual_seed(0)
+    net = variant(cfg, device).train()
+    found: dict[tuple, int] = {}
+
+    def hook(conv: nn.Conv2d, args: tuple[Tensor, ...], out: Tensor) -> None:
+        (x,) = args[:1]
+        key = (tuple(x.shape), tuple(conv.weight.shape), conv.stride, conv.padding, conv.dilation, conv.groups)
+        key += (conv.bias is not None, x.requires_grad, tuple(out.shape))
+        found[key] = found.get(key, 0) + 1
+
+    handles = [m.register_forward_hook(hook) for m in net.modules() if isinstance(m, nn.Conv2d)]
+    module = DiffusionModule(UNet(cfg), diffusion_config(cfg)).to(device)
+    batch = torch.rand(s.train_batch, cfg.in_channels, cfg.image_size, cfg.image_size, device=device) * 2 - 1
+    module.model_step(batch, net=net)
+    for h in handles:
+        h.remove()
+    cl = torch.channels_last
+    calls: dict[str, Callable[[], Any]] = {}
+    work: dict[str, tuple[str, int, float]] = {}  # call -> (phase, count, FLOPs)
+    for i, (key, count) in enumerate(found.items()):
+        x_shape, w_shape, stride, padding, dilation, groups, bias, input_grad, y_shape = key
+        x = torch.randn(x_shape, device=device).contiguous(memory_format=cl)
+        w = torch.randn(w_shape, device=device).contiguous(memory_format=cl)
+        b = torch.randn(w_shape[0], device=device) if bias else None
+        dy = torch.randn(y_shape, device=device).contiguous(memory_format=cl)
+        flops = 2.0 * math.prod(y_shape) * math.prod(w_shape[1:])
+
+        def backward(mask: list[bool], x=x, w=w, dy=dy, stride=stride, padding=padding, dilation=dilation,
+                     groups=groups, bias=bias) -> Callable[[], Any]:  # fmt: skip
+            sizes = [w.shape[0]] if bias else None
+            args = (dy, x, w, sizes, stride, padding, dilation, False, [0, 0], groups, mask)
+            return lambda: torch.ops.aten.convolution_backward(*args)
+
+        phases = {
+            "forward": lambda x=x, w=w, b=b, k=(stride, padding, dilation, groups): F.conv2d(x, w, b, *k),
+            "input gradient": backward([True, False, False]) if input_grad else None,
+            "weight gradient": backward([False, True, bias]),
+        }
+        for phase, call in phases.items():
+            if call is not None:
+                calls[f"{i} {phase}"] = call
+                work[f"{i} {phase}"] = (phase, count, flops)
+    seconds = timer.group(calls, max(3, next(iter(s.reps.values()))), 1)
+    out = []
+    for phase in CONV_PHASES:
+        mine = [(count, flops, seconds[k]) for k, (p, count, flops) in work.items() if p == phase]
+        out.append(
+            {
+                "phase": phase,
+                "convolutions": sum(c for c, _, _ in mine),
+                "ms": sum(c * t for c, _, t in mine) * 1e3,
+                "gflop": sum(c * f for c, f, _ in mine) / 1e9,
+            }
+        )
+    return out
+
+
 def synchronisations(s: Settings, device: torch.device, steps: int = 10) -> dict[str, int]:
     """Host-device synchronisations (CUDA's sync debug mode) in a training step and in a sampling chunk.
 
@@ -951,6 +1022,7 @@ def report(
     seconds: float,
     syncs: dict[str, int] | None = None,
     shares: list[dict[str, Any]] | None = None,
+    phases: list[dict[str, Any]] | None = None,
 ) -> str:
     """The results as markdown: machine, limit, throughput, levers, memory and evaluation tables."""
     fp32, bf16 = probes.limit("fp32"), probes.limit("bf16")
@@ -1050,6 +1122,48 @@ def report(
                 + ", ".join(f"{task} {precision} {b:.2f}x" for (task, precision), b in bounds.items())
                 + ".",
             ]
+
+    if phases:
+        first = next(iter(s.configs))
+        lines += [
+            "",
+            f"## Convolution phases (our net, {first} configuration, one fp32 training step at batch {s.train_batch})",
+            "",
+            "Each of the step's convolutions runs alone, its forward, input gradient and weight gradient taking"
+            " turns (`aten::convolution_backward` with one output at a time); every phase does the forward's FLOPs."
+            " The first convolution's input is data: it has no input gradient.",
+            "",
+        ]
+        total = {"phase": "all", **{k: sum(p[k] for p in phases) for k in ("convolutions", "ms", "gflop")}}
+
+        def rate(p: dict[str, Any]) -> float:
+            return p["gflop"] / p["ms"] * 1e3
+
+        lines += _table(
+            ["phase", "convolutions", "ms per step", "GFLOP per step", "GFLOP/s", "% fp32 limit"],
+            [
+                [p["phase"], p["convolutions"], f"{p['ms']:,.1f}", f"{p['gflop']:.1f}", _num(rate(p)),
+                 f"{100 * rate(p) / fp32:.0f}%"]
+                for p in [*phases, total]
+            ],
+        )  # fmt: skip
+        by_phase = {p["phase"]: p for p in phases}
+        fwd, wgrad = by_phase["forward"], by_phase["weight gradient"]
+        at_forward_rate = total["ms"] - wgrad["ms"] + wgrad["gflop"] / fwd["gflop"] * fwd["ms"]
+        step = next(
+            (r for r in rows if (r.config, r.task, r.precision, r.net) == (first, "train", "32-true", "ours")), None
+        )
+        text = (
+            f"With no time outside these convolutions, the fp32 training step would run at"
+            f" {100 * rate(total) / fp32:.0f}% of the fp32 limit"
+        )
+        if step is not None:
+            text += f" (the whole step, measured above: {100 * step.gflops / fp32:.0f}%)"
+        text += (
+            f"; with the weight gradients at the forward's rate, at"
+            f" {100 * total['gflop'] / at_forward_rate * 1e3 / fp32:.0f}%."
+        )
+        lines += ["", text]
 
     lines += ["", f"## Levers (our net, {next(iter(s.configs))} configuration, side by side)", ""]
     lines += _table(
@@ -1220,6 +1334,8 @@ def main(argv: list[str] | None = None) -> None:
     syncs = synchronisations(s, device)
     shares = time_shares(s, device, peer)
     done("time shares")
+    phases = conv_phases(s, timer, device)
+    done("convolution phases")
     # The memory jobs and the allocator pair run one after the other, after the timings of this process: run
     # at once, the memory jobs' peaks moved by tens of MB with the thread timing of their neighbours. The quick
     # run measures nothing precisely: there two single-threaded jobs run at a time (started beside this
@@ -1247,6 +1363,7 @@ def main(argv: list[str] | None = None) -> None:
         time.perf_counter() - started,
         syncs,
         shares,
+        phases,
     )
     out = args.out or (None if s.quick else ROOT / "benchmarks" / "results.md")
     if out is not None:

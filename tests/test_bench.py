@@ -79,6 +79,14 @@ def test_quick_bench_writes_well_formed_tables(tmp_path):
     assert f"| net | img/s | {' | '.join(names)} |" in text
     assert {(r[0], r[1]) for r in settings_rows} == {(n, label) for n in nets for _, _, label in PROCESS_TASKS}
     assert all(_number(c) > 0 for r in settings_rows for c in r[2 : 2 + len(names)])
+    phases = {r[0]: r for r in _table(text, "## Convolution phases")}
+    assert list(phases) == ["forward", "input gradient", "weight gradient", "all"]
+    assert all(_number(c) > 0 for r in phases.values() for c in r[1:])
+    counts = {k: int(r[1]) for k, r in phases.items()}
+    # every convolution has a forward and a weight gradient; all but the first (on the data) an input gradient
+    assert counts["forward"] == counts["weight gradient"] == counts["input gradient"] + 1
+    assert counts["all"] == sum(counts[k] for k in ("forward", "input gradient", "weight gradient"))
+    assert re.search(r"would run at \d+% of the fp32 limit \(the whole step, measured above: \d+%\)", text)
     features = _table(text, "## Evaluation")
     assert features[0][0].startswith("classifier") and _number(features[0][1]) > 0
 
