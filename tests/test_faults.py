@@ -135,12 +135,11 @@ def test_sigterm_checkpoints_then_a_rerun_resumes_bit_identically(digits, refere
 @pytest.mark.slow
 def test_sigkill_mid_run_or_mid_checkpoint_then_resume_is_bit_identical(digits, reference, tmp_path):
     """Real processes: one SIGKILLed from outside at an arbitrary step, one killed inside a checkpoint write."""
-    env = {**os.environ, "GOMP_SPINCOUNT": "30000"}
     outside, inside = tmp_path / "outside", tmp_path / "inside"
     cmd = [sys.executable, str(SCRIPT), str(digits)]
     with open(tmp_path / "outside.log", "w") as log_a, open(tmp_path / "inside.log", "w") as log_b:
-        victim = subprocess.Popen([*cmd, str(outside), "--sleep", "0.15"], env=env, stdout=log_a, stderr=log_a)
-        dying = subprocess.Popen([*cmd, str(inside), "--die-at-checkpoint", "3"], env=env, stdout=log_b, stderr=log_b)
+        victim = subprocess.Popen([*cmd, str(outside), "--sleep", "0.15"], stdout=log_a, stderr=log_a)
+        dying = subprocess.Popen([*cmd, str(inside), "--die-at-checkpoint", "3"], stdout=log_b, stderr=log_b)
     try:
         deadline = time.monotonic() + 240
         while not (outside / "resume.ckpt").exists() and victim.poll() is None and time.monotonic() < deadline:
@@ -355,8 +354,7 @@ def test_the_sample_cli_refuses_a_malicious_model_in_one_line(tmp_path):
     marker = tmp_path / "marker"
     torch.save({"format": io.MODEL_FORMAT, "net": CreatesFile(marker)}, tmp_path / "evil.pt")
     cmd = [sys.executable, "-m", "pipeline.sample", "--model", str(tmp_path / "evil.pt"), "--out", str(tmp_path / "s")]
-    env = {**os.environ, "GOMP_SPINCOUNT": "30000"}
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith("error: ") and "evil.pt: refused to load this model" in result.stderr
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr

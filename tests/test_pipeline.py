@@ -28,10 +28,14 @@ PROJECT_DIRS = ["pipeline", "src", "configs", "data"]
 pytestmark = pytest.mark.slow
 
 
+def stage_env(**extra: str) -> dict[str, str]:
+    """The tests' environment (conftest.py: no telemetry, OpenMP settings) with this interpreter first on PATH, as
+    `dvc` and the stages it runs need, and ``extra``."""
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", **extra}
+
+
 def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    env.update(DO_NOT_TRACK="1", DVC_NO_ANALYTICS="1", GOMP_SPINCOUNT="30000")
-    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    result = subprocess.run(cmd, cwd=cwd, env=stage_env(), capture_output=True, text=True, timeout=900)
     if check and result.returncode != 0:
         raise AssertionError(f"{cmd} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
@@ -207,9 +211,8 @@ def test_sample_cli_redraws_with_overrides_without_retraining(repro):
 def test_killed_stage_leaves_outputs_that_dvc_still_accepts(repro):
     project, _ = repro
     before = digest(project / "outputs" / "samples")
-    env = {**os.environ, "GOMP_SPINCOUNT": "30000"}
     cmd = [sys.executable, "-m", "pipeline.sample", "--n", "200000", "--batch-size", "100", "--quiet"]
-    proc = subprocess.Popen(cmd, cwd=project, env=env)
+    proc = subprocess.Popen(cmd, cwd=project)
     deadline = time.monotonic() + 120
     while not list((project / "outputs" / "samples").glob(".samples.npz.*.tmp")) and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -227,8 +230,7 @@ FAULTS = ROOT / "tests" / "faults"  # sitecustomize.py: kills or holds a stage p
 
 def repro_with_faults(project: Path, **faults: str) -> subprocess.Popen:
     """Start ``dvc repro evaluate`` whose stage processes get ``faults`` (see tests/faults/sitecustomize.py)."""
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    env.update(DO_NOT_TRACK="1", DVC_NO_ANALYTICS="1", GOMP_SPINCOUNT="30000", PYTHONPATH=str(FAULTS), **faults)
+    env = stage_env(PYTHONPATH=str(FAULTS), **faults)
     cmd = ["dvc", "repro", "evaluate"]
     return subprocess.Popen(cmd, cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

@@ -28,7 +28,7 @@ from mlflow.tracking import MlflowClient
 
 from ddpm import tracking
 from ddpm.module import DiffusionModule
-from test_pipeline import clone_project, ran_stages, run
+from test_pipeline import clone_project, ran_stages, run, stage_env
 
 pytestmark = pytest.mark.slow
 
@@ -131,8 +131,7 @@ def records(project: Path) -> tuple[dict, dict, dict]:
 def through_outage(cmd: list[str], project: Path, server: Server, experiment: str) -> tuple[str, str]:
     """Run ``cmd`` (a tracked pipeline execution) and stop ``server`` for 5 s once the new run of ``experiment``
     has logged its first training loss; (the run's id seen before the outage, the output of ``cmd``)."""
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    env.update(DO_NOT_TRACK="1", DVC_NO_ANALYTICS="1", GOMP_SPINCOUNT="30000", MLFLOW_TRACKING_URI=server.uri)
+    env = stage_env(MLFLOW_TRACKING_URI=server.uri)
     client = MlflowClient(server.uri)
     known, log = set(only_run(client, experiment)), project.parent / "outage.log"
     with log.open("w") as out:
