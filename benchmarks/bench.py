@@ -40,7 +40,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ddpm.config import DDPMConfig
 from ddpm.module import DiffusionModule
-from ddpm.nets import Attention, GroupNorm, UNet, UNetConfig
+from ddpm.nets import Attention, Conv2d, GroupNorm, UNet, UNetConfig
 from ddpm.runtime import keep_freed_memory
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -460,10 +460,13 @@ def variant(
     compile: bool = False,
     native_kernel: bool = True,
     conv_layouts: bool = True,
+    native_attention: bool = True,
+    bias_grad_apart: bool = True,
 ) -> UNet:
     """Our net with levers switched: NCHW activations, GroupNorm and attention in autocast's dtype, PyTorch's
     GroupNorm and SiLU instead of the native kernel, attention projections as matmuls and NCHW convolution
-    weights (``conv_layouts=False``), compiled."""
+    weights (``conv_layouts=False``), PyTorch's SDPA instead of the native attention kernel, the bias gradients
+    computed within oneDNN's weight gradients (``bias_grad_apart=False``), compiled."""
     torch.manual_seed(0)
     net = UNet(cfg).to(device)
     if not channels_last:
@@ -477,9 +480,15 @@ def variant(
         if isinstance(m, Attention):
             m.float32_on_cpu = fp32_attention
             m.conv_projections = conv_layouts
+            m.native = native_attention
+        if isinstance(m, Conv2d):
+            m.separate_bias_grad = bias_grad_apart
     if compile:
         net.compile()
     return net
+
+
+OLD = {"native_attention": False, "bias_grad_apart": False}  # levers off in the rows before they were added
 
 
 def levers(s: Settings, timer: Timer, device: torch.device) -> list[tuple[str, str, float, float]]:
@@ -502,7 +511,7 @@ def levers(s: Settings, timer: Timer, device: torch.device) -> list[tuple[str, s
 
         return call
 
-    before = {"channels_last": False, "fp32_groupnorm": False, "fp32_attention": False}
+    before = {"channels_last": False, "fp32_groupnorm": False, "fp32_attention": False, **OLD}
     calls = {
         "fp32, as before (NCHW, math SDPA, no_grad)": sampling(
             variant(cfg, device, **before), "32-true", torch.no_grad, True
@@ -510,22 +519,28 @@ def levers(s: Settings, timer: Timer, device: torch.device) -> list[tuple[str, s
         "fp32, NCHW, fused SDPA, no_grad": sampling(variant(cfg, device, **before), "32-true", torch.no_grad),
         "fp32, NCHW, fused SDPA, inference_mode": sampling(variant(cfg, device, **before), "32-true"),
         "fp32, channels_last, fused SDPA, inference_mode, PyTorch's GroupNorm and SiLU": sampling(
-            variant(cfg, device, native_kernel=False), "32-true"
+            variant(cfg, device, native_kernel=False, **OLD), "32-true"
         ),
-        "fp32, channels_last, fused SDPA, inference_mode, native GroupNorm+SiLU kernel (the default)": sampling(
+        "fp32, channels_last, fused SDPA, inference_mode, native GroupNorm+SiLU kernel": sampling(
+            variant(cfg, device, native_attention=False), "32-true"
+        ),
+        "fp32, channels_last, inference_mode, native GroupNorm+SiLU and attention kernels (the default)": sampling(
             variant(cfg, device), "32-true"
         ),
         "bf16 autocast, as before (NCHW, GroupNorm and attention in bf16, math SDPA, no_grad)": sampling(
             variant(cfg, device, **before), "bf16-mixed", torch.no_grad, True
         ),
         "bf16 autocast, channels_last, GroupNorm in bf16": sampling(
-            variant(cfg, device, fp32_groupnorm=False), "bf16-mixed"
+            variant(cfg, device, fp32_groupnorm=False, **OLD), "bf16-mixed"
         ),
         "bf16 autocast, channels_last, GroupNorm in fp32, PyTorch's GroupNorm and SiLU": sampling(
-            variant(cfg, device, native_kernel=False), "bf16-mixed"
+            variant(cfg, device, native_kernel=False, **OLD), "bf16-mixed"
         ),
-        "bf16 autocast, channels_last, GroupNorm in fp32, native GroupNorm+SiLU kernel (the default)": sampling(
-            variant(cfg, device), "bf16-mixed"
+        "bf16 autocast, channels_last, GroupNorm in fp32, native GroupNorm+SiLU kernel": sampling(
+            variant(cfg, device, native_attention=False), "bf16-mixed"
+        ),
+        "bf16 autocast, channels_last, GroupNorm in fp32, native GroupNorm+SiLU and attention kernels (the default)": (
+            sampling(variant(cfg, device), "bf16-mixed")
         ),
     }
     if s.compile:
@@ -538,37 +553,45 @@ def levers(s: Settings, timer: Timer, device: torch.device) -> list[tuple[str, s
 
     module = DiffusionModule(UNet(cfg), diffusion_config(cfg)).to(device)
     batch = torch.rand(s.train_batch, cfg.in_channels, cfg.image_size, cfg.image_size, device=device) * 2 - 1
-    before = {"channels_last": False, "fp32_groupnorm": False, "fp32_attention": False}
+    before = {"channels_last": False, "fp32_groupnorm": False, "fp32_attention": False, **OLD}
     calls = {
         "32-true, as before (NCHW)": TrainStep(module, variant(cfg, device, **before), batch, "32-true"),
         "32-true, channels_last, PyTorch's GroupNorm and SiLU": TrainStep(
-            module, variant(cfg, device, native_kernel=False), batch, "32-true"
+            module, variant(cfg, device, native_kernel=False, **OLD), batch, "32-true"
         ),
         "32-true, channels_last, native GroupNorm+SiLU kernel, attention projections as matmuls, NCHW weights": (
-            TrainStep(module, variant(cfg, device, conv_layouts=False), batch, "32-true")
+            TrainStep(module, variant(cfg, device, conv_layouts=False, **OLD), batch, "32-true")
         ),
-        "32-true, channels_last, native GroupNorm+SiLU kernel (the default)": TrainStep(
-            module, variant(cfg, device), batch, "32-true"
+        "32-true, channels_last, native GroupNorm+SiLU kernel": TrainStep(
+            module, variant(cfg, device, **OLD), batch, "32-true"
+        ),
+        "32-true, channels_last, native GroupNorm+SiLU kernel, bias gradients apart": TrainStep(
+            module, variant(cfg, device, native_attention=False), batch, "32-true"
+        ),
+        "32-true, channels_last, native GroupNorm+SiLU and attention kernels, bias gradients apart (the default)": (
+            TrainStep(module, variant(cfg, device), batch, "32-true")
         ),
         "bf16-mixed, as before (NCHW, GroupNorm and attention in bf16)": TrainStep(
             module, variant(cfg, device, **before), batch, "bf16-mixed"
         ),
         "bf16-mixed, NCHW, attention in fp32": TrainStep(
-            module, variant(cfg, device, channels_last=False, fp32_groupnorm=False), batch, "bf16-mixed"
+            module, variant(cfg, device, channels_last=False, fp32_groupnorm=False, **OLD), batch, "bf16-mixed"
         ),
         "bf16-mixed, channels_last, attention in fp32": TrainStep(
-            module, variant(cfg, device, fp32_groupnorm=False), batch, "bf16-mixed"
+            module, variant(cfg, device, fp32_groupnorm=False, **OLD), batch, "bf16-mixed"
         ),
         "bf16-mixed, channels_last, attention and GroupNorm in fp32, PyTorch's GroupNorm and SiLU": TrainStep(
-            module, variant(cfg, device, native_kernel=False), batch, "bf16-mixed"
+            module, variant(cfg, device, native_kernel=False, **OLD), batch, "bf16-mixed"
         ),
         "bf16-mixed, channels_last, attention and GroupNorm in fp32, native GroupNorm+SiLU kernel, attention"
         " projections as matmuls, NCHW weights": TrainStep(
-            module, variant(cfg, device, conv_layouts=False), batch, "bf16-mixed"
+            module, variant(cfg, device, conv_layouts=False, **OLD), batch, "bf16-mixed"
         ),
-        "bf16-mixed, channels_last, attention and GroupNorm in fp32, native GroupNorm+SiLU kernel (the default)": (
-            TrainStep(module, variant(cfg, device), batch, "bf16-mixed")
+        "bf16-mixed, channels_last, attention and GroupNorm in fp32, native GroupNorm+SiLU kernel": (
+            TrainStep(module, variant(cfg, device, native_attention=False), batch, "bf16-mixed")
         ),
+        "bf16-mixed, channels_last, attention and GroupNorm in fp32, native GroupNorm+SiLU and attention kernels"
+        " (the default)": TrainStep(module, variant(cfg, device), batch, "bf16-mixed"),
     }
     if s.compile:
         calls["bf16-mixed, the default + torch.compile"] = TrainStep(
@@ -675,8 +698,8 @@ def op_kind(name: str) -> str:
         return "convolutions"
     if name in ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"):
         return "matmuls"
-    if "scaled_dot_product" in name:
-        return "attention"
+    if "scaled_dot_product" in name or name in ("ddpm::attention", "_Attention", "_AttentionBackward"):
+        return "attention"  # PyTorch's SDPA, or the native kernel (forward without autograd, forward, backward)
     if "group_norm" in name or "GroupNormSiLU" in name:  # the native kernel's autograd nodes: GroupNorm and SiLU
         return "GroupNorm"
     if "silu" in name:
@@ -1106,7 +1129,8 @@ def report(
             " warm-up call; the profiler adds a little time to every operator. Both nets run oneDNN's"
             " convolutions, so the peer's total over our convolutions' time bounds what ours/peer could become"
             " with everything else free. Our GroupNorm column is the native kernel, which includes the SiLU after"
-            " the norm (and, under bf16 autocast, the casts around it).",
+            " the norm (and, under bf16 autocast, the casts around it); our attention column is the native"
+            " attention kernel.",
             "",
         ]
         table = []
@@ -1214,7 +1238,12 @@ def report(
         " activations (oneDNN's, about twice as fast as the same matmul here) and *convolution weights in"
         " channels_last* (no reordered copy of each weight at every call); *attention in fp32* (CPU"
         " only): the CPU's bf16 flash-attention backward is ~8x slower than the fp32 one, for few FLOPs;"
-        " *inference_mode*: no autograd bookkeeping while sampling; *keep_freed_memory*: glibc hands every large"
+        " *native attention kernel* (`ddpm.kernels.attention`, CPU, up to 196 tokens): one (image, head) at a"
+        " time in cache, q, k and v read where the projection leaves them, each query's softmax down a column of"
+        " transposed scores (16 queries per vector), instead of SDPA's flash kernel, which is mostly overhead"
+        " at 49 tokens of 16 channels; *bias gradients apart* (fp32 training on the CPU): each convolution's bias"
+        " gradient as a sum of its output gradient, not within oneDNN's weight gradient, which takes longer with"
+        " it; *inference_mode*: no autograd bookkeeping while sampling; *keep_freed_memory*: glibc hands every large"
         " activation back to the kernel when it is freed and page-faults it in again at the next step;"
         " *torch.compile*: fuses GroupNorm, SiLU and the casts (compiling takes 20-80 s on a 2-core CPU), so it is"
         " the params switch `train.compile` / `sample.compile`, off by default. bf16 autocast is the params.yaml"

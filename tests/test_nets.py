@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ddpm.nets import Attention, GroupNorm, UNet, UNetConfig, group_norm
+from ddpm.nets import Attention, Conv2d, GroupNorm, UNet, UNetConfig, group_norm
 
 TINY = {"channels": 16, "norm_groups": 8, "num_heads": 2, "num_res_blocks": 1}
 
@@ -190,6 +190,7 @@ def test_attention_uses_a_fused_sdpa_kernel():
     if "aten::_scaled_dot_product_attention_math" in kernels(lambda: F.scaled_dot_product_attention(q, q, q)):
         pytest.skip("no fused SDPA kernel on this platform")
     attn = Attention(32, 4, 8)
+    attn.native = False  # PyTorch's SDPA (the path on GPUs), not the native CPU kernel
     assert "aten::_scaled_dot_product_attention_math" not in kernels(lambda: attn(torch.randn(2, 32, 7, 7)))
 
 
@@ -235,3 +236,39 @@ def test_bf16_autocast_is_as_accurate_as_plain_autocast_and_trains():
     assert error <= 1.05 * error_plain
     out.float().square().mean().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())
+
+
+@pytest.mark.parametrize(("kernel", "stride", "input_grad"), [(3, 1, True), (3, 2, True), (1, 1, True), (3, 1, False)])
+def test_conv_with_the_bias_gradient_apart_matches_nn_conv2d(kernel, stride, input_grad):
+    """Same output and gradients as nn.Conv2d (input_grad False: the first convolution, on the data)."""
+    torch.manual_seed(0)
+    conv = Conv2d(6, 5, kernel, stride=stride, padding=kernel // 2).to(memory_format=torch.channels_last)
+    plain = nn.Conv2d(6, 5, kernel, stride=stride, padding=kernel // 2)
+    plain.load_state_dict(conv.state_dict())
+    assert set(conv.state_dict()) == {"weight", "bias"}
+    x = torch.randn(3, 6, 9, 9).contiguous(memory_format=torch.channels_last)
+    xs = [x.clone().requires_grad_(input_grad) for _ in range(2)]
+    out, expected = conv(xs[0]), plain(xs[1])
+    assert type(out.grad_fn).__name__.startswith("_Conv2dBackwardWithBiasSum")
+    dy = torch.randn_like(out)
+    out.backward(dy)
+    expected.backward(dy)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    for a, b in ((conv.weight.grad, plain.weight.grad), (conv.bias.grad, plain.bias.grad)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    if input_grad:
+        torch.testing.assert_close(xs[0].grad, xs[1].grad, atol=1e-5, rtol=1e-5)
+    else:
+        assert xs[0].grad is None
+
+
+def test_conv_is_nn_conv2d_under_autocast_and_without_gradients():
+    conv = Conv2d(4, 4, 3, padding=1)
+    x = torch.randn(2, 4, 5, 5, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = conv(x)
+    assert out.dtype == torch.bfloat16 and not type(out.grad_fn).__name__.startswith("_Conv2d")
+    with torch.no_grad():
+        assert conv(x).grad_fn is None
+    conv.separate_bias_grad = False
+    assert not type(conv(x).grad_fn).__name__.startswith("_Conv2d")

@@ -1,18 +1,21 @@
-"""Native CPU kernel: GroupNorm, optionally fused with the SiLU after it, on channels_last activations.
+"""Native CPU kernels: GroupNorm (optionally fused with the SiLU after it) and few-token softmax attention.
 
 The U-Net normalises every block's input with GroupNorm and most of them go straight into a SiLU. On the
 CPU, PyTorch runs these as separate passes over the activation (and, under bf16 autocast, two casts more),
 and its channels_last GroupNorm walks each image several times; the fused kernel in
 ``csrc/group_norm_silu.cpp`` reads an image once for its statistics and once to write the output, while it
-is still in cache, and its backward likewise (see ``benchmarks/results.md`` for what it gains).
+is still in cache, and its backward likewise. The attention of the low-resolution levels (49 tokens on a 7x7
+map) is mostly overhead for PyTorch's flash kernel; ``csrc/attention.cpp`` runs one (image, head) at a time in
+cache, reading q, k and v where the channels_last projection leaves them (see ``benchmarks/results.md`` for
+what each gains).
 
-The kernel is compiled with :mod:`torch.utils.cpp_extension` the first time it is needed (20-30 s with
-a C++ compiler; :func:`main` builds it ahead, as ``make install`` does) into
+The kernels are compiled with :mod:`torch.utils.cpp_extension` the first time they are needed (20-30 s with
+a C++ compiler; :func:`main` builds them ahead, as ``make install`` does) into
 ``$DDPM_KERNELS_DIR`` (by default ``~/.cache/ddpm-pipeline/kernels``), once per torch installation, CPU kind and
-revision of the source.
-Where it cannot be built or does not apply (GPU tensors, NCHW layout, other dtypes, inside
+revision of the sources.
+Where they cannot be built or do not apply (GPU tensors, NCHW layout, other dtypes, inside
 ``torch.compile``, which fuses these ops itself) PyTorch's own ops run instead, with the same results up to
-float rounding. ``DDPM_NATIVE_KERNELS=0`` switches the kernel off.
+float rounding. ``DDPM_NATIVE_KERNELS=0`` switches the kernels off.
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-SOURCE = Path(__file__).with_name("csrc") / "group_norm_silu.cpp"
+SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in ("group_norm_silu.cpp", "attention.cpp"))
+ATTENTION_MAX_TOKENS = 196  # a 14x14 map; at 256 tokens PyTorch's flash forward measured faster (the kernel keeps [L, L] scores)
 ENV = "DDPM_NATIVE_KERNELS"
 STALE_LOCK_SECONDS = 600  # a build lock older than this was left by a build that was killed
 _DTYPES = (torch.float32, torch.bfloat16)
@@ -115,20 +119,24 @@ def extension() -> ModuleType | None:
         flags = ["-O3", "-fno-trapping-math", "-fopenmp"]
         if platform.machine() in ("x86_64", "AMD64", "aarch64", "arm64"):
             flags.append("-march=native" if platform.machine() in ("x86_64", "AMD64") else "-mcpu=native")
-        code = SOURCE.read_bytes()
-        name = f"ddpm_group_norm_silu_{_cpu_tag()}_{hashlib.sha256(code).hexdigest()[:8]}"
+        codes = {path.name: path.read_bytes() for path in SOURCES}
+        digest = hashlib.sha256(b"".join(hashlib.sha256(c).digest() for c in codes.values())).hexdigest()[:8]
+        name = f"ddpm_kernels_{_cpu_tag()}_{digest}"
         folder = build_directory(name)
-        # Built from a copy inside its folder: every checkout of the same source shares one build (ninja would
-        # rebuild for each source path), and other revisions of the source build beside it.
-        source = folder / SOURCE.name
-        if not source.exists() or source.read_bytes() != code:
-            tmp = source.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_bytes(code)
-            os.replace(tmp, source)
+        # Built from copies inside its folder: every checkout of the same sources shares one build (ninja would
+        # rebuild for each source path), and other revisions of the sources build beside it.
+        sources = []
+        for file, code in codes.items():
+            source = folder / file
+            if not source.exists() or source.read_bytes() != code:
+                tmp = source.with_suffix(f".{os.getpid()}.tmp")
+                tmp.write_bytes(code)
+                os.replace(tmp, source)
+            sources.append(str(source))
         with _one_ninja():
             _extension = cpp_extension.load(
                 name=name,
-                sources=[str(source)],
+                sources=sources,
                 build_directory=str(folder),
                 extra_cflags=flags,
                 extra_ldflags=["-fopenmp"],
@@ -137,7 +145,7 @@ def extension() -> ModuleType | None:
     except Exception as err:  # no compiler, no Python headers, an unsupported platform
         _error = f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
         warnings.warn(
-            f"ddpm: the native GroupNorm kernel could not be built ({_error}); using PyTorch's GroupNorm and SiLU "
+            f"ddpm: the native kernels could not be built ({_error}); using PyTorch's GroupNorm, SiLU and attention "
             f"(set {ENV}=0 to skip the attempt)",
             RuntimeWarning,
             stacklevel=2,
@@ -200,10 +208,54 @@ def group_norm(
     return F.silu(h, inplace=not torch.is_grad_enabled()) if silu else h
 
 
+class _Attention(torch.autograd.Function):
+    """Autograd of the attention kernel: saves qkv, the output and each query's log-sum-exp."""
+
+    @staticmethod
+    def forward(ctx, qkv: Tensor, scale: float) -> Tensor:
+        out, lse = _extension.attention_forward(qkv, scale)
+        ctx.save_for_backward(qkv, out, lse)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout: Tensor) -> tuple[Tensor | None, ...]:
+        qkv, out, lse = ctx.saved_tensors
+        return _extension.attention_backward(dout, qkv, out, lse, ctx.scale), None
+
+
+def attention(qkv: Tensor, native: bool = True) -> Tensor:
+    """Softmax attention ``softmax(q k^T / sqrt(d)) v`` of ``qkv`` [B, L, 3, heads, d]: [B, L, heads, d].
+
+    The native kernel in float32 where it applies (CPU, L <= ``ATTENTION_MAX_TOKENS``, outside compile, and
+    ``native``); elsewhere PyTorch's ``scaled_dot_product_attention`` in qkv's dtype.
+    """
+    B, L, three, heads, d = qkv.shape
+    if three != 3:
+        raise ValueError(f"qkv must have shape [B, L, 3, heads, d], got {list(qkv.shape)}")
+    if (
+        native
+        and qkv.device.type == "cpu"
+        and qkv.is_floating_point()
+        and 0 < L <= ATTENTION_MAX_TOKENS
+        and enabled()
+        and not torch.compiler.is_compiling()
+        and extension() is not None
+    ):
+        qkv = qkv.float().contiguous()
+        if torch.is_grad_enabled() and qkv.requires_grad:
+            return _Attention.apply(qkv, d**-0.5)
+        with torch.profiler.record_function("ddpm::attention"):
+            return _extension.attention_forward(qkv, d**-0.5)[0]
+    q, k, v = qkv.permute(2, 0, 3, 1, 4)
+    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+
+
 def main() -> None:
-    """Build the kernel now and say where it is, or why it is not (exit status 1)."""
+    """Build the kernels now and say where they are, or why they are not (exit status 1)."""
     ext = extension()
     if ext is None:
-        print(f"native GroupNorm kernel: not built ({_error}); PyTorch's ops will run", file=sys.stderr)
+        print(f"native kernels: not built ({_error}); PyTorch's ops will run", file=sys.stderr)
         sys.exit(1)
-    print(f"native GroupNorm kernel: {ext.__file__}")
+    print(f"native kernels: {ext.__file__}")

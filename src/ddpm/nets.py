@@ -78,6 +78,66 @@ class GroupNorm(nn.GroupNorm):
         return super().extra_repr() + (", silu=True" if self.silu else "")
 
 
+class _Conv2dBackwardWithBiasSum(torch.autograd.Function):
+    """A convolution whose backward leaves the bias gradient out of oneDNN's weight gradient.
+
+    The bias gradient is the output gradient summed over batch and pixels. Asked for it with the weight
+    gradient, oneDNN's fp32 CPU backward took longer per convolution of the default net than the same call
+    without it plus a ``sum`` (``benchmarks/results.md``, Levers); the values are the same sums.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, conv: tuple) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.conv = conv
+        return F.conv2d(x, weight, bias, *conv)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conv
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        dx = dw = db = None
+        if need_x or need_w:
+            mask = [need_x, need_w, False]
+            dx, dw, _ = torch.ops.aten.convolution_backward(
+                dy, x, weight, None, stride, padding, dilation, False, [0, 0], groups, mask
+            )
+        if need_b:
+            db = dy.sum((0, 2, 3))
+        return dx, dw, db, None
+
+
+class Conv2d(nn.Conv2d):
+    """``nn.Conv2d`` (same parameters and state dict) whose CPU training backward computes the bias gradient
+    apart from oneDNN's weight gradient, which is faster (:class:`_Conv2dBackwardWithBiasSum`).
+
+    Elsewhere it is ``nn.Conv2d``: on a GPU, without gradients, under autocast (bf16-mixed training, where the
+    separate sum measured slower), inside ``torch.compile``, with a ``padding_mode`` other than zeros, or with
+    ``separate_bias_grad`` False.
+    """
+
+    separate_bias_grad = True
+
+    def _conv_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        if (
+            self.separate_bias_grad
+            and bias is not None
+            and x.device.type == "cpu"
+            and self.padding_mode == "zeros"
+            and not isinstance(self.padding, str)
+            and torch.is_grad_enabled()
+            and (x.requires_grad or weight.requires_grad or bias.requires_grad)
+            and not torch.is_autocast_enabled("cpu")
+            and x.dtype == weight.dtype == bias.dtype
+            and not torch.compiler.is_compiling()
+        ):
+            conv = (self.stride, self.padding, self.dilation, self.groups)
+            return _Conv2dBackwardWithBiasSum.apply(x, weight, bias, conv)
+        return super()._conv_forward(x, weight, bias)
+
+
 def group_norm(ch: int, norm_groups: int, silu: bool = False) -> GroupNorm:
     """GroupNorm (followed by SiLU if ``silu``) over ch channels with min(norm_groups, ch) groups."""
     groups = min(norm_groups, ch)
@@ -103,12 +163,12 @@ class ResBlock(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float, norm_groups: int):
         super().__init__()
         self.norm1 = group_norm(in_ch, norm_groups, silu=True)
-        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.conv1 = Conv2d(in_ch, out_ch, 3, padding=1)
         self.emb_proj = nn.Linear(emb_dim, out_ch)
         self.norm2 = group_norm(out_ch, norm_groups, silu=True)
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = zero_(nn.Conv2d(out_ch, out_ch, 3, padding=1))
-        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+        self.conv2 = zero_(Conv2d(out_ch, out_ch, 3, padding=1))
+        self.skip = Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         """Return skip(x) + F(x, emb).
@@ -129,11 +189,13 @@ class Attention(nn.Module):
     ``float32_on_cpu``: on the CPU the attention itself runs in float32 under autocast, since the CPU's bf16
     flash-attention backward is ~8x slower than float32's (the attention's FLOPs are a small share of the net's).
     ``conv_projections``: the q/k/v and output projections run as 1x1 convolutions on channels_last activations
-    (False: as matmuls over the tokens).
+    (False: as matmuls over the tokens). ``native``: the CPU attention runs as the native kernel
+    (:func:`ddpm.kernels.attention`) where it applies (False: PyTorch's SDPA).
     """
 
     float32_on_cpu = True
     conv_projections = True
+    native = True
 
     def __init__(self, ch: int, num_heads: int, norm_groups: int):
         super().__init__()
@@ -144,29 +206,30 @@ class Attention(nn.Module):
             )
         self.num_heads = num_heads
         self.norm = group_norm(ch, norm_groups)
-        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
-        self.proj_out = zero_(nn.Conv2d(ch, ch, 1))
+        self.qkv = Conv2d(ch, 3 * ch, 1)
+        self.proj_out = zero_(Conv2d(ch, ch, 1))
 
     def forward(self, x: Tensor) -> Tensor:
         """Return x + proj_out(attention(norm(x)))."""
         B, C, H, W = x.shape
         h = self.norm(x)
-        # q, k and v need unit stride along the head dimension for the fused (flash) SDPA kernels; a strided
-        # layout falls back to math SDPA. On channels_last activations the 1x1 convolution's output already has
-        # it (memory [B, HW, 3C]), and oneDNN's 1x1 convolution is about twice as fast as the same matmul on the
-        # CPU; on NCHW activations the tokens [B, HW, C] go through the convolution as a linear map.
+        # q, k and v are read where the projection leaves them, [B, HW, 3, heads, d]: in place by the native
+        # kernel, and with unit stride along the head dimension, which SDPA's fused (flash) kernels need (a strided
+        # layout falls back to math SDPA). On channels_last activations the 1x1 convolution's output already has
+        # that layout, and oneDNN's 1x1 convolution is about twice as fast as the same matmul on the CPU; on NCHW
+        # activations the tokens [B, HW, C] go through the convolution as a linear map.
         channels_last = h.is_contiguous(memory_format=torch.channels_last) and self.conv_projections
         if channels_last:
             qkv = self.qkv(h).permute(0, 2, 3, 1)
         else:
             qkv = F.linear(h.flatten(2).transpose(1, 2), self.qkv.weight.flatten(1), self.qkv.bias)
-        q, k, v = qkv.reshape(B, H * W, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        qkv = qkv.reshape(B, H * W, 3, self.num_heads, C // self.num_heads)
         if x.device.type == "cpu" and self.float32_on_cpu:
             with torch.autocast("cpu", enabled=False):
-                h = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+                h = kernels.attention(qkv.float(), native=self.native)
         else:
-            h = F.scaled_dot_product_attention(q, k, v)
-        h = h.transpose(1, 2).reshape(B, H * W, C)
+            h = kernels.attention(qkv, native=False)
+        h = h.reshape(B, H * W, C)
         if channels_last:
             return x + self.proj_out(h.view(B, H, W, C).permute(0, 3, 1, 2).to(x.dtype))
         h = F.linear(h, self.proj_out.weight.flatten(1), self.proj_out.bias)
@@ -178,7 +241,7 @@ class Downsample(nn.Module):
 
     def __init__(self, ch: int):
         super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+        self.conv = Conv2d(ch, ch, 3, stride=2, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
         """Return the downsampled feature map."""
@@ -190,7 +253,7 @@ class Upsample(nn.Module):
 
     def __init__(self, ch: int):
         super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+        self.conv = Conv2d(ch, ch, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
         """Return the upsampled feature map."""
@@ -243,7 +306,7 @@ class UNet(nn.Module):
         ch, emb_dim, groups = cfg.channels, 4 * cfg.channels, cfg.norm_groups
         self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.class_emb = nn.Embedding(cfg.num_classes + 1, emb_dim) if cfg.num_classes is not None else None
-        self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
+        self.conv_in = Conv2d(cfg.in_channels, ch, 3, padding=1)
 
         def attention(c: int, resolution: int) -> nn.Module:
             """Attention layer if resolution is in attn_resolutions, else identity."""
@@ -281,7 +344,7 @@ class UNet(nn.Module):
             self.up.append(Level(res, attn, Upsample(ch) if i > 0 else None))
 
         self.norm_out = group_norm(ch, groups, silu=True)
-        self.conv_out = zero_(nn.Conv2d(ch, cfg.in_channels, 3, padding=1))
+        self.conv_out = zero_(Conv2d(ch, cfg.in_channels, 3, padding=1))
         # Convolution weights in the activations' layout: no reordered copy of each weight at every call
         self.to(memory_format=self.memory_format)
 

@@ -450,10 +450,13 @@ std::vector<torch::Tensor> run_backward(const torch::Tensor& dy, const torch::Te
 
 }  // namespace
 
+void register_attention(pybind11::module_& m);  // attention.cpp
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &run_forward<Best>, "GroupNorm (+ SiLU) forward on channels_last CPU tensors: (y, mean, rstd)");
   m.def("backward", &run_backward<Best>, "GroupNorm (+ SiLU) backward: (dx, dweight, dbias)");
   m.def("forward_portable", &run_forward<Portable>, "forward with the plain-loop passes");
   m.def("backward_portable", &run_backward<Portable>, "backward with the plain-loop passes");
+  register_attention(m);
   m.attr("vector_isa") = pybind11::str(std::is_same_v<Best, Avx512> ? "avx512" : "portable");
 }
