@@ -21,6 +21,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <algorithm>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -149,21 +150,70 @@ inline __m512 vgrad_z(__m512 dy, __m512 z) {
   return _mm512_mul_ps(_mm512_mul_ps(dy, s), _mm512_fmadd_ps(z, _mm512_sub_ps(one, s), one));
 }
 
+// The statistics walk the image in bands of up to 64 channels (4 vectors of 16), row by row, with the band's
+// sums in registers: each row's band is 4 consecutive cache lines, which the hardware prefetcher streams.
+template <typename T, int NS>
+static void stats_band(const T* x, int64_t HW, int64_t C, int64_t c0, const float* pivot, float* s1, float* s2) {
+  __mmask16 k[NS];
+  __m512 pv[NS], a1[NS], a2[NS];
+  for (int s = 0; s < NS; ++s) {
+    k[s] = tail(c0 + 16 * s, C);
+    pv[s] = vload(pivot + c0 + 16 * s, k[s]);
+    a1[s] = _mm512_setzero_ps();
+    a2[s] = _mm512_setzero_ps();
+  }
+  for (int64_t p = 0; p < HW; ++p) {
+    for (int s = 0; s < NS; ++s) {
+      const __m512 d = _mm512_sub_ps(vload(x + p * C + c0 + 16 * s, k[s]), pv[s]);
+      a1[s] = _mm512_add_ps(a1[s], d);
+      a2[s] = _mm512_fmadd_ps(d, d, a2[s]);
+    }
+  }
+  for (int s = 0; s < NS; ++s) {
+    vstore(s1 + c0 + 16 * s, a1[s], k[s]);
+    vstore(s2 + c0 + 16 * s, a2[s], k[s]);
+  }
+}
+
+// The backward's sums likewise, in bands of up to 64 channels.
+template <typename T, bool Silu, int NS>
+static void sums_band(const T* x, const T* dy, int64_t HW, int64_t C, int64_t c0, const float* a, const float* b,
+                      const float* m, float* sum_dz, float* sum_dzx) {
+  __mmask16 k[NS];
+  __m512 av[NS], bv[NS], mv[NS], s1[NS], s2[NS];
+  for (int s = 0; s < NS; ++s) {
+    const int64_t c = c0 + 16 * s;
+    k[s] = tail(c, C);
+    av[s] = vload(a + c, k[s]);
+    bv[s] = vload(b + c, k[s]);
+    mv[s] = vload(m + c, k[s]);
+    s1[s] = _mm512_setzero_ps();
+    s2[s] = _mm512_setzero_ps();
+  }
+  for (int64_t p = 0; p < HW; ++p) {
+    for (int s = 0; s < NS; ++s) {
+      const int64_t i = p * C + c0 + 16 * s;
+      const __m512 xv = vload(x + i, k[s]);
+      const __m512 dz = vgrad_z<Silu>(vload(dy + i, k[s]), _mm512_fmadd_ps(xv, av[s], bv[s]));
+      s1[s] = _mm512_add_ps(s1[s], dz);
+      s2[s] = _mm512_fmadd_ps(dz, _mm512_sub_ps(xv, mv[s]), s2[s]);
+    }
+  }
+  for (int s = 0; s < NS; ++s) {
+    vstore(sum_dz + c0 + 16 * s, s1[s], k[s]);
+    vstore(sum_dzx + c0 + 16 * s, s2[s], k[s]);
+  }
+}
+
 struct Avx512 {
-// The reductions walk the image in strips of 16 channels, row by row, with the sums in registers.
 template <typename T>
 static void stats_pass(const T* x, int64_t HW, int64_t C, const float* pivot, float* s1, float* s2) {
-  for (int64_t c = 0; c < C; c += 16) {
-    const __mmask16 k = tail(c, C);
-    const __m512 pv = vload(pivot + c, k);
-    __m512 a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps();
-    for (int64_t p = 0; p < HW; ++p) {
-      const __m512 d = _mm512_sub_ps(vload(x + p * C + c, k), pv);
-      a1 = _mm512_add_ps(a1, d);
-      a2 = _mm512_fmadd_ps(d, d, a2);
-    }
-    vstore(s1 + c, a1, k);
-    vstore(s2 + c, a2, k);
+  for (int64_t c = 0; c < C; c += 64) {
+    const int64_t strips = (std::min<int64_t>(C - c, 64) + 15) / 16;
+    if (strips == 4) stats_band<T, 4>(x, HW, C, c, pivot, s1, s2);
+    else if (strips == 3) stats_band<T, 3>(x, HW, C, c, pivot, s1, s2);
+    else if (strips == 2) stats_band<T, 2>(x, HW, C, c, pivot, s1, s2);
+    else stats_band<T, 1>(x, HW, C, c, pivot, s1, s2);
   }
 }
 
@@ -179,18 +229,12 @@ static void forward_row(const T* x, const float* a, const float* b, T* y, int64_
 template <typename T, bool Silu>
 static void sums_pass(const T* x, const T* dy, int64_t HW, int64_t C, const float* a, const float* b, const float* m,
                       float* sum_dz, float* sum_dzx) {
-  for (int64_t c = 0; c < C; c += 16) {
-    const __mmask16 k = tail(c, C);
-    const __m512 av = vload(a + c, k), bv = vload(b + c, k), mv = vload(m + c, k);
-    __m512 s1 = _mm512_setzero_ps(), s2 = _mm512_setzero_ps();
-    for (int64_t p = 0; p < HW; ++p) {
-      const __m512 xv = vload(x + p * C + c, k);
-      const __m512 dz = vgrad_z<Silu>(vload(dy + p * C + c, k), _mm512_fmadd_ps(xv, av, bv));
-      s1 = _mm512_add_ps(s1, dz);
-      s2 = _mm512_fmadd_ps(dz, _mm512_sub_ps(xv, mv), s2);
-    }
-    vstore(sum_dz + c, s1, k);
-    vstore(sum_dzx + c, s2, k);
+  for (int64_t c = 0; c < C; c += 64) {
+    const int64_t strips = (std::min<int64_t>(C - c, 64) + 15) / 16;
+    if (strips == 4) sums_band<T, Silu, 4>(x, dy, HW, C, c, a, b, m, sum_dz, sum_dzx);
+    else if (strips == 3) sums_band<T, Silu, 3>(x, dy, HW, C, c, a, b, m, sum_dz, sum_dzx);
+    else if (strips == 2) sums_band<T, Silu, 2>(x, dy, HW, C, c, a, b, m, sum_dz, sum_dzx);
+    else sums_band<T, Silu, 1>(x, dy, HW, C, c, a, b, m, sum_dz, sum_dzx);
   }
 }
 
