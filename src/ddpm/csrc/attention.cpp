@@ -20,32 +20,15 @@
 
 namespace {
 
-// exp(x) for x <= 0 (arguments are shifted by the row's maximum or log-sum-exp): 2^n P(r), the Cephes expf
-// polynomial, branch-free so that loops over it vectorise. Below -87 it returns ~e^-87 (a probability of 1e-38).
-inline float exp_nonpositive(float x) {
-  x = x < -87.0f ? -87.0f : x;
-  float n = std::floor(x * 1.44269504088896341f + 0.5f);
-  float r = x - n * 0.693359375f;
-  r = r + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
-}
-
 // Vectors of 16 floats (GCC/Clang vector extension: one AVX-512 register, two AVX ones). Buffers are padded to
 // whole vectors with zeros, so no loop has a tail.
 typedef float v16 __attribute__((vector_size(64)));
 typedef int32_t vi16 __attribute__((vector_size(64)));
 constexpr int64_t V = 16;
 
+// exp(x) for x <= 0 (scores shifted by their query's maximum or log-sum-exp) on 16 lanes: 2^n P(r) with the
+// Cephes expf polynomial (~1 ulp), floor through a truncating conversion, 2^n through the exponent bits. Below
+// -87 it returns ~e^-87 (a probability of 1e-38).
 inline v16 vexp(v16 x) {
   x = x < -87.0f ? v16{} - 87.0f : x;
   const v16 t = x * 1.44269504088896341f + 0.5f;
