@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from ddpm import kernels
 from ddpm.config import DDPMConfig
 from ddpm.module import DiffusionModule
 from ddpm.nets import Attention, Conv2d, GroupNorm, UNet, UNetConfig
@@ -206,9 +207,21 @@ def autocast(device: torch.device, precision: str) -> AbstractContextManager:
 
 
 def count_flops(fn: Callable[[], Any]) -> int:
-    """FLOPs of one call of ``fn`` (matmuls, convolutions and attention; SDPA counted through its math backend)."""
-    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
-        fn()
+    """FLOPs of one call of ``fn`` (matmuls, convolutions and attention; SDPA counted through its math backend).
+
+    The native kernels are off while counting: the counter knows PyTorch's attention, not ours, which does the
+    same products (the FLOPs are the net's arithmetic, whichever kernel runs it).
+    """
+    saved = os.environ.get(kernels.ENV)
+    os.environ[kernels.ENV] = "0"
+    try:
+        with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+            fn()
+    finally:
+        if saved is None:
+            del os.environ[kernels.ENV]
+        else:
+            os.environ[kernels.ENV] = saved
     return counter.get_total_flops()
 
 

@@ -113,3 +113,19 @@ def test_e2e_times_every_variant_of_the_stages_code(tmp_path, smoke_params):
     for row in sampling:
         assert _number(row[2]) > 0 and _number(row[3]) > _number(row[2])  # img-steps/s = img/s x NFE
     assert "2 variants ran at a time, sharing the cores: these rates do not compare." in text
+
+
+def test_flop_counts_of_both_nets_are_equal_with_our_native_kernels_on():
+    """Same architecture, same FLOPs: the count must not miss the work of our native attention kernel, which the
+    flop counter does not know (it counts the net's arithmetic through PyTorch's attention)."""
+    pytest.importorskip("diffusers")
+    import torch
+
+    from benchmarks.bench import PeerNet, sample_step_flops, tiny_model
+    from ddpm import kernels
+    from ddpm.nets import UNet
+
+    cfg = tiny_model()
+    assert cfg.attn_resolutions and kernels.enabled()
+    ours, peer = (sample_step_flops(net, cfg, torch.device("cpu")) for net in (UNet(cfg), PeerNet(cfg)))
+    assert ours == peer > 0
