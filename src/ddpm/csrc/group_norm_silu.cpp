@@ -109,11 +109,18 @@ inline void vstore(float* p, __m512 v, __mmask16 k) {
   }
 }
 inline void vstore(uint16_t* p, __m512 v, __mmask16 k) {
+#if defined(__AVX512BF16__)
+  // one instruction: round to nearest even (NaN stays NaN; float denormals, below 1.2e-38, become zero)
+  const __m256bh b = _mm512_cvtneps_pbh(v);
+  __m256i h;
+  std::memcpy(&h, &b, sizeof h);
+#else
   const __m512i u = _mm512_castps_si512(v);
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
   __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
   r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
   const __m256i h = _mm512_cvtepi32_epi16(r);
+#endif
   if (k == kFull) {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), h);
   } else {
