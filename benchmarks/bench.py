@@ -1021,11 +1021,15 @@ def summary(
         peaks = ", ".join(f"{m['peak_mb']:,.0f} MB ({m['n']:,} images)" for m in samples)
         first, last = samples[-2], samples[-1]
         grow, array = last["peak_mb"] - first["peak_mb"], last["output_mb"] - first["output_mb"]
+        within = last["peak_mb"] - last["early_peak_mb"]
+        array_within = last["output_mb"] * (1 - last["early_n"] / last["n"])
         lines.append(
             f"- Sampling memory ({'keep_freed_memory' if kept else 'default malloc'}), chunks of"
-            f" {first['batch_size']}: peak RSS {peaks}. From {first['n']:,} to {last['n']:,} images the peak moves"
-            f" {grow:+.0f} MB while the output array grows by {array:.1f} MB"
-            f" (target: at most that: {check(grow <= array)})."
+            f" {first['batch_size']}: peak RSS {peaks}. Within the {last['n']:,}-image process, the peak moves"
+            f" {within:+.0f} MB from its first {last['early_n']:,} images to its end, while the output grows by"
+            f" {array_within:.1f} MB (target: at most that: {check(within <= array_within)}). Across processes,"
+            f" from {first['n']:,} to {last['n']:,} images the peak moves {grow:+.0f} MB against {array:.1f} MB more"
+            " output (processes of the same job differ by up to about 100 MB, see Memory)."
         )
     if syncs:
         counted = "; ".join(f"{k}: {v}" for k, v in syncs.items())
@@ -1274,18 +1278,21 @@ def report(
         )
         malloc = "keep_freed_memory" if m["keep_freed_memory"] else "default"
         grow = m["peak_mb"] - m["before_mb"]
-        row = [what, malloc, f"{m['before_mb']:.0f}", f"{m['peak_mb']:.0f}", f"{grow:+.0f}", m.get("output_mb", "")]
-        mem_rows.append(row)
-    header = ["job", "malloc", "RSS before (MB)", "peak RSS (MB)", "peak - before (MB)", "output array (MB)"]
+        early = f"{m['early_peak_mb']:.0f} ({m['early_n']:,} images)" if "early_peak_mb" in m else ""
+        row = [what, malloc, f"{m['before_mb']:.0f}", early, f"{m['peak_mb']:.0f}", f"{grow:+.0f}"]
+        mem_rows.append(row + [m.get("output_mb", "")])
+    header = ["job", "malloc", "RSS before (MB)", "peak RSS after the first chunks (MB)", "peak RSS (MB)"]
+    header += ["peak - before (MB)", "output array (MB)"]
     lines += _table(header, mem_rows)
     lines += [
         "",
         "The sample stage (`ddpm.sampling.draw`, one step per image here: a chunk's memory does not depend on the"
         " step count) streams each chunk into the `.npz`, so its peak is one chunk's forward pass, whatever the"
         " number of images (see Targets). The peak is the kernel's high-water mark of the resident set, reset"
-        " just before the job. The jobs run one after the other: run at once, sharing the cores, the same job's"
-        " peak moved by up to about 100 MB between runs of this benchmark (allocator and thread timing), more"
-        " than the 10,000-image output array.",
+        " just before the job, and read again after the job's first chunks: what the later chunks add is"
+        " measured within one process. The jobs run one after the other. Between processes of the same job the"
+        " peak moved by up to about 100 MB over runs of this benchmark (allocator and thread timing), more than"
+        " the 10,000-image output array, so the target is judged within the largest job.",
     ]
 
     lines += ["", "## Evaluation (FID feature extraction, uint8 images in, inference_mode)", ""]

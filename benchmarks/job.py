@@ -6,7 +6,8 @@
 
 ``sample`` runs the sample stage's function (:func:`ddpm.sampling.draw`, which streams the chunks into the
 ``.npz``) with one step per image (a chunk's memory does not depend on the step count) and reports the peak
-resident memory; ``train`` does the same for three training steps. The peak is the kernel's high-water mark
+resident memory, at its end and after its first ``EARLY_CHUNKS`` chunks (so that what the rest of the images
+add is measured within one process); ``train`` does the same for three training steps. The peak is the kernel's high-water mark
 of the resident set (``VmHWM``), reset just before the job through ``/proc/self/clear_refs``; where that is
 unavailable it is ``ru_maxrss`` of the whole process. ``steps`` times sampling steps (one network evaluation
 at the sampling batch size, fp32) and training steps (bf16-mixed and 32-true) of our net and of the peer, and
@@ -34,6 +35,7 @@ from ddpm.runtime import keep_freed_memory
 from ddpm.sampling import SampleConfig, draw
 
 MB = 1e6
+EARLY_CHUNKS = 4  # the sample job also reports its peak after this many chunks
 
 
 def _status(field: str) -> float | None:
@@ -106,11 +108,23 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.job == "sample":
         sample = SampleConfig(n=args.n, sampler=args.sampler, steps=1, batch_size=args.batch_size)
+        chunks, early = module.sample_batches, []
+
+        def counted(*a: object, **k: object):  # the chunks as draw gets them; the peak once it has written a few
+            for i, chunk in enumerate(chunks(*a, **k)):
+                yield chunk
+                if i + 1 == EARLY_CHUNKS:
+                    early.append(peak_mb(reset))
+
+        module.sample_batches = counted
         with tempfile.TemporaryDirectory() as out:
             before, reset = _status("VmRSS"), reset_peak()
             draw(module, sample, out, progress=False)
             peak = peak_mb(reset)
-        result |= {"n": args.n, "output_mb": round(args.n * shape[0] * shape[1] * shape[2] / MB, 2)}
+        early_n = min(args.n, EARLY_CHUNKS * args.batch_size)
+        image_mb = shape[0] * shape[1] * shape[2] / MB
+        result |= {"n": args.n, "output_mb": round(args.n * image_mb, 2)}
+        result |= {"early_n": early_n, "early_peak_mb": round(early[0] if early else peak, 1)}
     else:
         step = TrainStep(module, module.net, torch.rand(args.batch_size, *shape) * 2 - 1, args.precision)
         before, reset = _status("VmRSS"), reset_peak()
