@@ -77,7 +77,7 @@ deploy: install ## check prefect.yaml against params.yaml, then deploy it to its
 	$(RUN) python -m pipeline.flows check
 	$(RUN) prefect deploy --all
 
-bench: install ## throughput and memory side by side with diffusers (~11 min) -> benchmarks/results.md
+bench: install ## throughput and memory side by side with diffusers (~15 min) -> benchmarks/results.md
 	$(PY) -m benchmarks.bench
 
 lint: install ## check the code with ruff
