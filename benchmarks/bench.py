@@ -1033,14 +1033,18 @@ def summary(
         within = statistics.median(withins)
         array_within = last["output_mb"] * (1 - last["early_n"] / last["n"])
         each = f" (median of {len(withins)} processes: {', '.join(f'{w:+.0f}' for w in withins)} MB)"
+        judged = (
+            f" Within a {last['n']:,}-image process, the peak moves {within:+.0f} MB from its first"
+            f" {last['early_n']:,} images to its end{each if len(withins) > 1 else ''}, while the output grows by"
+            f" {array_within:.1f} MB (target: at most that: {check(within <= array_within)})."
+            if last["early_n"] < last["n"]
+            else f" (Not judged: the largest job has no chunks after its first {last['early_n']:,} images.)"
+        )
         lines.append(
             f"- Sampling memory ({'keep_freed_memory' if kept else 'default malloc'}), chunks of"
-            f" {last['batch_size']}: peak RSS {peaks}. Within a {last['n']:,}-image process, the peak moves"
-            f" {within:+.0f} MB from its first {last['early_n']:,} images to its end"
-            f"{each if len(withins) > 1 else ''}, while the output grows by {array_within:.1f} MB (target: at most"
-            f" that: {check(within <= array_within)}). Across processes, from {counts[-2]:,} to {counts[-1]:,}"
-            f" images the peak moves {grow:+.0f} MB against {array:.1f} MB more output (processes of the same job"
-            " differ by up to about 100 MB, see Memory)."
+            f" {last['batch_size']}: peak RSS {peaks}.{judged} Across processes, from {counts[-2]:,} to"
+            f" {counts[-1]:,} images the peak moves {grow:+.0f} MB against {array:.1f} MB more output (processes of"
+            " the same job differ by up to about 100 MB, see Memory)."
         )
     if syncs:
         counted = "; ".join(f"{k}: {v}" for k, v in syncs.items())

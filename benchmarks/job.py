@@ -6,13 +6,13 @@
 
 ``sample`` runs the sample stage's function (:func:`ddpm.sampling.draw`, which streams the chunks into the
 ``.npz``) with one step per image (a chunk's memory does not depend on the step count) and reports the peak
-resident memory, at its end and after its first ``EARLY_CHUNKS`` chunks (so that what the rest of the images
-add is measured within one process); ``train`` does the same for three training steps. The peak is the kernel's high-water mark
-of the resident set (``VmHWM``), reset just before the job through ``/proc/self/clear_refs``; where that is
-unavailable it is ``ru_maxrss`` of the whole process. ``steps`` times sampling steps (one network evaluation
-at the sampling batch size, fp32) and training steps (bf16-mixed and 32-true) of our net and of the peer, and
-counts the page faults, so that settings applied at process start (``--keep-freed-memory``, the OpenMP wait
-policy in the environment) can be compared.
+resident memory, at its end and after its first ``EARLY_CHUNKS`` chunks (so that what the rest of the images add is
+measured within one process); ``train`` does the same for three training steps. The peak is the kernel's high-water
+mark of the resident set (``VmHWM``), reset just before the job through ``/proc/self/clear_refs``; where that is
+unavailable it is ``ru_maxrss`` of the whole process. ``steps`` times sampling steps (one network evaluation at the
+sampling batch size, fp32) and training steps (bf16-mixed and 32-true) of our net and of the peer, and counts the
+page faults, so that settings applied at process start (``--keep-freed-memory``, the OpenMP wait policy in the
+environment) can be compared.
 """
 
 from __future__ import annotations

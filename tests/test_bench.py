@@ -121,8 +121,8 @@ def test_flop_counts_of_both_nets_are_equal_with_our_native_kernels_on():
     flop counter does not know (it counts the net's arithmetic through PyTorch's attention)."""
     pytest.importorskip("diffusers")
     import torch
-
     from benchmarks.bench import PeerNet, sample_step_flops, tiny_model
+
     from ddpm import kernels
     from ddpm.nets import UNet
 

@@ -37,7 +37,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in ("group_norm_silu.cpp", "attention.cpp"))
-ATTENTION_MAX_TOKENS = 196  # a 14x14 map; at 256 tokens PyTorch's flash forward measured faster (the kernel keeps [L, L] scores)
+# A 14x14 map; at 256 tokens PyTorch's flash forward measured faster (the kernel keeps [L, L] scores per head)
+ATTENTION_MAX_TOKENS = 196
 ENV = "DDPM_NATIVE_KERNELS"
 STALE_LOCK_SECONDS = 600  # a build lock older than this was left by a build that was killed
 _DTYPES = (torch.float32, torch.bfloat16)
@@ -228,8 +229,8 @@ class _Attention(torch.autograd.Function):
 def attention(qkv: Tensor, native: bool = True) -> Tensor:
     """Softmax attention ``softmax(q k^T / sqrt(d)) v`` of ``qkv`` [B, L, 3, heads, d]: [B, L, heads, d].
 
-    The native kernel in float32 where it applies (CPU, L <= ``ATTENTION_MAX_TOKENS``, outside compile, and
-    ``native``); elsewhere PyTorch's ``scaled_dot_product_attention`` in qkv's dtype.
+    The native kernel where it applies (float32 on the CPU, L <= ``ATTENTION_MAX_TOKENS``, outside compile, and
+    ``native``); elsewhere PyTorch's ``scaled_dot_product_attention``.
     """
     B, L, three, heads, d = qkv.shape
     if three != 3:
@@ -237,13 +238,13 @@ def attention(qkv: Tensor, native: bool = True) -> Tensor:
     if (
         native
         and qkv.device.type == "cpu"
-        and qkv.is_floating_point()
+        and qkv.dtype == torch.float32
         and 0 < L <= ATTENTION_MAX_TOKENS
         and enabled()
         and not torch.compiler.is_compiling()
         and extension() is not None
     ):
-        qkv = qkv.float().contiguous()
+        qkv = qkv.contiguous()
         if torch.is_grad_enabled() and qkv.requires_grad:
             return _Attention.apply(qkv, d**-0.5)
         with torch.profiler.record_function("ddpm::attention"):
