@@ -262,12 +262,17 @@ def test_attention_inference_matches_training_mode_and_is_deterministic():
 
 @needs_native
 def test_attention_falls_back_to_sdpa_where_the_kernel_does_not_apply(monkeypatch):
-    """Over ATTENTION_MAX_TOKENS tokens, with ``native=False``, and with the switch off: PyTorch's SDPA, same values."""
+    """Over ATTENTION_MAX_TOKENS tokens, with ``native=False``, for float64, and with the switch off: PyTorch's
+    SDPA, same values."""
     for L, native in ((kernels.ATTENTION_MAX_TOKENS + 1, True), (49, False)):
         qkv = torch.randn(2, L, 3, 2, 8, requires_grad=True)
         out = kernels.attention(qkv, native=native)
         assert not type(out.grad_fn).__name__.startswith("_Attention")
         torch.testing.assert_close(out.double(), attention_reference(qkv.detach().double()), atol=1e-5, rtol=1e-5)
+    qkv = torch.randn(2, 49, 3, 2, 8, dtype=torch.float64)  # float64 stays float64: SDPA, not a float32 kernel
+    out = kernels.attention(qkv)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, attention_reference(qkv), atol=1e-12, rtol=1e-12)
     monkeypatch.setenv(kernels.ENV, "0")
     out = kernels.attention(torch.randn(2, 49, 3, 2, 8, requires_grad=True))
     assert not type(out.grad_fn).__name__.startswith("_Attention")
