@@ -1,4 +1,5 @@
-"""The native GroupNorm(+SiLU) kernel against PyTorch's ops: values, gradients, layouts, fallbacks and bad input."""
+"""The native kernels (GroupNorm+SiLU, attention, Winograd convolution) against PyTorch's ops: values, gradients,
+layouts, fallbacks and bad input."""
 
 import os
 import shutil
@@ -11,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ddpm import kernels
-from ddpm.nets import UNet, group_norm
+from ddpm.nets import Conv2d, UNet, group_norm
 
 CL = torch.channels_last
 needs_native = pytest.mark.skipif(
@@ -154,6 +155,8 @@ def test_the_net_with_the_kernel_matches_the_net_without_it():
         for m in net.modules():
             if hasattr(m, "native"):
                 m.native = native
+            if isinstance(m, Conv2d):  # the 3x3 convolutions of 16 and 32 channels: Winograd's kernel
+                m.winograd = native
         net.zero_grad()
         out = net(x, t)
         out.square().mean().backward()
@@ -291,3 +294,90 @@ def test_bad_input_to_the_attention_kernel_is_named():
     out, lse = ext.attention_forward(qkv, 0.5)
     with pytest.raises(RuntimeError, match="dout and out"):
         ext.attention_backward(out[:, :10], qkv, out, lse, 0.5)
+
+
+# (N, Cin, Cout, H, W): the net's maps (28, 14, 7), odd and tiny maps, images with fewer tiles than a task holds
+CONV_SHAPES = [(3, 32, 32, 28, 28), (2, 128, 64, 14, 14), (5, 64, 16, 7, 7), (2, 16, 48, 5, 9), (3, 32, 16, 1, 1)]
+
+
+def conv_inputs(N, Cin, Cout, H, W, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, Cin, H, W, generator=g).contiguous(memory_format=CL)
+    weight = torch.randn(Cout, Cin, 3, 3, generator=g) / (9 * Cin) ** 0.5
+    return x, weight, torch.randn(Cout, generator=g)
+
+
+@needs_native
+@pytest.mark.parametrize("shape", CONV_SHAPES)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_winograd_convolution_matches_float64(shape, with_bias):
+    """Values and all three gradients against float64 PyTorch, within twice PyTorch's own float32 error (or 2e-6
+    of the largest value, where float32 rounds exactly)."""
+    x, weight, bias = conv_inputs(*shape)
+    bias = bias if with_bias else None
+    assert kernels.conv3x3_applies(x, weight)
+    leaves = [t.clone().requires_grad_() for t in (x, weight) + ((bias,) if with_bias else ())]
+    out = kernels.conv3x3(*leaves)
+    assert type(out.grad_fn).__name__.startswith("_Conv3x3") and out.is_contiguous(memory_format=CL)
+    dy = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, dy)
+    exact_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    exact = F.conv2d(*exact_leaves, padding=1)
+    exact_grads = torch.autograd.grad(exact, exact_leaves, dy.double())
+    plain_leaves = [t.detach().clone().requires_grad_() for t in leaves]
+    plain = F.conv2d(*plain_leaves, padding=1)
+    plain_grads = torch.autograd.grad(plain, plain_leaves, dy)
+    for ours, theirs, truth in zip((out, *grads), (plain, *plain_grads), (exact, *exact_grads)):
+        error = (ours.double() - truth).abs().max().item()
+        assert error <= max(2 * (theirs.double() - truth).abs().max().item(), 2e-6 * truth.abs().max().item())
+
+
+@needs_native
+def test_winograd_inference_matches_training_mode_and_takes_given_weights():
+    x, weight, bias = conv_inputs(2, 32, 32, 9, 9)
+    with torch.inference_mode():
+        inferred = kernels.conv3x3(x, weight, bias)
+        given = kernels.conv3x3(x, weight, bias, kernels.winograd_weights(weight))
+    assert inferred.grad_fn is None and torch.equal(inferred, given)
+    trained = kernels.conv3x3(x.clone().requires_grad_(), weight, bias)
+    assert torch.equal(inferred, trained.detach()) and torch.equal(inferred, kernels.conv3x3(x, weight, bias))
+    # the transform of one filter: G g G^T
+    G = torch.tensor([[1.0, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1.0]])
+    u = kernels.winograd_weights(weight)
+    torch.testing.assert_close(u[:, 3, 5].reshape(4, 4), G @ weight[5, 3] @ G.T)
+
+
+@needs_native
+def test_winograd_falls_back_to_pytorch_where_it_does_not_apply(monkeypatch):
+    """NCHW activations, channel counts not multiples of 16, float64, other filter sizes and the switch off: PyTorch's
+    convolution, same values."""
+    x, weight, bias = conv_inputs(2, 32, 16, 6, 6)
+    cases = [
+        (x.contiguous(), weight),
+        (x[:, :24].contiguous(memory_format=CL), weight[:, :24]),
+        (x, weight[:8]),
+        (x.double(), weight.double()),
+    ]
+    for xi, wi in cases:
+        assert not kernels.conv3x3_applies(xi, wi)
+        out = kernels.conv3x3(xi.requires_grad_(), wi, bias[: wi.shape[0]].to(wi.dtype))
+        assert not type(out.grad_fn).__name__.startswith("_Conv3x3")
+        torch.testing.assert_close(out, F.conv2d(xi, wi, bias[: wi.shape[0]].to(wi.dtype), padding=1))
+    assert not kernels.conv3x3_applies(x, torch.randn(16, 32, 5, 5))
+    monkeypatch.setenv(kernels.ENV, "0")
+    assert not kernels.conv3x3_applies(x, weight)
+
+
+@needs_native
+def test_bad_input_to_the_winograd_kernel_is_named():
+    ext = kernels.extension()
+    x, weight, bias = conv_inputs(2, 32, 16, 6, 6)
+    u = kernels.winograd_weights(weight)
+    with pytest.raises(RuntimeError, match="channels_last float32"):
+        ext.winograd_conv3x3(x.contiguous(), u, bias)
+    with pytest.raises(RuntimeError, match=r"\[16, Cin, Cout\]"):
+        ext.winograd_conv3x3(x, u[:, :16].contiguous(), bias)
+    with pytest.raises(RuntimeError, match="multiples of 16, got 32 -> 8"):
+        ext.winograd_conv3x3(x, u[:, :, :8].contiguous(), bias)
+    with pytest.raises(RuntimeError, match=r"bias must be float32 \[Cout\]"):
+        ext.winograd_conv3x3(x, u, bias[:8])

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ddpm import kernels
 from ddpm.nets import Attention, Conv2d, GroupNorm, UNet, UNetConfig, group_norm
 
 TINY = {"channels": 16, "norm_groups": 8, "num_heads": 2, "num_res_blocks": 1}
@@ -260,6 +261,31 @@ def test_conv_with_the_bias_gradient_apart_matches_nn_conv2d(kernel, stride, inp
         torch.testing.assert_close(xs[0].grad, xs[1].grad, atol=1e-5, rtol=1e-5)
     else:
         assert xs[0].grad is None
+
+
+@pytest.mark.skipif(kernels.extension() is None, reason="the native kernels are not built here")
+def test_conv_runs_winograd_for_3x3_stride_1_and_keeps_the_transform_while_the_weight_is_unchanged():
+    torch.manual_seed(0)
+    conv = Conv2d(32, 16, 3, padding=1).to(memory_format=torch.channels_last)
+    plain = nn.Conv2d(32, 16, 3, padding=1)
+    plain.load_state_dict(conv.state_dict())
+    x = torch.randn(2, 32, 7, 7).contiguous(memory_format=torch.channels_last).requires_grad_()
+    out = conv(x)
+    assert type(out.grad_fn).__name__.startswith("_Conv3x3")
+    torch.testing.assert_close(out, plain(x), atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        first = conv(x)
+        u = conv._winograd_cache[1]
+        assert conv(x) is not first and conv._winograd_cache[1] is u  # kept
+        conv.weight.mul_(2)  # in place: a new version of the weight
+        torch.testing.assert_close(conv(x), 2 * first - conv.bias[:, None, None], atol=1e-5, rtol=1e-5)
+        assert conv._winograd_cache[1] is not u
+        conv.load_state_dict(plain.state_dict())
+        torch.testing.assert_close(conv(x), first, atol=0, rtol=0)
+    conv.winograd = False
+    assert type(conv(x).grad_fn).__name__.startswith("_Conv2dBackwardWithBiasSum")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert conv(x).dtype == torch.bfloat16
 
 
 def test_conv_is_nn_conv2d_under_autocast_and_without_gradients():

@@ -110,17 +110,34 @@ class _Conv2dBackwardWithBiasSum(torch.autograd.Function):
 
 
 class Conv2d(nn.Conv2d):
-    """``nn.Conv2d`` (same parameters and state dict) whose CPU training backward computes the bias gradient
-    apart from oneDNN's weight gradient, which is faster (:class:`_Conv2dBackwardWithBiasSum`).
+    """``nn.Conv2d`` (same parameters and state dict) with faster CPU paths.
 
-    Elsewhere it is ``nn.Conv2d``: on a GPU, without gradients, under autocast (bf16-mixed training, where the
-    separate sum measured slower), inside ``torch.compile``, with a ``padding_mode`` other than zeros, or with
-    ``separate_bias_grad`` False.
+    - ``winograd``: a 3x3 convolution with stride 1 and padding 1 of float32 channels_last CPU activations,
+      channel counts multiples of 16, runs as the native Winograd kernel (:func:`ddpm.kernels.conv3x3`), forward
+      and input gradient; without gradients the filters' transform is kept until the weight changes.
+    - ``separate_bias_grad``: other convolutions' CPU training backward computes the bias gradient apart from
+      oneDNN's weight gradient, which is faster (:class:`_Conv2dBackwardWithBiasSum`).
+
+    Elsewhere it is ``nn.Conv2d``: on a GPU, under autocast (bf16-mixed; there the separate sum measured slower),
+    inside ``torch.compile``, with a ``padding_mode`` other than zeros, or with both switches False.
     """
 
     separate_bias_grad = True
+    winograd = True
 
     def _conv_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        if (
+            self.winograd
+            and self.kernel_size == (3, 3)
+            and self.stride == (1, 1)
+            and self.padding == (1, 1)
+            and self.dilation == (1, 1)
+            and self.groups == 1
+            and self.padding_mode == "zeros"
+            and not torch.is_autocast_enabled("cpu")
+            and kernels.conv3x3_applies(x, weight)
+        ):
+            return kernels.conv3x3(x, weight, bias, self._winograd_weights(weight))
         if (
             self.separate_bias_grad
             and bias is not None
@@ -136,6 +153,16 @@ class Conv2d(nn.Conv2d):
             conv = (self.stride, self.padding, self.dilation, self.groups)
             return _Conv2dBackwardWithBiasSum.apply(x, weight, bias, conv)
         return super()._conv_forward(x, weight, bias)
+
+    def _winograd_weights(self, weight: Tensor) -> Tensor:
+        """The Winograd transform of weight, kept while the weight is the same tensor at the same version."""
+        key = (id(weight), weight.data_ptr(), weight._version, tuple(weight.shape))
+        cached = self.__dict__.get("_winograd_cache")
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                cached = (key, kernels.winograd_weights(weight))
+            self.__dict__["_winograd_cache"] = cached
+        return cached[1]
 
 
 def group_norm(ch: int, norm_groups: int, silu: bool = False) -> GroupNorm:

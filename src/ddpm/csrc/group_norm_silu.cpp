@@ -502,6 +502,7 @@ std::vector<torch::Tensor> run_backward(const torch::Tensor& dy, const torch::Te
 }  // namespace
 
 void register_attention(pybind11::module_& m);  // attention.cpp
+void register_winograd(pybind11::module_& m);   // winograd.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &run_forward<Best>, "GroupNorm (+ SiLU) forward on channels_last CPU tensors: (y, mean, rstd)");
@@ -509,5 +510,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward_portable", &run_forward<Portable>, "forward with the plain-loop passes");
   m.def("backward_portable", &run_backward<Portable>, "backward with the plain-loop passes");
   register_attention(m);
+  register_winograd(m);
   m.attr("vector_isa") = pybind11::str(std::is_same_v<Best, Avx512> ? "avx512" : "portable");
 }
