@@ -307,17 +307,22 @@ def conv_inputs(N, Cin, Cout, H, W, seed=0):
     return x, weight, torch.randn(Cout, generator=g)
 
 
+# per tile size: the bound on the error, as a multiple of PyTorch's own float32 error or a fraction of the largest
+# value (where float32 rounds exactly); F(4x4, 3x3)'s transforms weigh inputs by up to 8 and filters by 1/6, 1/24
+WINOGRAD_ERROR = {2: (2.0, 2e-6), 4: (24.0, 2e-5)}
+
+
 @needs_native
 @pytest.mark.parametrize("shape", CONV_SHAPES)
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_winograd_convolution_matches_float64(shape, with_bias):
-    """Values and all three gradients against float64 PyTorch, within twice PyTorch's own float32 error (or 2e-6
-    of the largest value, where float32 rounds exactly)."""
+@pytest.mark.parametrize("tile", [2, 4])
+def test_winograd_convolution_matches_float64(shape, with_bias, tile):
+    """Values and all three gradients against float64 PyTorch, within WINOGRAD_ERROR."""
     x, weight, bias = conv_inputs(*shape)
     bias = bias if with_bias else None
     assert kernels.conv3x3_applies(x, weight)
     leaves = [t.clone().requires_grad_() for t in (x, weight) + ((bias,) if with_bias else ())]
-    out = kernels.conv3x3(*leaves)
+    out = kernels.conv3x3(*leaves[:2], leaves[2] if with_bias else None, kernels.winograd_weights(weight, tile))
     assert type(out.grad_fn).__name__.startswith("_Conv3x3") and out.is_contiguous(memory_format=CL)
     dy = torch.randn_like(out)
     grads = torch.autograd.grad(out, leaves, dy)
@@ -327,9 +332,10 @@ def test_winograd_convolution_matches_float64(shape, with_bias):
     plain_leaves = [t.detach().clone().requires_grad_() for t in leaves]
     plain = F.conv2d(*plain_leaves, padding=1)
     plain_grads = torch.autograd.grad(plain, plain_leaves, dy)
+    factor, fraction = WINOGRAD_ERROR[tile]
     for ours, theirs, truth in zip((out, *grads), (plain, *plain_grads), (exact, *exact_grads)):
         error = (ours.double() - truth).abs().max().item()
-        assert error <= max(2 * (theirs.double() - truth).abs().max().item(), 2e-6 * truth.abs().max().item())
+        assert error <= max(factor * (theirs.double() - truth).abs().max().item(), fraction * truth.abs().max().item())
 
 
 @needs_native
@@ -341,10 +347,12 @@ def test_winograd_inference_matches_training_mode_and_takes_given_weights():
     assert inferred.grad_fn is None and torch.equal(inferred, given)
     trained = kernels.conv3x3(x.clone().requires_grad_(), weight, bias)
     assert torch.equal(inferred, trained.detach()) and torch.equal(inferred, kernels.conv3x3(x, weight, bias))
-    # the transform of one filter: G g G^T
-    G = torch.tensor([[1.0, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1.0]])
-    u = kernels.winograd_weights(weight)
-    torch.testing.assert_close(u[:, 3, 5].reshape(4, 4), G @ weight[5, 3] @ G.T)
+    # the transform of one filter: G g G^T (Lavin and Gray's G of F(2x2, 3x3) and F(4x4, 3x3))
+    G2 = torch.tensor([[1.0, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1.0]])
+    G4 = torch.tensor([[6.0, 0, 0], [-4, -4, -4], [-4, 4, -4], [1, 2, 4], [1, -2, 4], [0, 0, 24]]) / 24
+    for m, G in ((2, G2), (4, G4)):
+        u = kernels.winograd_weights(weight, m)
+        torch.testing.assert_close(u[:, 3, 5].reshape(m + 2, m + 2), G @ weight[5, 3] @ G.T)
 
 
 @needs_native
@@ -375,9 +383,16 @@ def test_bad_input_to_the_winograd_kernel_is_named():
     u = kernels.winograd_weights(weight)
     with pytest.raises(RuntimeError, match="channels_last float32"):
         ext.winograd_conv3x3(x.contiguous(), u, bias)
-    with pytest.raises(RuntimeError, match=r"\[16, Cin, Cout\]"):
+    with pytest.raises(RuntimeError, match=r"\[16 or 36, Cin, Cout\] with Cin = x.size\(1\)"):
         ext.winograd_conv3x3(x, u[:, :16].contiguous(), bias)
+    with pytest.raises(RuntimeError, match=r"\[16 or 36, Cin, Cout\]"):
+        ext.winograd_conv3x3(x, u[:25].contiguous(), bias)
     with pytest.raises(RuntimeError, match="multiples of 16, got 32 -> 8"):
         ext.winograd_conv3x3(x, u[:, :, :8].contiguous(), bias)
     with pytest.raises(RuntimeError, match=r"bias must be float32 \[Cout\]"):
         ext.winograd_conv3x3(x, u, bias[:8])
+    dy = torch.randn(2, 16, 6, 6).contiguous(memory_format=CL)
+    with pytest.raises(RuntimeError, match="dy must be a channels_last float32 tensor"):
+        ext.winograd_conv3x3_weight_grad(x, dy[:, :, :5].contiguous(memory_format=CL), 4)
+    with pytest.raises(RuntimeError, match="tiles of 2x2 or 4x4 outputs, got m=3"):
+        ext.winograd_conv3x3_weight_grad(x, dy, 3)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import math
 import os
 import platform
 import sys
@@ -257,19 +258,31 @@ def attention(qkv: Tensor, native: bool = True) -> Tensor:
     return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
 
 
-# Winograd F(2x2, 3x3): the 3x3 filter g becomes G g G^T, 4x4 (csrc/winograd.cpp transforms the inputs and outputs)
-_WINOGRAD_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
+# Winograd's F(m x m, 3x3) for tiles of m = 2 or 4 outputs a side: the 3x3 filter g becomes G g G^T, (m+2) x (m+2)
+# (csrc/winograd.cpp transforms the inputs and outputs)
+_WINOGRAD_G = {
+    2: ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0)),
+    4: (
+        (1 / 4, 0.0, 0.0),
+        (-1 / 6, -1 / 6, -1 / 6),
+        (-1 / 6, 1 / 6, -1 / 6),
+        (1 / 24, 1 / 12, 1 / 6),
+        (1 / 24, -1 / 12, 1 / 6),
+        (0.0, 0.0, 1.0),
+    ),
+}
 
 
-def winograd_weights(weight: Tensor) -> Tensor:
-    """The Winograd transform ``G g G^T`` of every 3x3 filter of ``weight`` [Cout, Cin, 3, 3]: [16, Cin, Cout].
+def winograd_weights(weight: Tensor, m: int = 4) -> Tensor:
+    """The Winograd transform ``G g G^T`` of every 3x3 filter of ``weight`` [Cout, Cin, 3, 3] for tiles of m x m
+    outputs: [(m + 2)^2, Cin, Cout].
 
-    Row ``4 i + j`` holds element (i, j) of the transformed filters, the matrix that multiplies the inputs'
+    Row ``(m + 2) i + j`` holds element (i, j) of the transformed filters, the matrix that multiplies the inputs'
     transformed patches at that element.
     """
-    G = weight.new_tensor(_WINOGRAD_G)
+    G = weight.new_tensor(_WINOGRAD_G[m])
     u = torch.einsum("ik,ockl,jl->ijco", G, weight, G)
-    return u.reshape(16, weight.shape[1], weight.shape[0]).contiguous()
+    return u.reshape((m + 2) ** 2, weight.shape[1], weight.shape[0]).contiguous()
 
 
 def conv3x3_applies(x: Tensor, weight: Tensor) -> bool:
@@ -293,11 +306,13 @@ def conv3x3_applies(x: Tensor, weight: Tensor) -> bool:
 
 class _Conv3x3(torch.autograd.Function):
     """Autograd of the Winograd convolution: the input gradient is the same kernel run on the output gradient with
-    the filters flipped and transposed; the weight gradient is oneDNN's, the bias gradient a sum."""
+    the filters flipped and transposed; the weight and bias gradients come from one more pass of the kernel (the
+    transformed filters' gradient, mapped back to 3x3 filters)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, u: Tensor) -> Tensor:
         ctx.save_for_backward(x, weight)
+        ctx.m = math.isqrt(u.shape[0]) - 2
         return _extension.winograd_conv3x3(x, u, bias)
 
     @staticmethod
@@ -307,24 +322,27 @@ class _Conv3x3(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         dy = dy.contiguous(memory_format=torch.channels_last)
         dx = dw = db = None
+        m = ctx.m
         if need_x:
-            flipped = winograd_weights(weight.flip(2, 3).transpose(0, 1))
+            flipped = winograd_weights(weight.flip(2, 3).transpose(0, 1), m)
             dx = _extension.winograd_conv3x3(dy, flipped, None)
-        if need_w:
-            dw = torch.ops.aten.convolution_backward(
-                dy, x, weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [False, True, False]
-            )[1]
-        if need_b:
-            db = dy.sum((0, 2, 3))
-        return dx, dw, db, None
+        if need_w or need_b:
+            du, db = _extension.winograd_conv3x3_weight_grad(x, dy, m)
+            if need_w:
+                G = weight.new_tensor(_WINOGRAD_G[m])
+                du = du.view(m + 2, m + 2, weight.shape[1], weight.shape[0])
+                dw = torch.empty_like(weight).copy_(torch.einsum("ik,ijco,jl->ockl", G, du, G))
+        return dx, dw, db if need_b else None, None
 
 
 def conv3x3(x: Tensor, weight: Tensor, bias: Tensor | None = None, u: Tensor | None = None) -> Tensor:
     """``conv2d(x, weight, bias, padding=1)`` of a 3x3 ``weight`` (stride 1), channels_last.
 
     The native Winograd kernel where it applies (:func:`conv3x3_applies`), with ``u`` the filters' transform if
-    given (:func:`winograd_weights`); elsewhere PyTorch's convolution. Winograd's algorithm does 2.25x fewer
-    multiplications than the direct convolution; its float32 rounding error measured no larger than oneDNN's.
+    given (:func:`winograd_weights`: its row count sets the tiles, F(2x2, 3x3) or F(4x4, 3x3); by default
+    F(4x4, 3x3)); elsewhere PyTorch's convolution. F(4x4, 3x3) does 4x fewer multiplications than the direct
+    convolution (2.25x for F(2x2, 3x3)); its float32 rounding errors measured ~10x oneDNN's, around 1e-5 of the
+    output (F(2x2, 3x3): no larger than oneDNN's).
     """
     if not conv3x3_applies(x, weight):
         return F.conv2d(x, weight, bias, padding=1)

@@ -1,17 +1,20 @@
 // 3x3 convolutions (stride 1, padding 1) on channels_last float32 CPU activations by Winograd's minimal filtering
-// algorithm F(2x2, 3x3) (Lavin and Gray, "Fast Algorithms for Convolutional Neural Networks", CVPR 2016).
+// algorithms F(2x2, 3x3) and F(4x4, 3x3) (Lavin and Gray, "Fast Algorithms for Convolutional Neural Networks",
+// CVPR 2016), forward and weight gradient.
 //
-// Each 2x2 block of output pixels (a tile) comes from a 4x4 patch d of the input: y = A^T [(G g G^T) . (B^T d B)] A,
-// where . multiplies element by element. Over the channels this is 16 independent matrix products, one per
-// element of the 4x4 transformed patch: M_p[tile, co] = sum_ci V_p[tile, ci] U_p[ci, co], with 16 * Cin * Cout
-// multiplications per tile against the direct convolution's 36 * Cin * Cout (2.25x fewer). The transforms
-// themselves only add and subtract (B, A) or halve (G).
+// Each m x m block of output pixels (a tile) comes from an a x a patch d of the input (a = m + 2):
+// y = A^T [(G g G^T) . (B^T d B)] A, where . multiplies element by element. Over the channels these are a^2
+// independent matrix products, one per element p of the transformed patch: M_p[tile, co] = sum_ci V_p[tile, ci]
+// U_p[ci, co], with a^2 Cin Cout multiplications per tile of m^2 pixels against the direct convolution's
+// 9 m^2 Cin Cout: 2.25x fewer for F(2x2, 3x3) (16 per 4 pixels), 4x fewer for F(4x4, 3x3) (36 per 16), less
+// where the tiles overhang the image. The transforms B and A add and subtract with small integer weights.
 //
-// One task is a run of tiles (of one image or, on small maps, several): its patches are transformed into V (in the core's cache, a few
-// hundred KB at most), the 16 products run as register-blocked small GEMMs against the transformed weights U
-// (computed once per call in Python, [16, Cin, Cout]), and each tile's four outputs are transformed back and
-// written with the bias. Channels are the activations' contiguous axis (NHWC), so every step works on whole
-// vectors of 16 channels; Cin and Cout must be multiples of 16.
+// One task is a run of tiles (of one image or, on small maps, of several): their patches are transformed into V
+// (in the core's cache), the a^2 products run as register-blocked small GEMMs against the transformed filters U
+// (computed in Python, [a^2, Cin, Cout]), and each tile's outputs are transformed back and written with the bias.
+// Channels are the activations' contiguous axis (NHWC), so every step works on whole vectors of 16 channels; Cin
+// and Cout must be multiples of 16. The weight gradient runs the same way backwards: dU_p = sum over tiles of
+// V_p^T dM_p with dM = A dy A^T (mapped back to 3x3 filters, G^T dU G, in Python).
 
 #include <torch/extension.h>
 
@@ -27,7 +30,6 @@ namespace {
 
 typedef float v16 __attribute__((vector_size(64)));
 constexpr int64_t V = 16;
-constexpr int64_t MAX_TILES = 16;  // tiles per task: V and M of a task stay in the core's L2 cache
 
 inline v16 load(const float* p) {
   v16 x;
@@ -36,18 +38,24 @@ inline v16 load(const float* p) {
 }
 inline void store(float* p, v16 x) { std::memcpy(p, &x, sizeof x); }
 
-// C[R, NV * 16] = A[R, K] B[K, NV * 16] (row-major, leading dimensions lda, ldb, ldc): R rows and NV vectors of C
-// stay in registers while k runs; each step loads NV vectors of B and broadcasts one element of A per row.
-template <int R, int NV>
+// C[R, NV * 16] (+)= A[R, K] B[K, NV * 16] (TransA: A^T B, A stored [K, R]), row-major with leading dimensions lda,
+// ldb, ldc: R rows and NV vectors of C stay in registers while k runs; each step loads NV vectors of B and
+// broadcasts one element of A per row. Accumulate adds to C instead of overwriting it.
+template <bool TransA, bool Accumulate, int R, int NV>
 void micro(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc, int64_t K) {
   v16 acc[R][NV] = {};
+  if (Accumulate)
+#pragma GCC unroll 24
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r][v] = load(C + r * ldc + v * V);
   for (int64_t k = 0; k < K; ++k) {
     v16 b[NV];
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) b[v] = load(B + k * ldb + v * V);
 #pragma GCC unroll 24
     for (int r = 0; r < R; ++r) {
-      const float a = A[r * lda + k];
+      const float a = TransA ? A[k * lda + r] : A[r * lda + k];
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) acc[r][v] += a * b[v];
     }
@@ -60,89 +68,232 @@ void micro(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, i
 
 using Micro = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t);
 
-// micro<R, NV> for R = 1 .. sizeof(Rs): at most 28 accumulators, so that NV loads of B and a broadcast fit the 32
+// micro for R = 1 .. sizeof(Rs) rows: at most 28 accumulators, so that NV loads of B and a broadcast fit the 32
 // vector registers of AVX-512 beside them
-template <int NV, int... Rs>
+template <bool TransA, bool Accumulate, int NV, int... Rs>
 constexpr std::array<Micro, sizeof...(Rs)> table(std::integer_sequence<int, Rs...>) {
-  return {&micro<Rs + 1, NV>...};
+  return {&micro<TransA, Accumulate, Rs + 1, NV>...};
 }
-const auto MICRO1 = table<1>(std::make_integer_sequence<int, 24>{});
-const auto MICRO2 = table<2>(std::make_integer_sequence<int, 14>{});
-const auto MICRO4 = table<4>(std::make_integer_sequence<int, 6>{});
 
-// C[M, N] = A[M, K] B[K, N], N a multiple of 16: column blocks of 4, 2 or 1 vectors; the rows split evenly into
-// runs that fit the registers
+template <bool TransA, bool Accumulate>
+struct Micros {
+  static constexpr auto one = table<TransA, Accumulate, 1>(std::make_integer_sequence<int, 24>{});
+  static constexpr auto two = table<TransA, Accumulate, 2>(std::make_integer_sequence<int, 14>{});
+  static constexpr auto four = table<TransA, Accumulate, 4>(std::make_integer_sequence<int, 6>{});
+};
+
+// C[M, N] (+)= A[M, K] B[K, N] (TransA: A stored [K, M]), N a multiple of 16: column blocks of 4, 2 or 1 vectors;
+// the rows split evenly into runs that fit the registers
+template <bool TransA, bool Accumulate>
 void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
           int64_t ldc) {
+  using T = Micros<TransA, Accumulate>;
   int64_t n = 0;
   while (n < N) {
     const int64_t left = (N - n) / V;
     const int nv = left >= 4 ? 4 : left >= 2 ? 2 : 1;
-    const Micro* micros = nv == 4 ? MICRO4.data() : nv == 2 ? MICRO2.data() : MICRO1.data();
-    const int64_t most = nv == 4 ? MICRO4.size() : nv == 2 ? MICRO2.size() : MICRO1.size();
+    const Micro* micros = nv == 4 ? T::four.data() : nv == 2 ? T::two.data() : T::one.data();
+    const int64_t most = nv == 4 ? T::four.size() : nv == 2 ? T::two.size() : T::one.size();
     const int64_t runs = (M + most - 1) / most;
     int64_t m = 0;
     for (int64_t run = 0; run < runs; ++run) {
       const int64_t rows = (M - m) / (runs - run);
-      micros[rows - 1](A + m * lda, lda, B + n, ldb, C + m * ldc + n, ldc, K);
+      micros[rows - 1](TransA ? A + m : A + m * lda, lda, B + n, ldb, C + m * ldc + n, ldc, K);
       m += rows;
     }
     n += nv * V;
   }
 }
 
-// V[t, p, c] for p = 4 i + j: (B^T d B)[i, j] of tile t's 4x4 patch d (rows of src, null where the patch leaves
-// the image: zero padding), 16 channels at a time; out is tile t's [16, Cin] block
-void input_transform(const float* const* src, int64_t Cin, float* out) {
-  const int64_t point_stride = Cin;
-  for (int64_t c = 0; c < Cin; c += V) {
-    v16 d[4][4];
-    for (int i = 0; i < 4; ++i)
-      for (int j = 0; j < 4; ++j) d[i][j] = src[4 * i + j] ? load(src[4 * i + j] + c) : v16{};
-    v16 t[4][4];
-    for (int j = 0; j < 4; ++j) {  // B^T d
-      t[0][j] = d[0][j] - d[2][j];
-      t[1][j] = d[1][j] + d[2][j];
-      t[2][j] = d[2][j] - d[1][j];
-      t[3][j] = d[1][j] - d[3][j];
+// F(m x m, 3x3): the input transform B^T (a x a) and the output transform A^T (m x a)
+template <int m>
+struct Winograd;
+
+template <>
+struct Winograd<2> {
+  static constexpr int a = 4;
+  static constexpr int64_t tiles_per_task = 16;  // V and M of a task stay in the core's L2 cache
+  static constexpr float BT[4][4] = {{1, 0, -1, 0}, {0, 1, 1, 0}, {0, -1, 1, 0}, {0, 1, 0, -1}};
+  static constexpr float AT[2][4] = {{1, 1, 1, 0}, {0, 1, -1, -1}};
+  static constexpr float A[4][2] = {{1, 0}, {1, 1}, {1, -1}, {0, -1}};
+};
+
+template <>
+struct Winograd<4> {
+  static constexpr int a = 6;
+  static constexpr int64_t tiles_per_task = 8;
+  static constexpr float BT[6][6] = {{4, 0, -5, 0, 1, 0},  {0, -4, -4, 1, 1, 0}, {0, 4, -4, -1, 1, 0},
+                                     {0, -2, -1, 2, 1, 0}, {0, 2, -1, -2, 1, 0}, {0, 4, 0, -5, 0, 1}};
+  static constexpr float AT[4][6] = {{1, 1, 1, 1, 1, 0}, {0, 1, -1, 2, -2, 0}, {0, 1, 1, 4, 4, 0}, {0, 1, -1, 8, -8, 1}};
+  static constexpr float A[6][4] = {{1, 0, 0, 0}, {1, 1, 1, 1}, {1, -1, 1, -1}, {1, 2, 4, 8}, {1, -2, 4, -8}, {0, 0, 0, 1}};
+};
+
+// out[r] = sum_c mat[r][c] in[c] for a matrix known at compile time: once unrolled, zero terms drop out and
+// weights of +-1 become additions and subtractions
+template <int R, int C>
+inline void apply(const float (&mat)[R][C], const v16* in, v16* out) {
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    v16 acc = {};
+    bool first = true;
+#pragma GCC unroll 8
+    for (int c = 0; c < C; ++c) {
+      const float k = mat[r][c];
+      if (k == 0.0f) continue;
+      const v16 term = k == 1.0f ? in[c] : k == -1.0f ? -in[c] : k * in[c];
+      acc = first ? term : acc + term;
+      first = false;
     }
-    for (int i = 0; i < 4; ++i) {  // (B^T d) B
-      float* o = out + 4 * i * point_stride + c;
-      store(o, t[i][0] - t[i][2]);
-      store(o + point_stride, t[i][1] + t[i][2]);
-      store(o + 2 * point_stride, t[i][2] - t[i][1]);
-      store(o + 3 * point_stride, t[i][1] - t[i][3]);
+    out[r] = acc;
+  }
+}
+
+// The rows of an NHWC image (C channels) under tile (ty, tx)'s a x a input patch, null outside the image (zero
+// padding)
+template <int m>
+void patch(const float* image, int64_t H, int64_t W, int64_t C, int64_t ty, int64_t tx, const float** src) {
+  constexpr int a = Winograd<m>::a;
+  for (int i = 0; i < a; ++i)
+    for (int j = 0; j < a; ++j) {
+      const int64_t iy = m * ty - 1 + i, ix = m * tx - 1 + j;
+      src[a * i + j] = (iy >= 0 && iy < H && ix >= 0 && ix < W) ? image + (iy * W + ix) * C : nullptr;
+    }
+}
+
+// The rows of an NHWC image (C channels) under tile (ty, tx)'s m x m outputs, null outside the image
+template <int m, typename P>
+void outputs(P image, int64_t H, int64_t W, int64_t C, int64_t ty, int64_t tx, P* dst) {
+  for (int i = 0; i < m; ++i)
+    for (int j = 0; j < m; ++j) {
+      const int64_t oy = m * ty + i, ox = m * tx + j;
+      dst[m * i + j] = (oy < H && ox < W) ? image + (oy * W + ox) * C : nullptr;
+    }
+}
+
+// V[p, c] = (B^T d B)[i, j] for p = a i + j, of one tile's patch d (rows src, null: zero), 16 channels at a time;
+// out is the tile's [a^2, C] block
+template <int m>
+void input_transform(const float* const* src, int64_t C, float* out) {
+  using T = Winograd<m>;
+  constexpr int a = T::a;
+  for (int64_t c = 0; c < C; c += V) {
+    v16 t[a][a];
+    for (int j = 0; j < a; ++j) {  // B^T d, a column at a time
+      v16 col[a], res[a];
+      for (int i = 0; i < a; ++i) col[i] = src[a * i + j] ? load(src[a * i + j] + c) : v16{};
+      apply(T::BT, col, res);
+      for (int i = 0; i < a; ++i) t[i][j] = res[i];
+    }
+    for (int i = 0; i < a; ++i) {  // (B^T d) B, a row at a time
+      v16 res[a];
+      apply(T::BT, t[i], res);
+      for (int j = 0; j < a; ++j) store(out + (a * i + j) * C + c, res[j]);
     }
   }
 }
 
-// y = A^T m A + bias for one tile's 16 products m (M_p rows, p = 4 i + j), into the valid ones of its 2x2 outputs
-void output_transform(const float* m, int64_t Cout, const float* bias, float* const* dst) {
-  const int64_t point_stride = Cout;
-  for (int64_t c = 0; c < Cout; c += V) {
-    v16 s[2][4];
-    for (int j = 0; j < 4; ++j) {  // A^T m
-      const v16 m0 = load(m + j * point_stride + c), m1 = load(m + (4 + j) * point_stride + c);
-      const v16 m2 = load(m + (8 + j) * point_stride + c), m3 = load(m + (12 + j) * point_stride + c);
-      s[0][j] = m0 + m1 + m2;
-      s[1][j] = m1 - m2 - m3;
+// y = A^T M A + bias for one tile's a^2 products M (rows [a^2, C]), into the valid ones of its m x m outputs
+template <int m>
+void output_transform(const float* M, int64_t C, const float* bias, float* const* dst) {
+  using T = Winograd<m>;
+  constexpr int a = T::a;
+  for (int64_t c = 0; c < C; c += V) {
+    v16 s[m][a];
+    for (int j = 0; j < a; ++j) {  // A^T M, a column at a time
+      v16 col[a], res[m];
+      for (int i = 0; i < a; ++i) col[i] = load(M + (a * i + j) * C + c);
+      apply(T::AT, col, res);
+      for (int i = 0; i < m; ++i) s[i][j] = res[i];
     }
     const v16 b = bias ? load(bias + c) : v16{};
-    for (int i = 0; i < 2; ++i) {  // (A^T m) A
-      if (dst[2 * i]) store(dst[2 * i] + c, s[i][0] + s[i][1] + s[i][2] + b);
-      if (dst[2 * i + 1]) store(dst[2 * i + 1] + c, s[i][1] - s[i][2] - s[i][3] + b);
+    for (int i = 0; i < m; ++i) {  // (A^T M) A, a row at a time
+      v16 res[m];
+      apply(T::AT, s[i], res);
+      for (int j = 0; j < m; ++j)
+        if (dst[m * i + j]) store(dst[m * i + j] + c, res[j] + b);
     }
   }
 }
 
-torch::Tensor conv3x3(const torch::Tensor& x, const torch::Tensor& u, const c10::optional<torch::Tensor>& bias_opt) {
+// dM[p, c] = (A dy A^T)[i, j] for p = a i + j, of one tile's m x m output gradient dy (rows src, null outside the
+// image: zero): the gradient of its a^2 products; out is the tile's [a^2, C] block. The valid dy are summed into
+// dbias (each output pixel lies in one tile).
+template <int m>
+void output_gradient_transform(const float* const* src, int64_t C, float* out, float* dbias) {
+  using T = Winograd<m>;
+  constexpr int a = T::a;
+  for (int64_t c = 0; c < C; c += V) {
+    v16 g[m][m], sum = {};
+    for (int i = 0; i < m; ++i)
+      for (int j = 0; j < m; ++j) {
+        g[i][j] = src[m * i + j] ? load(src[m * i + j] + c) : v16{};
+        sum += g[i][j];
+      }
+    store(dbias + c, load(dbias + c) + sum);
+    v16 r[a][m];
+    for (int j = 0; j < m; ++j) {  // A dy, a column at a time
+      v16 col[m], res[a];
+      for (int i = 0; i < m; ++i) col[i] = g[i][j];
+      apply(T::A, col, res);
+      for (int i = 0; i < a; ++i) r[i][j] = res[i];
+    }
+    for (int i = 0; i < a; ++i) {  // (A dy) A^T, a row at a time
+      v16 res[a];
+      apply(T::A, r[i], res);
+      for (int j = 0; j < a; ++j) store(out + (a * i + j) * C + c, res[j]);
+    }
+  }
+}
+
+void check_input(const torch::Tensor& x) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 4 &&
                   x.is_contiguous(at::MemoryFormat::ChannelsLast),
               "winograd: x must be a channels_last float32 CPU tensor [N, C, H, W]");
-  const int64_t N = x.size(0), Cin = x.size(1), H = x.size(2), W = x.size(3);
-  TORCH_CHECK(u.scalar_type() == at::kFloat && u.is_contiguous() && u.dim() == 3 && u.size(0) == 16 &&
-                  u.size(1) == Cin,
-              "winograd: transformed weights must be contiguous float32 [16, Cin, Cout] with Cin = x.size(1)");
+}
+
+template <int m>
+torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& u, const float* bias) {
+  using T = Winograd<m>;
+  constexpr int a = T::a, P = a * a;
+  const int64_t N = x.size(0), Cin = x.size(1), H = x.size(2), W = x.size(3), Cout = u.size(2);
+  auto y = torch::empty({N, Cout, H, W}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  const int64_t th = (H + m - 1) / m, tw = (W + m - 1) / m, tiles = th * tw, total = N * tiles;
+  if (total == 0) return y;
+  const int64_t runs = (total + T::tiles_per_task - 1) / T::tiles_per_task;  // of near-equal length
+  const float* xp = x.data_ptr<float>();
+  const float* up = u.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, runs, 1, [&](int64_t begin, int64_t end) {
+    const int64_t most = (total + runs - 1) / runs;
+    std::vector<float> vbuf(P * most * Cin), mbuf(P * most * Cout);
+    for (int64_t run = begin; run < end; ++run) {
+      const int64_t first = run * total / runs, count = (run + 1) * total / runs - first;
+      for (int64_t t = 0; t < count; ++t) {  // tile (first + t) of the batch: image n, tile row ty, column tx
+        const int64_t n = (first + t) / tiles, ty = (first + t) % tiles / tw, tx = (first + t) % tw;
+        const float* src[P];
+        patch<m>(xp + n * H * W * Cin, H, W, Cin, ty, tx, src);
+        input_transform<m>(src, Cin, vbuf.data() + t * P * Cin);
+      }
+      for (int p = 0; p < P; ++p)  // M_p = V_p U_p
+        gemm<false, false>(count, Cout, Cin, vbuf.data() + p * Cin, P * Cin, up + p * Cin * Cout, Cout,
+                           mbuf.data() + p * Cout, P * Cout);
+      for (int64_t t = 0; t < count; ++t) {
+        const int64_t n = (first + t) / tiles, ty = (first + t) % tiles / tw, tx = (first + t) % tw;
+        float* dst[m * m];
+        outputs<m>(yp + n * H * W * Cout, H, W, Cout, ty, tx, dst);
+        output_transform<m>(mbuf.data() + t * P * Cout, Cout, bias, dst);
+      }
+    }
+  });
+  return y;
+}
+
+torch::Tensor conv3x3(const torch::Tensor& x, const torch::Tensor& u, const c10::optional<torch::Tensor>& bias_opt) {
+  check_input(x);
+  const int64_t Cin = x.size(1);
+  TORCH_CHECK(u.scalar_type() == at::kFloat && u.is_contiguous() && u.dim() == 3 &&
+                  (u.size(0) == 16 || u.size(0) == 36) && u.size(1) == Cin,
+              "winograd: transformed weights must be contiguous float32 [16 or 36, Cin, Cout] with Cin = x.size(1)");
   const int64_t Cout = u.size(2);
   TORCH_CHECK(Cin % V == 0 && Cout % V == 0, "winograd: channel counts must be multiples of 16, got ", Cin, " -> ",
               Cout);
@@ -153,46 +304,62 @@ torch::Tensor conv3x3(const torch::Tensor& x, const torch::Tensor& u, const c10:
     TORCH_CHECK(b.scalar_type() == at::kFloat && b.numel() == Cout, "winograd: bias must be float32 [Cout]");
     bias = b.data_ptr<float>();
   }
-  auto y = torch::empty({N, Cout, H, W}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
-  if (N == 0 || H == 0 || W == 0) return y;
-  const int64_t th = (H + 1) / 2, tw = (W + 1) / 2, tiles = th * tw;
-  const int64_t total = N * tiles, runs = (total + MAX_TILES - 1) / MAX_TILES;  // runs of near-equal length
-  const float* xp = x.data_ptr<float>();
-  const float* up = u.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  at::parallel_for(0, runs, 1, [&](int64_t begin, int64_t end) {
-    const int64_t most = (total + runs - 1) / runs;
-    std::vector<float> vbuf(16 * most * Cin), mbuf(16 * most * Cout);
-    for (int64_t run = begin; run < end; ++run) {
-      const int64_t first = run * total / runs, count = (run + 1) * total / runs - first;
-      for (int64_t t = 0; t < count; ++t) {  // tile (first + t) of the batch: image n, tile row ty, column tx
-        const int64_t n = (first + t) / tiles, ty = (first + t) % tiles / tw, tx = (first + t) % tw;
-        const float* image = xp + n * H * W * Cin;
-        const float* src[16];
-        for (int i = 0; i < 4; ++i)
-          for (int j = 0; j < 4; ++j) {
-            const int64_t iy = 2 * ty - 1 + i, ix = 2 * tx - 1 + j;
-            src[4 * i + j] = (iy >= 0 && iy < H && ix >= 0 && ix < W) ? image + (iy * W + ix) * Cin : nullptr;
-          }
-        input_transform(src, Cin, vbuf.data() + t * 16 * Cin);
+  return u.size(0) == 16 ? forward<2>(x, u, bias) : forward<4>(x, u, bias);
+}
+
+template <int m>
+std::vector<torch::Tensor> weight_grad(const torch::Tensor& x, const torch::Tensor& dy) {
+  using T = Winograd<m>;
+  constexpr int a = T::a, P = a * a;
+  const int64_t N = x.size(0), Cin = x.size(1), H = x.size(2), W = x.size(3), Cout = dy.size(1);
+  const int64_t threads = at::get_num_threads();
+  auto du = torch::zeros({threads, P, Cin, Cout}, x.options());
+  auto db = torch::zeros({threads, Cout}, x.options());
+  const int64_t th = (H + m - 1) / m, tw = (W + m - 1) / m, tiles = th * tw, total = N * tiles;
+  if (total > 0) {
+    const int64_t runs = (total + 2 * T::tiles_per_task - 1) / (2 * T::tiles_per_task);  // sums over more tiles
+    const float* xp = x.data_ptr<float>();
+    const float* gp = dy.data_ptr<float>();
+    float* dup = du.data_ptr<float>();
+    float* dbp = db.data_ptr<float>();
+    at::parallel_for(0, runs, 1, [&](int64_t begin, int64_t end) {
+      const int64_t thread = at::get_thread_num();
+      TORCH_CHECK(thread < threads, "winograd: more threads than at the call's start");
+      float* partial = dup + thread * P * Cin * Cout;
+      float* dbias = dbp + thread * Cout;
+      const int64_t most = (total + runs - 1) / runs;
+      std::vector<float> vbuf(P * most * Cin), gbuf(P * most * Cout);
+      for (int64_t run = begin; run < end; ++run) {
+        const int64_t first = run * total / runs, count = (run + 1) * total / runs - first;
+        for (int64_t t = 0; t < count; ++t) {
+          const int64_t n = (first + t) / tiles, ty = (first + t) % tiles / tw, tx = (first + t) % tw;
+          const float* src[P];
+          patch<m>(xp + n * H * W * Cin, H, W, Cin, ty, tx, src);
+          input_transform<m>(src, Cin, vbuf.data() + t * P * Cin);
+          const float* grad[m * m];
+          outputs<m>(gp + n * H * W * Cout, H, W, Cout, ty, tx, grad);
+          output_gradient_transform<m>(grad, Cout, gbuf.data() + t * P * Cout, dbias);
+        }
+        for (int p = 0; p < P; ++p)  // dU_p += V_p^T dM_p
+          gemm<true, true>(Cin, Cout, count, vbuf.data() + p * Cin, P * Cin, gbuf.data() + p * Cout, P * Cout,
+                           partial + p * Cin * Cout, Cout);
       }
-      for (int p = 0; p < 16; ++p)
-        gemm(count, Cout, Cin, vbuf.data() + p * Cin, 16 * Cin, up + p * Cin * Cout, Cout, mbuf.data() + p * Cout,
-             16 * Cout);
-      for (int64_t t = 0; t < count; ++t) {
-        const int64_t n = (first + t) / tiles, ty = (first + t) % tiles / tw, tx = (first + t) % tw;
-        float* out = yp + n * H * W * Cout;
-        float* dst[4];
-        for (int i = 0; i < 2; ++i)
-          for (int j = 0; j < 2; ++j) {
-            const int64_t oy = 2 * ty + i, ox = 2 * tx + j;
-            dst[2 * i + j] = (oy < H && ox < W) ? out + (oy * W + ox) * Cout : nullptr;
-          }
-        output_transform(mbuf.data() + t * 16 * Cout, Cout, bias, dst);
-      }
-    }
-  });
-  return y;
+    });
+  }
+  return {du.sum(0), db.sum(0)};
+}
+
+// The gradients of conv3x3 with respect to its transformed filters and its bias, from its input x and output
+// gradient dy: (dU [a^2, Cin, Cout], dbias [Cout]). Each thread sums its runs of tiles apart.
+std::vector<torch::Tensor> conv3x3_weight_grad(const torch::Tensor& x, const torch::Tensor& dy, int64_t m) {
+  check_input(x);
+  TORCH_CHECK(dy.scalar_type() == at::kFloat && dy.dim() == 4 && dy.is_contiguous(at::MemoryFormat::ChannelsLast) &&
+                  dy.size(0) == x.size(0) && dy.size(2) == x.size(2) && dy.size(3) == x.size(3),
+              "winograd: dy must be a channels_last float32 tensor [N, Cout, H, W] with x's N, H and W");
+  TORCH_CHECK(x.size(1) % V == 0 && dy.size(1) % V == 0, "winograd: channel counts must be multiples of 16, got ",
+              x.size(1), " -> ", dy.size(1));
+  TORCH_CHECK(m == 2 || m == 4, "winograd: tiles of 2x2 or 4x4 outputs, got m=", m);
+  return m == 2 ? weight_grad<2>(x, dy) : weight_grad<4>(x, dy);
 }
 
 }  // namespace
@@ -200,5 +367,9 @@ torch::Tensor conv3x3(const torch::Tensor& x, const torch::Tensor& u, const c10:
 void register_winograd(pybind11::module_& m) {
   m.def("winograd_conv3x3", &conv3x3,
         "3x3 convolution, stride 1, padding 1, of channels_last float32 x [N, Cin, H, W] with Winograd-transformed "
-        "weights u [16, Cin, Cout] and an optional bias [Cout]: y [N, Cout, H, W] (channels_last)");
+        "filters u ([16, Cin, Cout]: F(2x2, 3x3); [36, Cin, Cout]: F(4x4, 3x3)) and an optional bias [Cout]: "
+        "y [N, Cout, H, W] (channels_last)");
+  m.def("winograd_conv3x3_weight_grad", &conv3x3_weight_grad,
+        "gradients of winograd_conv3x3 with respect to its transformed filters and its bias, from x and dy "
+        "(channels_last float32) and the tile size m (2 or 4): (du [(m + 2)^2, Cin, Cout], dbias [Cout])");
 }
