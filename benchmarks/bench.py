@@ -478,11 +478,14 @@ def variant(
     conv_layouts: bool = True,
     native_attention: bool = True,
     bias_grad_apart: bool = True,
+    winograd: bool = True,
+    winograd_tile: int = 4,
 ) -> UNet:
     """Our net with levers switched: NCHW activations, GroupNorm and attention in autocast's dtype, PyTorch's
     GroupNorm and SiLU instead of the native kernel, attention projections as matmuls and NCHW convolution
     weights (``conv_layouts=False``), PyTorch's SDPA instead of the native attention kernel, the bias gradients
-    computed within oneDNN's weight gradients (``bias_grad_apart=False``), compiled."""
+    computed within oneDNN's weight gradients (``bias_grad_apart=False``), oneDNN's 3x3 convolutions instead of
+    the Winograd kernel (``winograd=False``) or its other tile size, compiled."""
     torch.manual_seed(0)
     net = UNet(cfg).to(device)
     if not channels_last:
@@ -499,12 +502,14 @@ def variant(
             m.native = native_attention
         if isinstance(m, Conv2d):
             m.separate_bias_grad = bias_grad_apart
+            m.winograd, m.winograd_tile = winograd, winograd_tile
     if compile:
         net.compile()
     return net
 
 
-OLD = {"native_attention": False, "bias_grad_apart": False}  # levers off in the rows before they were added
+# levers off in the rows before they were added
+OLD = {"native_attention": False, "bias_grad_apart": False, "winograd": False}
 
 
 def levers(s: Settings, timer: Timer, device: torch.device) -> list[tuple[str, str, float, float]]:
@@ -540,9 +545,13 @@ def levers(s: Settings, timer: Timer, device: torch.device) -> list[tuple[str, s
         "fp32, channels_last, fused SDPA, inference_mode, native GroupNorm+SiLU kernel": sampling(
             variant(cfg, device, native_attention=False), "32-true"
         ),
-        "fp32, channels_last, inference_mode, native GroupNorm+SiLU and attention kernels (the default)": sampling(
-            variant(cfg, device), "32-true"
+        "fp32, channels_last, inference_mode, native GroupNorm+SiLU and attention kernels": sampling(
+            variant(cfg, device, winograd=False), "32-true"
         ),
+        "fp32, channels_last, inference_mode, native GroupNorm+SiLU and attention kernels, Winograd F(2x2, 3x3)"
+        " convolutions": sampling(variant(cfg, device, winograd_tile=2), "32-true"),
+        "fp32, channels_last, inference_mode, native GroupNorm+SiLU and attention kernels, Winograd F(4x4, 3x3)"
+        " convolutions (the default)": sampling(variant(cfg, device), "32-true"),
         "bf16 autocast, as before (NCHW, GroupNorm and attention in bf16, math SDPA, no_grad)": sampling(
             variant(cfg, device, **before), "bf16-mixed", torch.no_grad, True
         ),
@@ -584,9 +593,13 @@ def levers(s: Settings, timer: Timer, device: torch.device) -> list[tuple[str, s
         "32-true, channels_last, native GroupNorm+SiLU kernel, bias gradients apart": TrainStep(
             module, variant(cfg, device, native_attention=False), batch, "32-true"
         ),
-        "32-true, channels_last, native GroupNorm+SiLU and attention kernels, bias gradients apart (the default)": (
-            TrainStep(module, variant(cfg, device), batch, "32-true")
+        "32-true, channels_last, native GroupNorm+SiLU and attention kernels, bias gradients apart": TrainStep(
+            module, variant(cfg, device, winograd=False), batch, "32-true"
         ),
+        "32-true, channels_last, native GroupNorm+SiLU and attention kernels, bias gradients apart, Winograd"
+        " F(2x2, 3x3) convolutions": TrainStep(module, variant(cfg, device, winograd_tile=2), batch, "32-true"),
+        "32-true, channels_last, native GroupNorm+SiLU and attention kernels, bias gradients apart, Winograd"
+        " F(4x4, 3x3) convolutions (the default)": TrainStep(module, variant(cfg, device), batch, "32-true"),
         "bf16-mixed, as before (NCHW, GroupNorm and attention in bf16)": TrainStep(
             module, variant(cfg, device, **before), batch, "bf16-mixed"
         ),
@@ -711,8 +724,8 @@ SHARES = ("convolutions", "matmuls", "attention", "GroupNorm", "SiLU", "casts an
 
 def op_kind(name: str) -> str:
     """The kind of an aten operator, for the time shares (:data:`SHARES`)."""
-    if "convolution" in name:
-        return "convolutions"
+    if "convolution" in name or "winograd" in name or name in ("_Conv3x3", "_Conv3x3Backward"):
+        return "convolutions"  # oneDNN's, or the Winograd kernel (forward without autograd, forward, backward)
     if name in ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"):
         return "matmuls"
     if "scaled_dot_product" in name or name in ("ddpm::attention", "_Attention", "_AttentionBackward"):
@@ -781,10 +794,12 @@ def conv_phases(s: Settings, timer: Timer, device: torch.device) -> list[dict[st
     """Our net's convolutions in one fp32 training step, timed by phase: forward, input and weight gradient.
 
     The convolutions of the first configuration are collected with forward hooks during a training forward at
-    the training batch; each distinct one runs alone, its three phases through ``aten::convolution_backward``
-    with one output at a time, all of them taking turns. Every phase does the forward's FLOPs. A convolution
+    the training batch; each distinct one runs alone, as the net runs it, its phases taking turns with all the
+    others': the Winograd kernel's forward, input gradient and weight gradient (each with its filter transform)
+    for the 3x3 convolutions that take it, oneDNN's through ``aten::convolution_backward`` with one output at a
+    time for the others. Every phase does the forward's FLOPs (counted as a direct convolution's). A convolution
     whose input needs no gradient (the first, on the data) has no input-gradient phase, as in training.
-    Returns one dict per phase: convolutions, ms and GFLOP per step.
+    Returns one dict per phase: convolutions, of which Winograd, ms and GFLOP per step.
     """
     cfg = next(iter(s.configs.values()))
     torch.manual_seed(0)
@@ -794,7 +809,8 @@ def conv_phases(s: Settings, timer: Timer, device: torch.device) -> list[dict[st
     def hook(conv: nn.Conv2d, args: tuple[Tensor, ...], out: Tensor) -> None:
         (x,) = args[:1]
         key = (tuple(x.shape), tuple(conv.weight.shape), conv.stride, conv.padding, conv.dilation, conv.groups)
-        key += (conv.bias is not None, x.requires_grad, tuple(out.shape))
+        tile = conv.winograd_tile if isinstance(conv, Conv2d) and conv.uses_winograd(x) else 0
+        key += (conv.bias is not None, x.requires_grad, tuple(out.shape), tile)
         found[key] = found.get(key, 0) + 1
 
     handles = [m.register_forward_hook(hook) for m in net.modules() if isinstance(m, nn.Conv2d)]
@@ -805,9 +821,9 @@ def conv_phases(s: Settings, timer: Timer, device: torch.device) -> list[dict[st
         h.remove()
     cl = torch.channels_last
     calls: dict[str, Callable[[], Any]] = {}
-    work: dict[str, tuple[str, int, float]] = {}  # call -> (phase, count, FLOPs)
+    work: dict[str, tuple[str, int, float, bool]] = {}  # call -> (phase, count, FLOPs, Winograd)
     for i, (key, count) in enumerate(found.items()):
-        x_shape, w_shape, stride, padding, dilation, groups, bias, input_grad, y_shape = key
+        x_shape, w_shape, stride, padding, dilation, groups, bias, input_grad, y_shape, tile = key
         x = torch.randn(x_shape, device=device).contiguous(memory_format=cl)
         w = torch.randn(w_shape, device=device).contiguous(memory_format=cl)
         b = torch.randn(w_shape[0], device=device) if bias else None
@@ -820,25 +836,39 @@ def conv_phases(s: Settings, timer: Timer, device: torch.device) -> list[dict[st
             args = (dy, x, w, sizes, stride, padding, dilation, False, [0, 0], groups, mask)
             return lambda: torch.ops.aten.convolution_backward(*args)
 
-        phases = {
-            "forward": lambda x=x, w=w, b=b, k=(stride, padding, dilation, groups): F.conv2d(x, w, b, *k),
-            "input gradient": backward([True, False, False]) if input_grad else None,
-            "weight gradient": backward([False, True, bias]),
-        }
+        if tile:
+
+            def winograd(x: Tensor, w: Tensor, b: Tensor | None, m: int = tile) -> Callable[[], Any]:
+                return lambda: kernels.extension().winograd_conv3x3(x, kernels.winograd_weights(w, m), b)
+
+            flipped = w.flip(2, 3).transpose(0, 1)  # the input gradient's filters
+            phases = {
+                "forward": winograd(x, w, b),
+                "input gradient": winograd(dy, flipped, None) if input_grad else None,
+                "weight gradient": lambda x=x, w=w, dy=dy, m=tile: kernels.conv3x3_weight_grad(x, dy, w, m),
+            }
+        else:
+            phases = {
+                "forward": lambda x=x, w=w, b=b, k=(stride, padding, dilation, groups): F.conv2d(x, w, b, *k),
+                "input gradient": backward([True, False, False]) if input_grad else None,
+                "weight gradient": backward([False, True, bias]),
+            }
         for phase, call in phases.items():
             if call is not None:
                 calls[f"{i} {phase}"] = call
-                work[f"{i} {phase}"] = (phase, count, flops)
-    seconds = timer.group(calls, max(3, next(iter(s.reps.values()))), 1)
+                work[f"{i} {phase}"] = (phase, count, flops, bool(tile))
+    with torch.no_grad():
+        seconds = timer.group(calls, max(3, next(iter(s.reps.values()))), 1)
     out = []
     for phase in CONV_PHASES:
-        mine = [(count, flops, seconds[k]) for k, (p, count, flops) in work.items() if p == phase]
+        mine = [(count, flops, seconds[k], wino) for k, (p, count, flops, wino) in work.items() if p == phase]
         out.append(
             {
                 "phase": phase,
-                "convolutions": sum(c for c, _, _ in mine),
-                "ms": sum(c * t for c, _, t in mine) * 1e3,
-                "gflop": sum(c * f for c, f, _ in mine) / 1e9,
+                "convolutions": sum(c for c, _, _, _ in mine),
+                "winograd": sum(c for c, _, _, wino in mine if wino),
+                "ms": sum(c * t for c, _, t, _ in mine) * 1e3,
+                "gflop": sum(c * f for c, f, _, _ in mine) / 1e9,
             }
         )
     return out
@@ -1158,11 +1188,12 @@ def report(
             "",
             "Self CPU time of every operator, summed by kind, per training step (batch"
             f" {s.train_batch}) and per sampling chunk ({s.sample_batch} images, {s.sample_steps} steps), after one"
-            " warm-up call; the profiler adds a little time to every operator. Both nets run oneDNN's"
-            " convolutions, so the peer's total over our convolutions' time bounds what ours/peer could become"
-            " with everything else free. Our GroupNorm column is the native kernel, which includes the SiLU after"
-            " the norm (and, under bf16 autocast, the casts around it); our attention column is the native"
-            " attention kernel.",
+            " warm-up call; the profiler adds a little time to every operator. The peer's total over our"
+            " convolutions' time bounds what ours/peer could become with everything else free. Our convolutions"
+            " are the Winograd kernel's (fp32 3x3, stride 1) and oneDNN's (the rest, and all of them under bf16"
+            " autocast); the peer's are oneDNN's. Our GroupNorm column is the native kernel, which includes the"
+            " SiLU after the norm (and, under bf16 autocast, the casts around it); our attention column is the"
+            " native attention kernel.",
             "",
         ]
         table = []
@@ -1185,21 +1216,25 @@ def report(
             "",
             f"## Convolution phases (our net, {first} configuration, one fp32 training step at batch {s.train_batch})",
             "",
-            "Each of the step's convolutions runs alone, its forward, input gradient and weight gradient taking"
-            " turns (`aten::convolution_backward` with one output at a time); every phase does the forward's FLOPs."
-            " The first convolution's input is data: it has no input gradient.",
+            "Each of the step's convolutions runs alone, as the net runs it, its forward, input gradient and weight"
+            " gradient taking turns with all the others': the Winograd kernel (with its filter transforms) for the"
+            " 3x3 convolutions that take it (column Winograd), oneDNN's otherwise (`aten::convolution_backward` with"
+            " one output at a time). Every phase does the forward's FLOPs, counted as a direct convolution's, so the"
+            " Winograd kernel's rate can pass the limit. The first convolution's input is data: it has no input"
+            " gradient.",
             "",
         ]
-        total = {"phase": "all", **{k: sum(p[k] for p in phases) for k in ("convolutions", "ms", "gflop")}}
+        keys = ("convolutions", "winograd", "ms", "gflop")
+        total = {"phase": "all", **{k: sum(p[k] for p in phases) for k in keys}}
 
         def rate(p: dict[str, Any]) -> float:
             return p["gflop"] / p["ms"] * 1e3
 
         lines += _table(
-            ["phase", "convolutions", "ms per step", "GFLOP per step", "GFLOP/s", "% fp32 limit"],
+            ["phase", "convolutions", "Winograd", "ms per step", "GFLOP per step", "GFLOP/s", "% fp32 limit"],
             [
-                [p["phase"], p["convolutions"], f"{p['ms']:,.1f}", f"{p['gflop']:.1f}", _num(rate(p)),
-                 f"{100 * rate(p) / fp32:.0f}%"]
+                [p["phase"], p["convolutions"], p["winograd"], f"{p['ms']:,.1f}", f"{p['gflop']:.1f}",
+                 _num(rate(p)), f"{100 * rate(p) / fp32:.0f}%"]
                 for p in [*phases, total]
             ],
         )  # fmt: skip
@@ -1275,7 +1310,13 @@ def report(
         " transposed scores (16 queries per vector), instead of SDPA's flash kernel, which is mostly overhead"
         " at 49 tokens of 16 channels; *bias gradients apart* (fp32 training on the CPU): each convolution's bias"
         " gradient as a sum of its output gradient, not within oneDNN's weight gradient, which takes longer with"
-        " it; *inference_mode*: no autograd bookkeeping while sampling; *keep_freed_memory*: glibc hands every large"
+        " it; *Winograd* (`ddpm.kernels.conv3x3`, fp32 on the CPU, 3x3 convolutions with stride 1 and channel"
+        " counts multiples of 16): Winograd's minimal filtering, each tile of 2x2 (F(2x2, 3x3)) or 4x4 outputs"
+        " (F(4x4, 3x3), the default) from the elementwise products of transformed input patches and filters, 16"
+        " or 36 small matrix products over the channels, 2.25x or 4x fewer multiplications than oneDNN's direct"
+        " convolution, forward, input gradient (the flipped filters) and weight gradient alike; F(4x4, 3x3)"
+        " rounds ~10x more than oneDNN (within 2e-5 of the largest value in the tests);"
+        " *inference_mode*: no autograd bookkeeping while sampling; *keep_freed_memory*: glibc hands every large"
         " activation back to the kernel when it is freed and page-faults it in again at the next step;"
         " *torch.compile*: fuses GroupNorm, SiLU and the casts (compiling takes 20-80 s on a 2-core CPU), so it is"
         " the params switch `train.compile` / `sample.compile`, off by default. bf16 autocast is the params.yaml"

@@ -327,12 +327,18 @@ class _Conv3x3(torch.autograd.Function):
             flipped = winograd_weights(weight.flip(2, 3).transpose(0, 1), m)
             dx = _extension.winograd_conv3x3(dy, flipped, None)
         if need_w or need_b:
-            du, db = _extension.winograd_conv3x3_weight_grad(x, dy, m)
-            if need_w:
-                G = weight.new_tensor(_WINOGRAD_G[m])
-                du = du.view(m + 2, m + 2, weight.shape[1], weight.shape[0])
-                dw = torch.empty_like(weight).copy_(torch.einsum("ik,ijco,jl->ockl", G, du, G))
-        return dx, dw, db if need_b else None, None
+            dw, db = conv3x3_weight_grad(x, dy, weight, m)
+        return dx, dw if need_w else None, db if need_b else None, None
+
+
+def conv3x3_weight_grad(x: Tensor, dy: Tensor, weight: Tensor, m: int = 4) -> tuple[Tensor, Tensor]:
+    """The weight and bias gradients of :func:`conv3x3` (F(m x m, 3x3)) from its input x and output gradient dy,
+    both channels_last: the kernel's gradient with respect to the transformed filters, mapped back to 3x3 filters
+    (``G^T dU G``), in weight's layout."""
+    du, db = _extension.winograd_conv3x3_weight_grad(x, dy, m)
+    G = weight.new_tensor(_WINOGRAD_G[m])
+    du = du.view(m + 2, m + 2, weight.shape[1], weight.shape[0])
+    return torch.empty_like(weight).copy_(torch.einsum("ik,ijco,jl->ockl", G, du, G)), db
 
 
 def conv3x3(x: Tensor, weight: Tensor, bias: Tensor | None = None, u: Tensor | None = None) -> Tensor:

@@ -128,8 +128,9 @@ class Conv2d(nn.Conv2d):
     winograd = True
     winograd_tile = 4
 
-    def _conv_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        if (
+    def uses_winograd(self, x: Tensor) -> bool:
+        """Whether this convolution of x runs the Winograd kernel."""
+        return (
             self.winograd
             and self.kernel_size == (3, 3)
             and self.stride == (1, 1)
@@ -138,8 +139,11 @@ class Conv2d(nn.Conv2d):
             and self.groups == 1
             and self.padding_mode == "zeros"
             and not torch.is_autocast_enabled("cpu")
-            and kernels.conv3x3_applies(x, weight)
-        ):
+            and kernels.conv3x3_applies(x, self.weight)
+        )
+
+    def _conv_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        if weight is self.weight and self.uses_winograd(x):
             return kernels.conv3x3(x, weight, bias, self._winograd_weights(weight))
         if (
             self.separate_bias_grad
