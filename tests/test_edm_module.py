@@ -140,6 +140,10 @@ def test_guidance_and_p_uncond_need_a_class_conditional_net(tiny_net_kwargs):
 
 # --------------------------------------------------------------------------- sampling
 
+# Seeded samples of different batch sizes agree up to float rounding: some kernels (MKL's matmuls, oneDNN's 1x1
+# convolutions) round differently at other batch sizes, ~1e-6 of one net evaluation, which a sampler's steps carry
+# on to values of up to sigma_max (80). A wrong noise stream or batch slicing differs by O(1).
+
 
 @pytest.mark.parametrize(("sampler", "options"), SIGMA_SAMPLERS)
 def test_seeded_samples_do_not_depend_on_the_batch_size(conditional, sampler, options):
@@ -148,7 +152,7 @@ def test_seeded_samples_do_not_depend_on_the_batch_size(conditional, sampler, op
     small = module.sample(7, batch_size=2, guidance=2.0, **kwargs)
     whole = module.sample(7, batch_size=7, guidance=2.0, **kwargs)
     assert whole.shape == (7, 1, 8, 8) and torch.isfinite(whole).all()
-    torch.testing.assert_close(small, whole, rtol=2e-6, atol=1e-5)
+    torch.testing.assert_close(small, whole, rtol=1e-4, atol=1e-4)
     other = module.sample(7, seed=4, **{k: v for k, v in kwargs.items() if k != "seed"})
     assert (whole - other).abs().amax(dim=(1, 2, 3)).min() > 1e-2
 
@@ -215,7 +219,7 @@ def test_sigma_samplers_on_a_ddpm_model_visit_trained_timesteps(ddpm_module):
     trained = set(ddpm_module.config.sigmas("ddpm", 100)[:-1].tolist())  # every trained timestep
     assert {s["sigma"] for s in seen} <= trained and len({s["sigma"] for s in seen}) == 8
     assert [s["start"] for s in seen] == [0] * 8 + [2] * 8 + [4] * 8
-    torch.testing.assert_close(ddpm_module.sample(5, sampler="dpmpp_2m", steps=8, seed=2), out, rtol=2e-6, atol=1e-5)
+    torch.testing.assert_close(ddpm_module.sample(5, sampler="dpmpp_2m", steps=8, seed=2), out, rtol=1e-4, atol=1e-4)
 
 
 # --------------------------------------------------------------------------- inpainting
@@ -237,7 +241,7 @@ def test_inpainting_keeps_known_pixels_exactly(conditional, ddpm_module, toy_ima
     assert torch.equal(out[..., :4], known[..., :4])
     assert torch.isfinite(out).all()
     assert not torch.equal(out[..., 4:], known[..., 4:])
-    torch.testing.assert_close(module.sample(5, jump_length=2, resample=2, **kwargs), out, rtol=2e-6, atol=1e-5)
+    torch.testing.assert_close(module.sample(5, jump_length=2, resample=2, **kwargs), out, rtol=1e-4, atol=1e-4)
     plain = module.sample(5, **kwargs)
     assert torch.equal(plain[..., :4], known[..., :4]) and not torch.allclose(plain, out)
 

@@ -339,6 +339,31 @@ def test_winograd_convolution_matches_float64(shape, with_bias, tile):
 
 
 @needs_native
+@pytest.mark.parametrize("tile", [2, 4])
+def test_winograd_adds_a_bias_per_image_and_a_residual_as_it_writes(tile):
+    """conv + bias[n] + residual in one pass, with the gradients of all five inputs, against float64 PyTorch."""
+    x, weight, _ = conv_inputs(3, 32, 16, 7, 7)
+    g = torch.Generator().manual_seed(1)
+    bias = torch.randn(3, 16, generator=g)
+    residual = torch.randn(3, 16, 7, 7, generator=g).contiguous(memory_format=CL)
+    leaves = [t.clone().requires_grad_() for t in (x, weight, bias, residual)]
+    out = kernels.conv3x3(leaves[0], leaves[1], leaves[2], kernels.winograd_weights(weight, tile), leaves[3])
+    assert type(out.grad_fn).__name__.startswith("_Conv3x3")
+    dy = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, dy)
+    exact_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    xe, we, be, re = exact_leaves
+    exact = F.conv2d(xe, we, padding=1) + be[:, :, None, None] + re
+    exact_grads = torch.autograd.grad(exact, exact_leaves, dy.double())
+    for ours, truth in zip((out, *grads), (exact, *exact_grads)):
+        assert (ours.double() - truth).abs().max() <= WINOGRAD_ERROR[tile][1] * truth.abs().max()
+    with torch.inference_mode():  # and without autograd, where PyTorch's ops run: the same sums
+        fast = kernels.conv3x3(x, weight, bias, None, residual)
+        plain = kernels.conv3x3(x.contiguous(), weight, bias, None, residual)
+    torch.testing.assert_close(fast, plain, atol=1e-4, rtol=1e-4)
+
+
+@needs_native
 def test_winograd_inference_matches_training_mode_and_takes_given_weights():
     x, weight, bias = conv_inputs(2, 32, 32, 9, 9)
     with torch.inference_mode():
@@ -389,8 +414,12 @@ def test_bad_input_to_the_winograd_kernel_is_named():
         ext.winograd_conv3x3(x, u[:25].contiguous(), bias)
     with pytest.raises(RuntimeError, match="multiples of 16, got 32 -> 8"):
         ext.winograd_conv3x3(x, u[:, :, :8].contiguous(), bias)
-    with pytest.raises(RuntimeError, match=r"bias must be float32 \[Cout\]"):
+    with pytest.raises(RuntimeError, match=r"bias must be float32 \[Cout\] or, one per image, \[N, Cout\]"):
         ext.winograd_conv3x3(x, u, bias[:8])
+    with pytest.raises(RuntimeError, match=r"residual must be a channels_last float32 tensor shaped like the output"):
+        ext.winograd_conv3x3(x, u, bias, torch.zeros(2, 16, 6, 6))
+    with pytest.raises(ValueError, match=r"bias must be \[Cout\] or \[N, Cout\], got \[1, 2, 16\]"):
+        kernels.conv3x3(x, weight, bias[None, None].expand(1, 2, 16))
     dy = torch.randn(2, 16, 6, 6).contiguous(memory_format=CL)
     with pytest.raises(RuntimeError, match="dy must be a channels_last float32 tensor"):
         ext.winograd_conv3x3_weight_grad(x, dy[:, :, :5].contiguous(memory_format=CL), 4)

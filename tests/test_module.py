@@ -328,7 +328,7 @@ def test_sample_is_invariant_to_batch_size(trained, sampler, eta):
     assert small.shape == whole.shape == (7, 1, 8, 8)
     assert small.device.type == "cpu"
     assert torch.isfinite(whole).all()
-    torch.testing.assert_close(small, whole, rtol=2e-6, atol=1e-5)
+    torch.testing.assert_close(small, whole, rtol=1e-4, atol=1e-4)
     # the images of one call are not copies of each other
     assert not torch.allclose(whole[0], whole[1], atol=1e-3)
 

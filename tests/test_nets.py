@@ -290,6 +290,23 @@ def test_conv_runs_winograd_for_3x3_stride_1_and_keeps_the_transform_while_the_w
         assert conv(x).dtype == torch.bfloat16
 
 
+@pytest.mark.skipif(kernels.extension() is None, reason="the native kernels are not built here")
+@pytest.mark.parametrize("winograd", [True, False])
+def test_conv_adds_the_image_bias_and_the_residual(winograd):
+    torch.manual_seed(0)
+    conv = Conv2d(16, 32, 3, padding=1).to(memory_format=torch.channels_last)
+    conv.winograd = winograd
+    x = torch.randn(2, 16, 5, 5).contiguous(memory_format=torch.channels_last).requires_grad_()
+    image_bias, residual = torch.randn(2, 32, requires_grad=True), torch.randn(2, 32, 5, 5, requires_grad=True)
+    out = conv(x, image_bias=image_bias, residual=residual)
+    assert type(out.grad_fn).__name__.startswith("_Conv3x3") == winograd
+    expected = F.conv2d(x, conv.weight, conv.bias, padding=1) + image_bias[:, :, None, None] + residual
+    torch.testing.assert_close(out, expected, atol=5e-5, rtol=5e-5)
+    leaves = (x, conv.weight, conv.bias, image_bias, residual)
+    for a, b in zip(torch.autograd.grad(out.sum(), leaves), torch.autograd.grad(expected.sum(), leaves)):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
 def test_conv_is_nn_conv2d_under_autocast_and_without_gradients():
     conv = Conv2d(4, 4, 3, padding=1)
     x = torch.randn(2, 4, 5, 5, requires_grad=True)

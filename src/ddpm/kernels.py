@@ -307,62 +307,77 @@ def conv3x3_applies(x: Tensor, weight: Tensor) -> bool:
 class _Conv3x3(torch.autograd.Function):
     """Autograd of the Winograd convolution: the input gradient is the same kernel run on the output gradient with
     the filters flipped and transposed; the weight and bias gradients come from one more pass of the kernel (the
-    transformed filters' gradient, mapped back to 3x3 filters)."""
+    transformed filters' gradient, mapped back to 3x3 filters); the residual's gradient is the output's."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, u: Tensor) -> Tensor:
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, u: Tensor, residual: Tensor | None) -> Tensor:
         ctx.save_for_backward(x, weight)
         ctx.m = math.isqrt(u.shape[0]) - 2
-        return _extension.winograd_conv3x3(x, u, bias)
+        ctx.per_image_bias = bias is not None and bias.dim() == 2
+        return _extension.winograd_conv3x3(x, u, bias, residual)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy: Tensor) -> tuple[Tensor | None, ...]:
         x, weight = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        need_x, need_w, need_b, _, need_r = ctx.needs_input_grad
         dy = dy.contiguous(memory_format=torch.channels_last)
         dx = dw = db = None
         m = ctx.m
         if need_x:
             flipped = winograd_weights(weight.flip(2, 3).transpose(0, 1), m)
-            dx = _extension.winograd_conv3x3(dy, flipped, None)
+            dx = _extension.winograd_conv3x3(dy, flipped)
         if need_w or need_b:
             dw, db = conv3x3_weight_grad(x, dy, weight, m)
-        return dx, dw if need_w else None, db if need_b else None, None
+            db = db if ctx.per_image_bias else db.sum(0)
+        return dx, dw if need_w else None, db if need_b else None, None, dy if need_r else None
 
 
 def conv3x3_weight_grad(x: Tensor, dy: Tensor, weight: Tensor, m: int = 4) -> tuple[Tensor, Tensor]:
     """The weight and bias gradients of :func:`conv3x3` (F(m x m, 3x3)) from its input x and output gradient dy,
     both channels_last: the kernel's gradient with respect to the transformed filters, mapped back to 3x3 filters
-    (``G^T dU G``), in weight's layout."""
+    (``G^T dU G``), in weight's layout, and each image's bias gradient [N, Cout]."""
     du, db = _extension.winograd_conv3x3_weight_grad(x, dy, m)
     G = weight.new_tensor(_WINOGRAD_G[m])
     du = du.view(m + 2, m + 2, weight.shape[1], weight.shape[0])
     return torch.empty_like(weight).copy_(torch.einsum("ik,ijco,jl->ockl", G, du, G)), db
 
 
-def conv3x3(x: Tensor, weight: Tensor, bias: Tensor | None = None, u: Tensor | None = None) -> Tensor:
-    """``conv2d(x, weight, bias, padding=1)`` of a 3x3 ``weight`` (stride 1), channels_last.
+def conv3x3(
+    x: Tensor, weight: Tensor, bias: Tensor | None = None, u: Tensor | None = None, residual: Tensor | None = None
+) -> Tensor:
+    """``conv2d(x, weight, padding=1) + bias (+ residual)`` of a 3x3 ``weight`` (stride 1), channels_last.
 
-    The native Winograd kernel where it applies (:func:`conv3x3_applies`), with ``u`` the filters' transform if
-    given (:func:`winograd_weights`: its row count sets the tiles, F(2x2, 3x3) or F(4x4, 3x3); by default
-    F(4x4, 3x3)); elsewhere PyTorch's convolution. F(4x4, 3x3) does 4x fewer multiplications than the direct
-    convolution (2.25x for F(2x2, 3x3)); its float32 rounding errors measured ~10x oneDNN's, around 1e-5 of the
-    output (F(2x2, 3x3): no larger than oneDNN's).
+    ``bias`` is [Cout], or [N, Cout] for one per image (a ResBlock's bias plus its time embedding); ``residual``
+    is added to the output (a ResBlock's skip connection). The native Winograd kernel where it applies
+    (:func:`conv3x3_applies`), adding both while it writes the output, with ``u`` the filters' transform if given
+    (:func:`winograd_weights`: its row count sets the tiles, F(2x2, 3x3) or F(4x4, 3x3); by default F(4x4, 3x3));
+    elsewhere PyTorch's convolution and additions. F(4x4, 3x3) does 4x fewer multiplications than the direct
+    convolution (2.25x for F(2x2, 3x3)); its float32 rounding errors measured up to ~20x oneDNN's, within 2e-5
+    of the largest output in the tests (F(2x2, 3x3): about oneDNN's).
     """
-    if not conv3x3_applies(x, weight):
-        return F.conv2d(x, weight, bias, padding=1)
+    if bias is not None and bias.dim() not in (1, 2):
+        raise ValueError(f"bias must be [Cout] or [N, Cout], got {list(bias.shape)}")
+    if (
+        not conv3x3_applies(x, weight)
+        or (bias is not None and bias.dtype != torch.float32)
+        or (residual is not None and residual.dtype != torch.float32)
+    ):
+        y = F.conv2d(x, weight, bias if bias is not None and bias.dim() == 1 else None, padding=1)
+        if bias is not None and bias.dim() == 2:
+            y = y + bias[:, :, None, None]
+        return y if residual is None else y + residual
     if u is None:
         with torch.no_grad():
             u = winograd_weights(weight)
     if bias is not None:
         bias = bias.contiguous()
-    if torch.is_grad_enabled() and (
-        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
-    ):
-        return _Conv3x3.apply(x, weight, bias, u)
+    if residual is not None:
+        residual = residual.contiguous(memory_format=torch.channels_last)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, residual)):
+        return _Conv3x3.apply(x, weight, bias, u, residual)
     with torch.profiler.record_function("ddpm::winograd_conv3x3"):
-        return _extension.winograd_conv3x3(x, u, bias)
+        return _extension.winograd_conv3x3(x, u, bias, residual)
 
 
 def main() -> None:

@@ -110,13 +110,15 @@ class _Conv2dBackwardWithBiasSum(torch.autograd.Function):
 
 
 class Conv2d(nn.Conv2d):
-    """``nn.Conv2d`` (same parameters and state dict) with faster CPU paths.
+    """``nn.Conv2d`` (same parameters and state dict) with faster CPU paths, which can add a bias per image and a
+    residual to its output (:meth:`forward`).
 
     - ``winograd``: a 3x3 convolution with stride 1 and padding 1 of float32 channels_last CPU activations,
       channel counts multiples of 16, runs as the native Winograd kernel (:func:`ddpm.kernels.conv3x3`), forward
       and backward, on tiles of ``winograd_tile`` x ``winograd_tile`` outputs (4: F(4x4, 3x3), 4x fewer
-      multiplications than the direct convolution, float32 rounding errors ~10x oneDNN's, ~1e-5 of the output;
-      2: F(2x2, 3x3), 2.25x fewer, errors like oneDNN's). The filters' transform is kept until the weight changes.
+      multiplications than the direct convolution, float32 rounding errors up to ~20x oneDNN's, within 2e-5 of
+      the largest output in the tests; 2: F(2x2, 3x3), 2.25x fewer, errors about oneDNN's). The filters'
+      transform is kept until the weight changes.
     - ``separate_bias_grad``: other convolutions' CPU training backward computes the bias gradient apart from
       oneDNN's weight gradient, which is faster (:class:`_Conv2dBackwardWithBiasSum`).
 
@@ -142,9 +144,23 @@ class Conv2d(nn.Conv2d):
             and kernels.conv3x3_applies(x, self.weight)
         )
 
+    def forward(self, x: Tensor, image_bias: Tensor | None = None, residual: Tensor | None = None) -> Tensor:
+        """The convolution of x, plus ``image_bias[:, :, None, None]`` ([N, Cout]: a bias per image) and
+        ``residual`` (shaped like the output) where given. The Winograd kernel adds both as it writes the output;
+        elsewhere they are added in place after the convolution."""
+        if self.uses_winograd(x):
+            weight, bias = self.weight, self.bias
+            if image_bias is not None:
+                bias = image_bias if bias is None else image_bias + bias
+            return kernels.conv3x3(x, weight, bias, self._winograd_weights(weight), residual)
+        h = self._conv_forward(x, self.weight, self.bias)
+        if image_bias is not None:
+            h += image_bias[:, :, None, None]
+        if residual is not None:
+            h += residual
+        return h
+
     def _conv_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        if weight is self.weight and self.uses_winograd(x):
-            return kernels.conv3x3(x, weight, bias, self._winograd_weights(weight))
         if (
             self.separate_bias_grad
             and bias is not None
@@ -207,14 +223,12 @@ class ResBlock(nn.Module):
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         """Return skip(x) + F(x, emb).
 
-        The norms carry their SiLU. The sums go into the convolutions' outputs in place (their backward needs only
-        their inputs): no new activation-sized tensors, same values.
+        The norms carry their SiLU. The time embedding and the skip connection are added as the convolutions write
+        their outputs (Winograd's kernel), or in place after them (their backward needs only their inputs): no
+        new activation-sized tensors, same values.
         """
-        h = self.conv1(self.norm1(x))
-        h += self.emb_proj(F.silu(emb))[:, :, None, None]
-        h = self.conv2(self.dropout(self.norm2(h)))
-        h += self.skip(x)
-        return h
+        h = self.conv1(self.norm1(x), image_bias=self.emb_proj(F.silu(emb)))
+        return self.conv2(self.dropout(self.norm2(h)), residual=self.skip(x))
 
 
 class Attention(nn.Module):

@@ -105,31 +105,6 @@ void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const fl
   }
 }
 
-// F(m x m, 3x3): the input transform B^T (a x a) and the output transform A^T (m x a)
-template <int m>
-struct Winograd;
-
-template <>
-struct Winograd<2> {
-  static constexpr int a = 4;
-  static constexpr int64_t tiles_per_task = 16;  // V and M of a task stay in the core's L2 cache
-  static constexpr float BT[4][4] = {{1, 0, -1, 0}, {0, 1, 1, 0}, {0, -1, 1, 0}, {0, 1, 0, -1}};
-  static constexpr float AT[2][4] = {{1, 1, 1, 0}, {0, 1, -1, -1}};
-  static constexpr float A[4][2] = {{1, 0}, {1, 1}, {1, -1}, {0, -1}};
-};
-
-template <>
-struct Winograd<4> {
-  static constexpr int a = 6;
-  static constexpr int64_t tiles_per_task = 8;
-  static constexpr float BT[6][6] = {{4, 0, -5, 0, 1, 0},  {0, -4, -4, 1, 1, 0}, {0, 4, -4, -1, 1, 0},
-                                     {0, -2, -1, 2, 1, 0}, {0, 2, -1, -2, 1, 0}, {0, 4, 0, -5, 0, 1}};
-  static constexpr float AT[4][6] = {
-      {1, 1, 1, 1, 1, 0}, {0, 1, -1, 2, -2, 0}, {0, 1, 1, 4, 4, 0}, {0, 1, -1, 8, -8, 1}};
-  static constexpr float A[6][4] = {
-      {1, 0, 0, 0}, {1, 1, 1, 1}, {1, -1, 1, -1}, {1, 2, 4, 8}, {1, -2, 4, -8}, {0, 0, 0, 1}};
-};
-
 // out[r] = sum_c mat[r][c] in[c] for a matrix known at compile time: once unrolled, zero terms drop out and
 // weights of +-1 become additions and subtractions
 template <int R, int C>
@@ -149,6 +124,60 @@ inline void apply(const float (&mat)[R][C], const v16* in, v16* out) {
     out[r] = acc;
   }
 }
+
+// F(m x m, 3x3): the 1-d transforms of a patch's columns and rows, by B^T (input, a -> a), A^T (output, a -> m)
+// and A (output gradient, m -> a)
+template <int m>
+struct Winograd;
+
+template <>
+struct Winograd<2> {
+  static constexpr int a = 4;
+  static constexpr int64_t tiles_per_task = 16;  // V and M of a task stay in the core's L2 cache
+  static constexpr float BT[4][4] = {{1, 0, -1, 0}, {0, 1, 1, 0}, {0, -1, 1, 0}, {0, 1, 0, -1}};
+  static constexpr float AT[2][4] = {{1, 1, 1, 0}, {0, 1, -1, -1}};
+  static constexpr float A[4][2] = {{1, 0}, {1, 1}, {1, -1}, {0, -1}};
+  static void input(const v16* d, v16* t) { apply(BT, d, t); }
+  static void output(const v16* M, v16* y) { apply(AT, M, y); }
+  static void gradient(const v16* g, v16* r) { apply(A, g, r); }
+};
+
+// B^T = [[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0], [0, -2, -1, 2, 1, 0],
+//        [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]]
+// A^T = [[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]]
+// (points 0, 1, -1, 2, -2 and infinity), written out with their common terms shared: 12 operations for B^T
+// instead of 22, 10 for A^T instead of 17
+template <>
+struct Winograd<4> {
+  static constexpr int a = 6;
+  static constexpr int64_t tiles_per_task = 12;
+  static void input(const v16* d, v16* t) {
+    const v16 p = d[4] - 4.0f * d[2], q = d[3] - 4.0f * d[1];  // t1 = p + q, t2 = p - q
+    const v16 r = d[4] - d[2], s = 2.0f * (d[3] - d[1]);      // t3 = r + s, t4 = r - s
+    t[0] = 4.0f * d[0] - 5.0f * d[2] + d[4];
+    t[1] = p + q;
+    t[2] = p - q;
+    t[3] = r + s;
+    t[4] = r - s;
+    t[5] = 4.0f * d[1] - 5.0f * d[3] + d[5];
+  }
+  static void output(const v16* M, v16* y) {
+    const v16 sum12 = M[1] + M[2], dif12 = M[1] - M[2], sum34 = M[3] + M[4], dif34 = M[3] - M[4];
+    y[0] = M[0] + sum12 + sum34;
+    y[1] = dif12 + 2.0f * dif34;
+    y[2] = sum12 + 4.0f * sum34;
+    y[3] = dif12 + 8.0f * dif34 + M[5];
+  }
+  static void gradient(const v16* g, v16* r) {  // A = (A^T)^T
+    const v16 even = g[0] + g[2], odd = g[1] + g[3], even4 = g[0] + 4.0f * g[2], odd4 = 2.0f * g[1] + 8.0f * g[3];
+    r[0] = g[0];
+    r[1] = even + odd;
+    r[2] = even - odd;
+    r[3] = even4 + odd4;
+    r[4] = even4 - odd4;
+    r[5] = g[3];
+  }
+};
 
 // The rows of an NHWC image (C channels) under tile (ty, tx)'s a x a input patch, null outside the image (zero
 // padding)
@@ -183,20 +212,21 @@ void input_transform(const float* const* src, int64_t C, float* out) {
     for (int j = 0; j < a; ++j) {  // B^T d, a column at a time
       v16 col[a], res[a];
       for (int i = 0; i < a; ++i) col[i] = src[a * i + j] ? load(src[a * i + j] + c) : v16{};
-      apply(T::BT, col, res);
+      T::input(col, res);
       for (int i = 0; i < a; ++i) t[i][j] = res[i];
     }
     for (int i = 0; i < a; ++i) {  // (B^T d) B, a row at a time
       v16 res[a];
-      apply(T::BT, t[i], res);
+      T::input(t[i], res);
       for (int j = 0; j < a; ++j) store(out + (a * i + j) * C + c, res[j]);
     }
   }
 }
 
-// y = A^T M A + bias for one tile's a^2 products M (rows [a^2, C]), into the valid ones of its m x m outputs
+// y = A^T M A + bias (+ residual) for one tile's a^2 products M (rows [a^2, C]), into the valid ones of its
+// m x m outputs (rows dst; the residual's rows at the same pixels, or null)
 template <int m>
-void output_transform(const float* M, int64_t C, const float* bias, float* const* dst) {
+void output_transform(const float* M, int64_t C, const float* bias, float* const* dst, const float* const* residual) {
   using T = Winograd<m>;
   constexpr int a = T::a;
   for (int64_t c = 0; c < C; c += V) {
@@ -204,15 +234,17 @@ void output_transform(const float* M, int64_t C, const float* bias, float* const
     for (int j = 0; j < a; ++j) {  // A^T M, a column at a time
       v16 col[a], res[m];
       for (int i = 0; i < a; ++i) col[i] = load(M + (a * i + j) * C + c);
-      apply(T::AT, col, res);
+      T::output(col, res);
       for (int i = 0; i < m; ++i) s[i][j] = res[i];
     }
     const v16 b = bias ? load(bias + c) : v16{};
     for (int i = 0; i < m; ++i) {  // (A^T M) A, a row at a time
       v16 res[m];
-      apply(T::AT, s[i], res);
-      for (int j = 0; j < m; ++j)
-        if (dst[m * i + j]) store(dst[m * i + j] + c, res[j] + b);
+      T::output(s[i], res);
+      for (int j = 0; j < m; ++j) {
+        float* d = dst[m * i + j];
+        if (d) store(d + c, residual ? res[j] + b + load(residual[m * i + j] + c) : res[j] + b);
+      }
     }
   }
 }
@@ -236,12 +268,12 @@ void output_gradient_transform(const float* const* src, int64_t C, float* out, f
     for (int j = 0; j < m; ++j) {  // A dy, a column at a time
       v16 col[m], res[a];
       for (int i = 0; i < m; ++i) col[i] = g[i][j];
-      apply(T::A, col, res);
+      T::gradient(col, res);
       for (int i = 0; i < a; ++i) r[i][j] = res[i];
     }
     for (int i = 0; i < a; ++i) {  // (A dy) A^T, a row at a time
       v16 res[a];
-      apply(T::A, r[i], res);
+      T::gradient(r[i], res);
       for (int j = 0; j < a; ++j) store(out + (a * i + j) * C + c, res[j]);
     }
   }
@@ -254,7 +286,8 @@ void check_input(const torch::Tensor& x) {
 }
 
 template <int m>
-torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& u, const float* bias) {
+torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& u, const float* bias, int64_t bias_stride,
+                      const float* rp) {
   using T = Winograd<m>;
   constexpr int a = T::a, P = a * a;
   const int64_t N = x.size(0), Cin = x.size(1), H = x.size(2), W = x.size(3), Cout = u.size(2);
@@ -283,16 +316,20 @@ torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& u, const floa
         const int64_t n = (first + t) / tiles, ty = (first + t) % tiles / tw, tx = (first + t) % tw;
         float* dst[m * m];
         outputs<m>(yp + n * H * W * Cout, H, W, Cout, ty, tx, dst);
-        output_transform<m>(mbuf.data() + t * P * Cout, Cout, bias, dst);
+        const float* residual[m * m];
+        if (rp) outputs<m>(rp + n * H * W * Cout, H, W, Cout, ty, tx, residual);
+        output_transform<m>(mbuf.data() + t * P * Cout, Cout, bias ? bias + n * bias_stride : nullptr, dst,
+                            rp ? residual : nullptr);
       }
     }
   });
   return y;
 }
 
-torch::Tensor conv3x3(const torch::Tensor& x, const torch::Tensor& u, const c10::optional<torch::Tensor>& bias_opt) {
+torch::Tensor conv3x3(const torch::Tensor& x, const torch::Tensor& u, const c10::optional<torch::Tensor>& bias_opt,
+                      const c10::optional<torch::Tensor>& residual_opt) {
   check_input(x);
-  const int64_t Cin = x.size(1);
+  const int64_t N = x.size(0), Cin = x.size(1);
   TORCH_CHECK(u.scalar_type() == at::kFloat && u.is_contiguous() && u.dim() == 3 &&
                   (u.size(0) == 16 || u.size(0) == 36) && u.size(1) == Cin,
               "winograd: transformed weights must be contiguous float32 [16 or 36, Cin, Cout] with Cin = x.size(1)");
@@ -300,13 +337,25 @@ torch::Tensor conv3x3(const torch::Tensor& x, const torch::Tensor& u, const c10:
   TORCH_CHECK(Cin % V == 0 && Cout % V == 0, "winograd: channel counts must be multiples of 16, got ", Cin, " -> ",
               Cout);
   const float* bias = nullptr;
+  int64_t bias_stride = 0;
   torch::Tensor b;
   if (bias_opt.has_value() && bias_opt->defined()) {
     b = bias_opt->contiguous();
-    TORCH_CHECK(b.scalar_type() == at::kFloat && b.numel() == Cout, "winograd: bias must be float32 [Cout]");
+    TORCH_CHECK(b.scalar_type() == at::kFloat && (b.sizes() == at::IntArrayRef({Cout}) ||
+                                                  b.sizes() == at::IntArrayRef({N, Cout})),
+                "winograd: bias must be float32 [Cout] or, one per image, [N, Cout]");
     bias = b.data_ptr<float>();
+    bias_stride = b.dim() == 2 ? Cout : 0;
   }
-  return u.size(0) == 16 ? forward<2>(x, u, bias) : forward<4>(x, u, bias);
+  const float* rp = nullptr;
+  if (residual_opt.has_value() && residual_opt->defined()) {
+    const auto& r = *residual_opt;
+    TORCH_CHECK(r.scalar_type() == at::kFloat && r.is_contiguous(at::MemoryFormat::ChannelsLast) &&
+                    r.sizes() == at::IntArrayRef({N, Cout, x.size(2), x.size(3)}),
+                "winograd: the residual must be a channels_last float32 tensor shaped like the output");
+    rp = r.data_ptr<float>();
+  }
+  return u.size(0) == 16 ? forward<2>(x, u, bias, bias_stride, rp) : forward<4>(x, u, bias, bias_stride, rp);
 }
 
 template <int m>
@@ -316,7 +365,7 @@ std::vector<torch::Tensor> weight_grad(const torch::Tensor& x, const torch::Tens
   const int64_t N = x.size(0), Cin = x.size(1), H = x.size(2), W = x.size(3), Cout = dy.size(1);
   const int64_t threads = at::get_num_threads();
   auto du = torch::zeros({threads, P, Cin, Cout}, x.options());
-  auto db = torch::zeros({threads, Cout}, x.options());
+  auto db = torch::zeros({threads, N, Cout}, x.options());
   const int64_t th = (H + m - 1) / m, tw = (W + m - 1) / m, tiles = th * tw, total = N * tiles;
   if (total > 0) {
     const int64_t runs = (total + 2 * T::tiles_per_task - 1) / (2 * T::tiles_per_task);  // sums over more tiles
@@ -328,7 +377,7 @@ std::vector<torch::Tensor> weight_grad(const torch::Tensor& x, const torch::Tens
       const int64_t thread = at::get_thread_num();
       TORCH_CHECK(thread < threads, "winograd: more threads than at the call's start");
       float* partial = dup + thread * P * Cin * Cout;
-      float* dbias = dbp + thread * Cout;
+      float* dbias = dbp + thread * N * Cout;
       const int64_t most = (total + runs - 1) / runs;
       std::vector<float> vbuf(P * most * Cin), gbuf(P * most * Cout);
       for (int64_t run = begin; run < end; ++run) {
@@ -340,7 +389,7 @@ std::vector<torch::Tensor> weight_grad(const torch::Tensor& x, const torch::Tens
           input_transform<m>(src, Cin, vbuf.data() + t * P * Cin);
           const float* grad[m * m];
           outputs<m>(gp + n * H * W * Cout, H, W, Cout, ty, tx, grad);
-          output_gradient_transform<m>(grad, Cout, gbuf.data() + t * P * Cout, dbias);
+          output_gradient_transform<m>(grad, Cout, gbuf.data() + t * P * Cout, dbias + n * Cout);
         }
         for (int p = 0; p < P; ++p)  // dU_p += V_p^T dM_p
           gemm<true, true>(Cin, Cout, count, vbuf.data() + p * Cin, P * Cin, gbuf.data() + p * Cout, P * Cout,
@@ -352,7 +401,8 @@ std::vector<torch::Tensor> weight_grad(const torch::Tensor& x, const torch::Tens
 }
 
 // The gradients of conv3x3 with respect to its transformed filters and its bias, from its input x and output
-// gradient dy: (dU [a^2, Cin, Cout], dbias [Cout]). Each thread sums its runs of tiles apart.
+// gradient dy: (dU [a^2, Cin, Cout], dbias [N, Cout], each image's sum of dy). Each thread sums its runs of tiles
+// apart.
 std::vector<torch::Tensor> conv3x3_weight_grad(const torch::Tensor& x, const torch::Tensor& dy, int64_t m) {
   check_input(x);
   TORCH_CHECK(dy.scalar_type() == at::kFloat && dy.dim() == 4 && dy.is_contiguous(at::MemoryFormat::ChannelsLast) &&
@@ -369,9 +419,12 @@ std::vector<torch::Tensor> conv3x3_weight_grad(const torch::Tensor& x, const tor
 void register_winograd(pybind11::module_& m) {
   m.def("winograd_conv3x3", &conv3x3,
         "3x3 convolution, stride 1, padding 1, of channels_last float32 x [N, Cin, H, W] with Winograd-transformed "
-        "filters u ([16, Cin, Cout]: F(2x2, 3x3); [36, Cin, Cout]: F(4x4, 3x3)) and an optional bias [Cout]: "
-        "y [N, Cout, H, W] (channels_last)");
+        "filters u ([16, Cin, Cout]: F(2x2, 3x3); [36, Cin, Cout]: F(4x4, 3x3)), an optional bias ([Cout], or "
+        "[N, Cout]: one per image) and an optional residual to add (shaped like y): y [N, Cout, H, W] "
+        "(channels_last)", pybind11::arg("x"), pybind11::arg("u"), pybind11::arg("bias") = pybind11::none(),
+        pybind11::arg("residual") = pybind11::none());
   m.def("winograd_conv3x3_weight_grad", &conv3x3_weight_grad,
         "gradients of winograd_conv3x3 with respect to its transformed filters and its bias, from x and dy "
-        "(channels_last float32) and the tile size m (2 or 4): (du [(m + 2)^2, Cin, Cout], dbias [Cout])");
+        "(channels_last float32) and the tile size m (2 or 4): (du [(m + 2)^2, Cin, Cout], dbias [N, Cout], the "
+        "bias gradient of each image)");
 }
