@@ -806,14 +806,16 @@ def conv_phases(s: Settings, timer: Timer, device: torch.device) -> list[dict[st
     net = variant(cfg, device).train()
     found: dict[tuple, int] = {}
 
-    def hook(conv: nn.Conv2d, args: tuple[Tensor, ...], out: Tensor) -> None:
+    def hook(conv: nn.Conv2d, args: tuple[Tensor, ...], kwargs: dict[str, Any], out: Tensor) -> None:
         (x,) = args[:1]
+        upsample = bool(kwargs.get("upsample"))  # the net's Upsample: x upsampled x2 first (within the kernel)
         key = (tuple(x.shape), tuple(conv.weight.shape), conv.stride, conv.padding, conv.dilation, conv.groups)
         tile = conv.winograd_tile if isinstance(conv, Conv2d) and conv.uses_winograd(x) else 0
-        key += (conv.bias is not None, x.requires_grad, tuple(out.shape), tile)
+        key += (conv.bias is not None, x.requires_grad, tuple(out.shape), tile, upsample)
         found[key] = found.get(key, 0) + 1
 
-    handles = [m.register_forward_hook(hook) for m in net.modules() if isinstance(m, nn.Conv2d)]
+    hooked = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
+    handles = [m.register_forward_hook(hook, with_kwargs=True) for m in hooked]
     module = DiffusionModule(UNet(cfg), diffusion_config(cfg)).to(device)
     batch = torch.rand(s.train_batch, cfg.in_channels, cfg.image_size, cfg.image_size, device=device) * 2 - 1
     module.model_step(batch, net=net)
@@ -823,8 +825,10 @@ def conv_phases(s: Settings, timer: Timer, device: torch.device) -> list[dict[st
     calls: dict[str, Callable[[], Any]] = {}
     work: dict[str, tuple[str, int, float, bool]] = {}  # call -> (phase, count, FLOPs, Winograd)
     for i, (key, count) in enumerate(found.items()):
-        x_shape, w_shape, stride, padding, dilation, groups, bias, input_grad, y_shape, tile = key
+        x_shape, w_shape, stride, padding, dilation, groups, bias, input_grad, y_shape, tile, upsample = key
         x = torch.randn(x_shape, device=device).contiguous(memory_format=cl)
+        if upsample and not tile:  # oneDNN convolves the upsampled tensor
+            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
         w = torch.randn(w_shape, device=device).contiguous(memory_format=cl)
         b = torch.randn(w_shape[0], device=device) if bias else None
         dy = torch.randn(y_shape, device=device).contiguous(memory_format=cl)
@@ -838,14 +842,16 @@ def conv_phases(s: Settings, timer: Timer, device: torch.device) -> list[dict[st
 
         if tile:
 
-            def winograd(x: Tensor, w: Tensor, b: Tensor | None, m: int = tile) -> Callable[[], Any]:
-                return lambda: kernels.extension().winograd_conv3x3(x, kernels.winograd_weights(w, m), b)
+            def winograd(x: Tensor, w: Tensor, b: Tensor | None, up: bool, m: int = tile) -> Callable[[], Any]:
+                return lambda: kernels.extension().winograd_conv3x3(x, kernels.winograd_weights(w, m), b, None, up)
 
             flipped = w.flip(2, 3).transpose(0, 1)  # the input gradient's filters
             phases = {
-                "forward": winograd(x, w, b),
-                "input gradient": winograd(dy, flipped, None) if input_grad else None,
-                "weight gradient": lambda x=x, w=w, dy=dy, m=tile: kernels.conv3x3_weight_grad(x, dy, w, m),
+                "forward": winograd(x, w, b, upsample),
+                "input gradient": winograd(dy, flipped, None, False) if input_grad else None,
+                "weight gradient": lambda x=x, w=w, dy=dy, m=tile, up=upsample: kernels.conv3x3_weight_grad(
+                    x, dy, w, m, up
+                ),
             }
         else:
             phases = {

@@ -364,6 +364,26 @@ def test_winograd_adds_a_bias_per_image_and_a_residual_as_it_writes(tile):
 
 
 @needs_native
+@pytest.mark.parametrize("tile", [2, 4])
+@pytest.mark.parametrize("size", [7, 4])
+def test_winograd_convolves_the_upsampled_input_read_from_x(tile, size):
+    """upsample=True: the convolution of x upsampled x2 (nearest), values and gradients against float64 PyTorch."""
+    x, weight, bias = conv_inputs(2, 32, 16, size, size)
+    leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    out = kernels.conv3x3(*leaves, kernels.winograd_weights(weight, tile), upsample=True)
+    assert out.shape == (2, 16, 2 * size, 2 * size) and type(out.grad_fn).__name__.startswith("_Conv3x3")
+    dy = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, dy)
+    exact_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    up = F.interpolate(exact_leaves[0], scale_factor=2.0, mode="nearest")
+    exact = F.conv2d(up, *exact_leaves[1:], padding=1)
+    exact_grads = torch.autograd.grad(exact, exact_leaves, dy.double())
+    for ours, truth in zip((out, *grads), (exact, *exact_grads)):
+        assert ours.shape == truth.shape
+        assert (ours.double() - truth).abs().max() <= WINOGRAD_ERROR[tile][1] * truth.abs().max()
+
+
+@needs_native
 def test_winograd_inference_matches_training_mode_and_takes_given_weights():
     x, weight, bias = conv_inputs(2, 32, 32, 9, 9)
     with torch.inference_mode():

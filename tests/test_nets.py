@@ -292,7 +292,7 @@ def test_conv_runs_winograd_for_3x3_stride_1_and_keeps_the_transform_while_the_w
 
 @pytest.mark.skipif(kernels.extension() is None, reason="the native kernels are not built here")
 @pytest.mark.parametrize("winograd", [True, False])
-def test_conv_adds_the_image_bias_and_the_residual(winograd):
+def test_conv_adds_the_image_bias_and_the_residual_and_upsamples(winograd):
     torch.manual_seed(0)
     conv = Conv2d(16, 32, 3, padding=1).to(memory_format=torch.channels_last)
     conv.winograd = winograd
@@ -302,6 +302,9 @@ def test_conv_adds_the_image_bias_and_the_residual(winograd):
     assert type(out.grad_fn).__name__.startswith("_Conv3x3") == winograd
     expected = F.conv2d(x, conv.weight, conv.bias, padding=1) + image_bias[:, :, None, None] + residual
     torch.testing.assert_close(out, expected, atol=5e-5, rtol=5e-5)
+    up = conv(x, upsample=True)
+    assert up.shape == (2, 32, 10, 10)
+    torch.testing.assert_close(up, conv(F.interpolate(x, scale_factor=2.0, mode="nearest")), atol=5e-5, rtol=5e-5)
     leaves = (x, conv.weight, conv.bias, image_bias, residual)
     for a, b in zip(torch.autograd.grad(out.sum(), leaves), torch.autograd.grad(expected.sum(), leaves)):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

@@ -310,46 +310,59 @@ class _Conv3x3(torch.autograd.Function):
     transformed filters' gradient, mapped back to 3x3 filters); the residual's gradient is the output's."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, u: Tensor, residual: Tensor | None) -> Tensor:
+    def forward(
+        ctx, x: Tensor, weight: Tensor, bias: Tensor | None, u: Tensor, residual: Tensor | None, upsample: bool
+    ) -> Tensor:
         ctx.save_for_backward(x, weight)
         ctx.m = math.isqrt(u.shape[0]) - 2
         ctx.per_image_bias = bias is not None and bias.dim() == 2
-        return _extension.winograd_conv3x3(x, u, bias, residual)
+        ctx.upsample = upsample
+        return _extension.winograd_conv3x3(x, u, bias, residual, upsample)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy: Tensor) -> tuple[Tensor | None, ...]:
         x, weight = ctx.saved_tensors
-        need_x, need_w, need_b, _, need_r = ctx.needs_input_grad
+        need_x, need_w, need_b, _, need_r, _ = ctx.needs_input_grad
         dy = dy.contiguous(memory_format=torch.channels_last)
         dx = dw = db = None
         m = ctx.m
         if need_x:
             flipped = winograd_weights(weight.flip(2, 3).transpose(0, 1), m)
             dx = _extension.winograd_conv3x3(dy, flipped)
+            if ctx.upsample:  # each input pixel fed a 2x2 block of the upsampled input
+                dx = F.avg_pool2d(dx, 2).mul_(4.0)
         if need_w or need_b:
-            dw, db = conv3x3_weight_grad(x, dy, weight, m)
+            dw, db = conv3x3_weight_grad(x, dy, weight, m, ctx.upsample)
             db = db if ctx.per_image_bias else db.sum(0)
-        return dx, dw if need_w else None, db if need_b else None, None, dy if need_r else None
+        return dx, dw if need_w else None, db if need_b else None, None, dy if need_r else None, None
 
 
-def conv3x3_weight_grad(x: Tensor, dy: Tensor, weight: Tensor, m: int = 4) -> tuple[Tensor, Tensor]:
+def conv3x3_weight_grad(
+    x: Tensor, dy: Tensor, weight: Tensor, m: int = 4, upsample: bool = False
+) -> tuple[Tensor, Tensor]:
     """The weight and bias gradients of :func:`conv3x3` (F(m x m, 3x3)) from its input x and output gradient dy,
     both channels_last: the kernel's gradient with respect to the transformed filters, mapped back to 3x3 filters
     (``G^T dU G``), in weight's layout, and each image's bias gradient [N, Cout]."""
-    du, db = _extension.winograd_conv3x3_weight_grad(x, dy, m)
+    du, db = _extension.winograd_conv3x3_weight_grad(x, dy, m, upsample)
     G = weight.new_tensor(_WINOGRAD_G[m])
     du = du.view(m + 2, m + 2, weight.shape[1], weight.shape[0])
     return torch.empty_like(weight).copy_(torch.einsum("ik,ijco,jl->ockl", G, du, G)), db
 
 
 def conv3x3(
-    x: Tensor, weight: Tensor, bias: Tensor | None = None, u: Tensor | None = None, residual: Tensor | None = None
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    u: Tensor | None = None,
+    residual: Tensor | None = None,
+    upsample: bool = False,
 ) -> Tensor:
     """``conv2d(x, weight, padding=1) + bias (+ residual)`` of a 3x3 ``weight`` (stride 1), channels_last.
 
     ``bias`` is [Cout], or [N, Cout] for one per image (a ResBlock's bias plus its time embedding); ``residual``
-    is added to the output (a ResBlock's skip connection). The native Winograd kernel where it applies
+    is added to the output (a ResBlock's skip connection); ``upsample`` convolves x upsampled x2 (nearest), read
+    from x as the kernel goes (an Upsample layer). The native Winograd kernel where it applies
     (:func:`conv3x3_applies`), adding both while it writes the output, with ``u`` the filters' transform if given
     (:func:`winograd_weights`: its row count sets the tiles, F(2x2, 3x3) or F(4x4, 3x3); by default F(4x4, 3x3));
     elsewhere PyTorch's convolution and additions. F(4x4, 3x3) does 4x fewer multiplications than the direct
@@ -363,6 +376,8 @@ def conv3x3(
         or (bias is not None and bias.dtype != torch.float32)
         or (residual is not None and residual.dtype != torch.float32)
     ):
+        if upsample:
+            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
         y = F.conv2d(x, weight, bias if bias is not None and bias.dim() == 1 else None, padding=1)
         if bias is not None and bias.dim() == 2:
             y = y + bias[:, :, None, None]
@@ -375,9 +390,9 @@ def conv3x3(
     if residual is not None:
         residual = residual.contiguous(memory_format=torch.channels_last)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, residual)):
-        return _Conv3x3.apply(x, weight, bias, u, residual)
+        return _Conv3x3.apply(x, weight, bias, u, residual, upsample)
     with torch.profiler.record_function("ddpm::winograd_conv3x3"):
-        return _extension.winograd_conv3x3(x, u, bias, residual)
+        return _extension.winograd_conv3x3(x, u, bias, residual, upsample)
 
 
 def main() -> None:

@@ -144,15 +144,20 @@ class Conv2d(nn.Conv2d):
             and kernels.conv3x3_applies(x, self.weight)
         )
 
-    def forward(self, x: Tensor, image_bias: Tensor | None = None, residual: Tensor | None = None) -> Tensor:
-        """The convolution of x, plus ``image_bias[:, :, None, None]`` ([N, Cout]: a bias per image) and
-        ``residual`` (shaped like the output) where given. The Winograd kernel adds both as it writes the output;
-        elsewhere they are added in place after the convolution."""
+    def forward(
+        self, x: Tensor, image_bias: Tensor | None = None, residual: Tensor | None = None, upsample: bool = False
+    ) -> Tensor:
+        """The convolution of x (``upsample``: of x upsampled x2, nearest), plus ``image_bias[:, :, None, None]``
+        ([N, Cout]: a bias per image) and ``residual`` (shaped like the output) where given. The Winograd kernel
+        reads the upsampled input from x and adds both as it writes the output; elsewhere they are separate
+        operations (the additions in place)."""
         if self.uses_winograd(x):
             weight, bias = self.weight, self.bias
             if image_bias is not None:
                 bias = image_bias if bias is None else image_bias + bias
-            return kernels.conv3x3(x, weight, bias, self._winograd_weights(weight), residual)
+            return kernels.conv3x3(x, weight, bias, self._winograd_weights(weight), residual, upsample)
+        if upsample:
+            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
         h = self._conv_forward(x, self.weight, self.bias)
         if image_bias is not None:
             h += image_bias[:, :, None, None]
@@ -305,7 +310,7 @@ class Upsample(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Return the upsampled feature map."""
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.conv(x, upsample=True)
 
 
 class Level(nn.Module):

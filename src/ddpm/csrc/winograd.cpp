@@ -180,14 +180,15 @@ struct Winograd<4> {
 };
 
 // The rows of an NHWC image (C channels) under tile (ty, tx)'s a x a input patch, null outside the image (zero
-// padding)
+// padding). The convolution's input is H x W; with up = 1 it is the image (H/2 x W/2) upsampled x2 (nearest).
 template <int m>
-void patch(const float* image, int64_t H, int64_t W, int64_t C, int64_t ty, int64_t tx, const float** src) {
+void patch(const float* image, int64_t H, int64_t W, int64_t C, int64_t ty, int64_t tx, int up, const float** src) {
   constexpr int a = Winograd<m>::a;
   for (int i = 0; i < a; ++i)
     for (int j = 0; j < a; ++j) {
       const int64_t iy = m * ty - 1 + i, ix = m * tx - 1 + j;
-      src[a * i + j] = (iy >= 0 && iy < H && ix >= 0 && ix < W) ? image + (iy * W + ix) * C : nullptr;
+      src[a * i + j] =
+          (iy >= 0 && iy < H && ix >= 0 && ix < W) ? image + ((iy >> up) * (W >> up) + (ix >> up)) * C : nullptr;
     }
 }
 
@@ -287,16 +288,17 @@ void check_input(const torch::Tensor& x) {
 
 template <int m>
 torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& u, const float* bias, int64_t bias_stride,
-                      const float* rp) {
+                      const float* rp, int up) {
   using T = Winograd<m>;
   constexpr int a = T::a, P = a * a;
-  const int64_t N = x.size(0), Cin = x.size(1), H = x.size(2), W = x.size(3), Cout = u.size(2);
+  const int64_t N = x.size(0), Cin = x.size(1), H = x.size(2) << up, W = x.size(3) << up, Cout = u.size(2);
+  const int64_t in_pixels = x.size(2) * x.size(3);
   auto y = torch::empty({N, Cout, H, W}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
   const int64_t th = (H + m - 1) / m, tw = (W + m - 1) / m, tiles = th * tw, total = N * tiles;
   if (total == 0) return y;
   const int64_t runs = (total + T::tiles_per_task - 1) / T::tiles_per_task;  // of near-equal length
   const float* xp = x.data_ptr<float>();
-  const float* up = u.data_ptr<float>();
+  const float* uptr = u.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, runs, 1, [&](int64_t begin, int64_t end) {
     const int64_t most = (total + runs - 1) / runs;
@@ -306,11 +308,11 @@ torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& u, const floa
       for (int64_t t = 0; t < count; ++t) {  // tile (first + t) of the batch: image n, tile row ty, column tx
         const int64_t n = (first + t) / tiles, ty = (first + t) % tiles / tw, tx = (first + t) % tw;
         const float* src[P];
-        patch<m>(xp + n * H * W * Cin, H, W, Cin, ty, tx, src);
+        patch<m>(xp + n * in_pixels * Cin, H, W, Cin, ty, tx, up, src);
         input_transform<m>(src, Cin, vbuf.data() + t * P * Cin);
       }
       for (int p = 0; p < P; ++p)  // M_p = V_p U_p
-        gemm<false, false>(count, Cout, Cin, vbuf.data() + p * Cin, P * Cin, up + p * Cin * Cout, Cout,
+        gemm<false, false>(count, Cout, Cin, vbuf.data() + p * Cin, P * Cin, uptr + p * Cin * Cout, Cout,
                            mbuf.data() + p * Cout, P * Cout);
       for (int64_t t = 0; t < count; ++t) {
         const int64_t n = (first + t) / tiles, ty = (first + t) % tiles / tw, tx = (first + t) % tw;
@@ -327,9 +329,10 @@ torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& u, const floa
 }
 
 torch::Tensor conv3x3(const torch::Tensor& x, const torch::Tensor& u, const c10::optional<torch::Tensor>& bias_opt,
-                      const c10::optional<torch::Tensor>& residual_opt) {
+                      const c10::optional<torch::Tensor>& residual_opt, bool upsample) {
   check_input(x);
-  const int64_t N = x.size(0), Cin = x.size(1);
+  const int up = upsample ? 1 : 0;
+  const int64_t N = x.size(0), Cin = x.size(1), H = x.size(2) << up, W = x.size(3) << up;
   TORCH_CHECK(u.scalar_type() == at::kFloat && u.is_contiguous() && u.dim() == 3 &&
                   (u.size(0) == 16 || u.size(0) == 36) && u.size(1) == Cin,
               "winograd: transformed weights must be contiguous float32 [16 or 36, Cin, Cout] with Cin = x.size(1)");
@@ -351,18 +354,19 @@ torch::Tensor conv3x3(const torch::Tensor& x, const torch::Tensor& u, const c10:
   if (residual_opt.has_value() && residual_opt->defined()) {
     const auto& r = *residual_opt;
     TORCH_CHECK(r.scalar_type() == at::kFloat && r.is_contiguous(at::MemoryFormat::ChannelsLast) &&
-                    r.sizes() == at::IntArrayRef({N, Cout, x.size(2), x.size(3)}),
+                    r.sizes() == at::IntArrayRef({N, Cout, H, W}),
                 "winograd: the residual must be a channels_last float32 tensor shaped like the output");
     rp = r.data_ptr<float>();
   }
-  return u.size(0) == 16 ? forward<2>(x, u, bias, bias_stride, rp) : forward<4>(x, u, bias, bias_stride, rp);
+  return u.size(0) == 16 ? forward<2>(x, u, bias, bias_stride, rp, up) : forward<4>(x, u, bias, bias_stride, rp, up);
 }
 
 template <int m>
-std::vector<torch::Tensor> weight_grad(const torch::Tensor& x, const torch::Tensor& dy) {
+std::vector<torch::Tensor> weight_grad(const torch::Tensor& x, const torch::Tensor& dy, int up) {
   using T = Winograd<m>;
   constexpr int a = T::a, P = a * a;
-  const int64_t N = x.size(0), Cin = x.size(1), H = x.size(2), W = x.size(3), Cout = dy.size(1);
+  const int64_t N = x.size(0), Cin = x.size(1), H = dy.size(2), W = dy.size(3), Cout = dy.size(1);
+  const int64_t in_pixels = x.size(2) * x.size(3);
   const int64_t threads = at::get_num_threads();
   auto du = torch::zeros({threads, P, Cin, Cout}, x.options());
   auto db = torch::zeros({threads, N, Cout}, x.options());
@@ -385,7 +389,7 @@ std::vector<torch::Tensor> weight_grad(const torch::Tensor& x, const torch::Tens
         for (int64_t t = 0; t < count; ++t) {
           const int64_t n = (first + t) / tiles, ty = (first + t) % tiles / tw, tx = (first + t) % tw;
           const float* src[P];
-          patch<m>(xp + n * H * W * Cin, H, W, Cin, ty, tx, src);
+          patch<m>(xp + n * in_pixels * Cin, H, W, Cin, ty, tx, up, src);
           input_transform<m>(src, Cin, vbuf.data() + t * P * Cin);
           const float* grad[m * m];
           outputs<m>(gp + n * H * W * Cout, H, W, Cout, ty, tx, grad);
@@ -403,15 +407,18 @@ std::vector<torch::Tensor> weight_grad(const torch::Tensor& x, const torch::Tens
 // The gradients of conv3x3 with respect to its transformed filters and its bias, from its input x and output
 // gradient dy: (dU [a^2, Cin, Cout], dbias [N, Cout], each image's sum of dy). Each thread sums its runs of tiles
 // apart.
-std::vector<torch::Tensor> conv3x3_weight_grad(const torch::Tensor& x, const torch::Tensor& dy, int64_t m) {
+std::vector<torch::Tensor> conv3x3_weight_grad(const torch::Tensor& x, const torch::Tensor& dy, int64_t m,
+                                               bool upsample) {
   check_input(x);
+  const int up = upsample ? 1 : 0;
   TORCH_CHECK(dy.scalar_type() == at::kFloat && dy.dim() == 4 && dy.is_contiguous(at::MemoryFormat::ChannelsLast) &&
-                  dy.size(0) == x.size(0) && dy.size(2) == x.size(2) && dy.size(3) == x.size(3),
-              "winograd: dy must be a channels_last float32 tensor [N, Cout, H, W] with x's N, H and W");
+                  dy.size(0) == x.size(0) && dy.size(2) == x.size(2) << up && dy.size(3) == x.size(3) << up,
+              "winograd: dy must be a channels_last float32 tensor [N, Cout, H, W] with x's N, H and W (twice x's H "
+              "and W with upsample)");
   TORCH_CHECK(x.size(1) % V == 0 && dy.size(1) % V == 0, "winograd: channel counts must be multiples of 16, got ",
               x.size(1), " -> ", dy.size(1));
   TORCH_CHECK(m == 2 || m == 4, "winograd: tiles of 2x2 or 4x4 outputs, got m=", m);
-  return m == 2 ? weight_grad<2>(x, dy) : weight_grad<4>(x, dy);
+  return m == 2 ? weight_grad<2>(x, dy, up) : weight_grad<4>(x, dy, up);
 }
 
 }  // namespace
@@ -421,10 +428,12 @@ void register_winograd(pybind11::module_& m) {
         "3x3 convolution, stride 1, padding 1, of channels_last float32 x [N, Cin, H, W] with Winograd-transformed "
         "filters u ([16, Cin, Cout]: F(2x2, 3x3); [36, Cin, Cout]: F(4x4, 3x3)), an optional bias ([Cout], or "
         "[N, Cout]: one per image) and an optional residual to add (shaped like y): y [N, Cout, H, W] "
-        "(channels_last)", pybind11::arg("x"), pybind11::arg("u"), pybind11::arg("bias") = pybind11::none(),
-        pybind11::arg("residual") = pybind11::none());
+        "(channels_last); with upsample, of x upsampled x2 (nearest) first", pybind11::arg("x"), pybind11::arg("u"),
+        pybind11::arg("bias") = pybind11::none(), pybind11::arg("residual") = pybind11::none(),
+        pybind11::arg("upsample") = false);
   m.def("winograd_conv3x3_weight_grad", &conv3x3_weight_grad,
         "gradients of winograd_conv3x3 with respect to its transformed filters and its bias, from x and dy "
         "(channels_last float32) and the tile size m (2 or 4): (du [(m + 2)^2, Cin, Cout], dbias [N, Cout], the "
-        "bias gradient of each image)");
+        "bias gradient of each image); with upsample, of the convolution of x upsampled x2",
+        pybind11::arg("x"), pybind11::arg("dy"), pybind11::arg("m"), pybind11::arg("upsample") = false);
 }
