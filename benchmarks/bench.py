@@ -843,7 +843,8 @@ def conv_phases(s: Settings, timer: Timer, device: torch.device) -> list[dict[st
         if tile:
 
             def winograd(x: Tensor, w: Tensor, b: Tensor | None, up: bool, m: int = tile) -> Callable[[], Any]:
-                return lambda: kernels.extension().winograd_conv3x3(x, kernels.winograd_weights(w, m), b, None, up)
+                ext, cout = kernels.extension(), w.shape[0]  # the filter transform is timed: training redoes it
+                return lambda: ext.winograd_conv3x3(x, kernels.winograd_weights(w, m), b, None, up, cout)
 
             flipped = w.flip(2, 3).transpose(0, 1)  # the input gradient's filters
             phases = {

@@ -296,8 +296,17 @@ def test_bad_input_to_the_attention_kernel_is_named():
         ext.attention_backward(out[:, :10], qkv, out, lse, 0.5)
 
 
-# (N, Cin, Cout, H, W): the net's maps (28, 14, 7), odd and tiny maps, images with fewer tiles than a task holds
-CONV_SHAPES = [(3, 32, 32, 28, 28), (2, 128, 64, 14, 14), (5, 64, 16, 7, 7), (2, 16, 48, 5, 9), (3, 32, 16, 1, 1)]
+# (N, Cin, Cout, H, W): the net's maps (28, 14, 7), odd and tiny maps, images with fewer tiles than a task holds,
+# output channels padded within the kernel (the net's last convolution has one)
+CONV_SHAPES = [
+    (3, 32, 32, 28, 28),
+    (2, 128, 64, 14, 14),
+    (5, 64, 16, 7, 7),
+    (2, 16, 48, 5, 9),
+    (3, 32, 16, 1, 1),
+    (2, 32, 1, 9, 9),
+    (2, 16, 24, 6, 6),
+]
 
 
 def conv_inputs(N, Cin, Cout, H, W, seed=0):
@@ -385,7 +394,7 @@ def test_winograd_convolves_the_upsampled_input_read_from_x(tile, size):
 
 @needs_native
 def test_winograd_inference_matches_training_mode_and_takes_given_weights():
-    x, weight, bias = conv_inputs(2, 32, 32, 9, 9)
+    x, weight, bias = conv_inputs(2, 32, 16, 9, 9)
     with torch.inference_mode():
         inferred = kernels.conv3x3(x, weight, bias)
         given = kernels.conv3x3(x, weight, bias, kernels.winograd_weights(weight))
@@ -398,17 +407,19 @@ def test_winograd_inference_matches_training_mode_and_takes_given_weights():
     for m, G in ((2, G2), (4, G4)):
         u = kernels.winograd_weights(weight, m)
         torch.testing.assert_close(u[:, 3, 5].reshape(m + 2, m + 2), G @ weight[5, 3] @ G.T)
+        padded = kernels.winograd_weights(weight[:5], m)  # 5 filters: padded with zeros to 16 columns
+        assert padded.shape == ((m + 2) ** 2, 32, 16) and not padded[:, :, 5:].any()
+        assert torch.equal(padded[:, :, :5], u[:, :, :5])
 
 
 @needs_native
 def test_winograd_falls_back_to_pytorch_where_it_does_not_apply(monkeypatch):
-    """NCHW activations, channel counts not multiples of 16, float64, other filter sizes and the switch off: PyTorch's
-    convolution, same values."""
+    """NCHW activations, input channels not a multiple of 16, float64, other filter sizes and the switch off:
+    PyTorch's convolution, same values."""
     x, weight, bias = conv_inputs(2, 32, 16, 6, 6)
     cases = [
         (x.contiguous(), weight),
         (x[:, :24].contiguous(memory_format=CL), weight[:, :24]),
-        (x, weight[:8]),
         (x.double(), weight.double()),
     ]
     for xi, wi in cases:
@@ -428,12 +439,14 @@ def test_bad_input_to_the_winograd_kernel_is_named():
     u = kernels.winograd_weights(weight)
     with pytest.raises(RuntimeError, match="channels_last float32"):
         ext.winograd_conv3x3(x.contiguous(), u, bias)
-    with pytest.raises(RuntimeError, match=r"\[16 or 36, Cin, Cout\] with Cin = x.size\(1\)"):
+    with pytest.raises(RuntimeError, match=r"\[16 or 36, Cin, Cout\], Cin = x.size\(1\), both padded with zeros"):
         ext.winograd_conv3x3(x, u[:, :16].contiguous(), bias)
     with pytest.raises(RuntimeError, match=r"\[16 or 36, Cin, Cout\]"):
         ext.winograd_conv3x3(x, u[:25].contiguous(), bias)
-    with pytest.raises(RuntimeError, match="multiples of 16, got 32 -> 8"):
+    with pytest.raises(RuntimeError, match=r"\[16 or 36, Cin, Cout\]"):
         ext.winograd_conv3x3(x, u[:, :, :8].contiguous(), bias)
+    with pytest.raises(RuntimeError, match="out_channels=17 does not round up to the transformed weights' 16 columns"):
+        ext.winograd_conv3x3(x, u, None, None, False, 17)
     with pytest.raises(RuntimeError, match=r"bias must be float32 \[Cout\] or, one per image, \[N, Cout\]"):
         ext.winograd_conv3x3(x, u, bias[:8])
     with pytest.raises(RuntimeError, match=r"residual must be a channels_last float32 tensor shaped like the output"):

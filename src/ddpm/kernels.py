@@ -275,19 +275,21 @@ _WINOGRAD_G = {
 
 def winograd_weights(weight: Tensor, m: int = 4) -> Tensor:
     """The Winograd transform ``G g G^T`` of every 3x3 filter of ``weight`` [Cout, Cin, 3, 3] for tiles of m x m
-    outputs: [(m + 2)^2, Cin, Cout].
+    outputs: [(m + 2)^2, Cin, Cout], Cin and Cout padded with zeros to multiples of 16 (the kernel's vectors).
 
     Row ``(m + 2) i + j`` holds element (i, j) of the transformed filters, the matrix that multiplies the inputs'
     transformed patches at that element.
     """
     G = weight.new_tensor(_WINOGRAD_G[m])
-    u = torch.einsum("ik,ockl,jl->ijco", G, weight, G)
-    return u.reshape((m + 2) ** 2, weight.shape[1], weight.shape[0]).contiguous()
+    cout, cin = weight.shape[:2]
+    u = weight.new_zeros((m + 2) ** 2, -(-cin // 16) * 16, -(-cout // 16) * 16)
+    u[:, :cin, :cout] = torch.einsum("ik,ockl,jl->ijco", G, weight, G).reshape((m + 2) ** 2, cin, cout)
+    return u
 
 
 def conv3x3_applies(x: Tensor, weight: Tensor) -> bool:
-    """Whether :func:`conv3x3` runs the native Winograd kernel: float32 CPU channels_last x, channel counts
-    multiples of 16, outside compile."""
+    """Whether :func:`conv3x3` runs the native Winograd kernel: float32 CPU channels_last x with a multiple of 16
+    channels (any number out), outside compile."""
     return (
         x.device.type == "cpu"
         and x.dim() == 4
@@ -296,7 +298,6 @@ def conv3x3_applies(x: Tensor, weight: Tensor) -> bool:
         and tuple(weight.shape[2:]) == (3, 3)
         and weight.shape[1] == x.shape[1]
         and x.shape[1] % 16 == 0
-        and weight.shape[0] % 16 == 0
         and x.is_contiguous(memory_format=torch.channels_last)
         and enabled()
         and not torch.compiler.is_compiling()
@@ -317,7 +318,7 @@ class _Conv3x3(torch.autograd.Function):
         ctx.m = math.isqrt(u.shape[0]) - 2
         ctx.per_image_bias = bias is not None and bias.dim() == 2
         ctx.upsample = upsample
-        return _extension.winograd_conv3x3(x, u, bias, residual, upsample)
+        return _extension.winograd_conv3x3(x, u, bias, residual, upsample, weight.shape[0])
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -329,7 +330,7 @@ class _Conv3x3(torch.autograd.Function):
         m = ctx.m
         if need_x:
             flipped = winograd_weights(weight.flip(2, 3).transpose(0, 1), m)
-            dx = _extension.winograd_conv3x3(dy, flipped)
+            dx = _extension.winograd_conv3x3(dy, flipped, out_channels=x.shape[1])
             if ctx.upsample:  # each input pixel fed a 2x2 block of the upsampled input
                 dx = F.avg_pool2d(dx, 2).mul_(4.0)
         if need_w or need_b:
@@ -392,7 +393,7 @@ def conv3x3(
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, residual)):
         return _Conv3x3.apply(x, weight, bias, u, residual, upsample)
     with torch.profiler.record_function("ddpm::winograd_conv3x3"):
-        return _extension.winograd_conv3x3(x, u, bias, residual, upsample)
+        return _extension.winograd_conv3x3(x, u, bias, residual, upsample, weight.shape[0])
 
 
 def main() -> None:

@@ -12,9 +12,10 @@
 // One task is a run of tiles (of one image or, on small maps, of several): their patches are transformed into V
 // (in the core's cache), the a^2 products run as register-blocked small GEMMs against the transformed filters U
 // (computed in Python, [a^2, Cin, Cout]), and each tile's outputs are transformed back and written with the bias.
-// Channels are the activations' contiguous axis (NHWC), so every step works on whole vectors of 16 channels; Cin
-// and Cout must be multiples of 16. The weight gradient runs the same way backwards: dU_p = sum over tiles of
-// V_p^T dM_p with dM = A dy A^T (mapped back to 3x3 filters, G^T dU G, in Python).
+// Channels are the activations' contiguous axis (NHWC), so every step works on whole vectors of 16 channels, Cin
+// and Cout padded with zeros to multiples of 16 (in V, U and M only). The weight gradient runs the same way
+// backwards: dU_p = sum over tiles of V_p^T dM_p with dM = A dy A^T (mapped back to 3x3 filters, G^T dU G, in
+// Python).
 
 #include <torch/extension.h>
 
@@ -37,6 +38,15 @@ inline v16 load(const float* p) {
   return x;
 }
 inline void store(float* p, v16 x) { std::memcpy(p, &x, sizeof x); }
+// the first n (of 16) floats at p, the rest zero; stores the first n lanes of x
+inline v16 loadn(const float* p, int64_t n) {
+  if (n >= V) return load(p);
+  v16 x = {};
+  std::memcpy(&x, p, n * sizeof(float));
+  return x;
+}
+inline void storen(float* p, v16 x, int64_t n) { std::memcpy(p, &x, (n >= V ? V : n) * sizeof(float)); }
+inline int64_t whole(int64_t n) { return (n + V - 1) / V * V; }  // n rounded up to whole vectors
 
 // C[R, NV * 16] (+)= A[R, K] B[K, NV * 16] (TransA: A^T B, A stored [K, R]), row-major with leading dimensions lda,
 // ldb, ldc: R rows and NV vectors of C stay in registers while k runs; each step loads NV vectors of B and
@@ -206,20 +216,21 @@ void outputs(P image, int64_t H, int64_t W, int64_t C, int64_t ty, int64_t tx, P
 // out is the tile's [a^2, C] block
 template <int m>
 void input_transform(const float* const* src, int64_t C, float* out) {
+  const int64_t Cp = whole(C);  // the block's channels, padded with zeros to whole vectors
   using T = Winograd<m>;
   constexpr int a = T::a;
-  for (int64_t c = 0; c < C; c += V) {
+  for (int64_t c = 0; c < Cp; c += V) {
     v16 t[a][a];
     for (int j = 0; j < a; ++j) {  // B^T d, a column at a time
       v16 col[a], res[a];
-      for (int i = 0; i < a; ++i) col[i] = src[a * i + j] ? load(src[a * i + j] + c) : v16{};
+      for (int i = 0; i < a; ++i) col[i] = src[a * i + j] ? loadn(src[a * i + j] + c, C - c) : v16{};
       T::input(col, res);
       for (int i = 0; i < a; ++i) t[i][j] = res[i];
     }
     for (int i = 0; i < a; ++i) {  // (B^T d) B, a row at a time
       v16 res[a];
       T::input(t[i], res);
-      for (int j = 0; j < a; ++j) store(out + (a * i + j) * C + c, res[j]);
+      for (int j = 0; j < a; ++j) store(out + (a * i + j) * Cp + c, res[j]);
     }
   }
 }
@@ -228,23 +239,25 @@ void input_transform(const float* const* src, int64_t C, float* out) {
 // m x m outputs (rows dst; the residual's rows at the same pixels, or null)
 template <int m>
 void output_transform(const float* M, int64_t C, const float* bias, float* const* dst, const float* const* residual) {
+  const int64_t Cp = whole(C);  // M's channels, padded to whole vectors
   using T = Winograd<m>;
   constexpr int a = T::a;
-  for (int64_t c = 0; c < C; c += V) {
+  for (int64_t c = 0; c < Cp; c += V) {
+    const int64_t n = C - c;
     v16 s[m][a];
     for (int j = 0; j < a; ++j) {  // A^T M, a column at a time
       v16 col[a], res[m];
-      for (int i = 0; i < a; ++i) col[i] = load(M + (a * i + j) * C + c);
+      for (int i = 0; i < a; ++i) col[i] = load(M + (a * i + j) * Cp + c);
       T::output(col, res);
       for (int i = 0; i < m; ++i) s[i][j] = res[i];
     }
-    const v16 b = bias ? load(bias + c) : v16{};
+    const v16 b = bias ? loadn(bias + c, n) : v16{};
     for (int i = 0; i < m; ++i) {  // (A^T M) A, a row at a time
       v16 res[m];
       T::output(s[i], res);
       for (int j = 0; j < m; ++j) {
         float* d = dst[m * i + j];
-        if (d) store(d + c, residual ? res[j] + b + load(residual[m * i + j] + c) : res[j] + b);
+        if (d) storen(d + c, residual ? res[j] + b + loadn(residual[m * i + j] + c, n) : res[j] + b, n);
       }
     }
   }
@@ -255,13 +268,14 @@ void output_transform(const float* M, int64_t C, const float* bias, float* const
 // dbias (each output pixel lies in one tile).
 template <int m>
 void output_gradient_transform(const float* const* src, int64_t C, float* out, float* dbias) {
+  const int64_t Cp = whole(C);  // out's and dbias's channels, padded to whole vectors
   using T = Winograd<m>;
   constexpr int a = T::a;
-  for (int64_t c = 0; c < C; c += V) {
+  for (int64_t c = 0; c < Cp; c += V) {
     v16 g[m][m], sum = {};
     for (int i = 0; i < m; ++i)
       for (int j = 0; j < m; ++j) {
-        g[i][j] = src[m * i + j] ? load(src[m * i + j] + c) : v16{};
+        g[i][j] = src[m * i + j] ? loadn(src[m * i + j] + c, C - c) : v16{};
         sum += g[i][j];
       }
     store(dbias + c, load(dbias + c) + sum);
@@ -275,7 +289,7 @@ void output_gradient_transform(const float* const* src, int64_t C, float* out, f
     for (int i = 0; i < a; ++i) {  // (A dy) A^T, a row at a time
       v16 res[a];
       T::gradient(r[i], res);
-      for (int j = 0; j < a; ++j) store(out + (a * i + j) * C + c, res[j]);
+      for (int j = 0; j < a; ++j) store(out + (a * i + j) * Cp + c, res[j]);
     }
   }
 }
@@ -287,11 +301,12 @@ void check_input(const torch::Tensor& x) {
 }
 
 template <int m>
-torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& u, const float* bias, int64_t bias_stride,
-                      const float* rp, int up) {
+torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& u, int64_t Cout, const float* bias,
+                      int64_t bias_stride, const float* rp, int up) {
   using T = Winograd<m>;
   constexpr int a = T::a, P = a * a;
-  const int64_t N = x.size(0), Cin = x.size(1), H = x.size(2) << up, W = x.size(3) << up, Cout = u.size(2);
+  const int64_t N = x.size(0), Cin = x.size(1), H = x.size(2) << up, W = x.size(3) << up;
+  const int64_t Ci = whole(Cin), Co = whole(Cout);  // the channels of V, U and M: whole vectors
   const int64_t in_pixels = x.size(2) * x.size(3);
   auto y = torch::empty({N, Cout, H, W}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
   const int64_t th = (H + m - 1) / m, tw = (W + m - 1) / m, tiles = th * tw, total = N * tiles;
@@ -302,25 +317,25 @@ torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& u, const floa
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, runs, 1, [&](int64_t begin, int64_t end) {
     const int64_t most = (total + runs - 1) / runs;
-    std::vector<float> vbuf(P * most * Cin), mbuf(P * most * Cout);
+    std::vector<float> vbuf(P * most * Ci), mbuf(P * most * Co);
     for (int64_t run = begin; run < end; ++run) {
       const int64_t first = run * total / runs, count = (run + 1) * total / runs - first;
       for (int64_t t = 0; t < count; ++t) {  // tile (first + t) of the batch: image n, tile row ty, column tx
         const int64_t n = (first + t) / tiles, ty = (first + t) % tiles / tw, tx = (first + t) % tw;
         const float* src[P];
         patch<m>(xp + n * in_pixels * Cin, H, W, Cin, ty, tx, up, src);
-        input_transform<m>(src, Cin, vbuf.data() + t * P * Cin);
+        input_transform<m>(src, Cin, vbuf.data() + t * P * Ci);
       }
       for (int p = 0; p < P; ++p)  // M_p = V_p U_p
-        gemm<false, false>(count, Cout, Cin, vbuf.data() + p * Cin, P * Cin, uptr + p * Cin * Cout, Cout,
-                           mbuf.data() + p * Cout, P * Cout);
+        gemm<false, false>(count, Co, Ci, vbuf.data() + p * Ci, P * Ci, uptr + p * Ci * Co, Co,
+                           mbuf.data() + p * Co, P * Co);
       for (int64_t t = 0; t < count; ++t) {
         const int64_t n = (first + t) / tiles, ty = (first + t) % tiles / tw, tx = (first + t) % tw;
         float* dst[m * m];
         outputs<m>(yp + n * H * W * Cout, H, W, Cout, ty, tx, dst);
         const float* residual[m * m];
         if (rp) outputs<m>(rp + n * H * W * Cout, H, W, Cout, ty, tx, residual);
-        output_transform<m>(mbuf.data() + t * P * Cout, Cout, bias ? bias + n * bias_stride : nullptr, dst,
+        output_transform<m>(mbuf.data() + t * P * Co, Cout, bias ? bias + n * bias_stride : nullptr, dst,
                             rp ? residual : nullptr);
       }
     }
@@ -329,16 +344,17 @@ torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& u, const floa
 }
 
 torch::Tensor conv3x3(const torch::Tensor& x, const torch::Tensor& u, const c10::optional<torch::Tensor>& bias_opt,
-                      const c10::optional<torch::Tensor>& residual_opt, bool upsample) {
+                      const c10::optional<torch::Tensor>& residual_opt, bool upsample, int64_t out_channels) {
   check_input(x);
   const int up = upsample ? 1 : 0;
   const int64_t N = x.size(0), Cin = x.size(1), H = x.size(2) << up, W = x.size(3) << up;
   TORCH_CHECK(u.scalar_type() == at::kFloat && u.is_contiguous() && u.dim() == 3 &&
-                  (u.size(0) == 16 || u.size(0) == 36) && u.size(1) == Cin,
-              "winograd: transformed weights must be contiguous float32 [16 or 36, Cin, Cout] with Cin = x.size(1)");
-  const int64_t Cout = u.size(2);
-  TORCH_CHECK(Cin % V == 0 && Cout % V == 0, "winograd: channel counts must be multiples of 16, got ", Cin, " -> ",
-              Cout);
+                  (u.size(0) == 16 || u.size(0) == 36) && u.size(1) == whole(Cin) && u.size(2) % V == 0,
+              "winograd: transformed weights must be contiguous float32 [16 or 36, Cin, Cout], Cin = x.size(1), both "
+              "padded with zeros to multiples of 16");
+  const int64_t Cout = out_channels < 0 ? u.size(2) : out_channels;
+  TORCH_CHECK(Cout > 0 && whole(Cout) == u.size(2), "winograd: out_channels=", out_channels,
+              " does not round up to the transformed weights' ", u.size(2), " columns");
   const float* bias = nullptr;
   int64_t bias_stride = 0;
   torch::Tensor b;
@@ -358,7 +374,8 @@ torch::Tensor conv3x3(const torch::Tensor& x, const torch::Tensor& u, const c10:
                 "winograd: the residual must be a channels_last float32 tensor shaped like the output");
     rp = r.data_ptr<float>();
   }
-  return u.size(0) == 16 ? forward<2>(x, u, bias, bias_stride, rp, up) : forward<4>(x, u, bias, bias_stride, rp, up);
+  return u.size(0) == 16 ? forward<2>(x, u, Cout, bias, bias_stride, rp, up)
+                         : forward<4>(x, u, Cout, bias, bias_stride, rp, up);
 }
 
 template <int m>
@@ -366,10 +383,11 @@ std::vector<torch::Tensor> weight_grad(const torch::Tensor& x, const torch::Tens
   using T = Winograd<m>;
   constexpr int a = T::a, P = a * a;
   const int64_t N = x.size(0), Cin = x.size(1), H = dy.size(2), W = dy.size(3), Cout = dy.size(1);
+  const int64_t Ci = whole(Cin), Co = whole(Cout);  // the channels of V, dM and dU: whole vectors
   const int64_t in_pixels = x.size(2) * x.size(3);
   const int64_t threads = at::get_num_threads();
-  auto du = torch::zeros({threads, P, Cin, Cout}, x.options());
-  auto db = torch::zeros({threads, N, Cout}, x.options());
+  auto du = torch::zeros({threads, P, Ci, Co}, x.options());
+  auto db = torch::zeros({threads, N, Co}, x.options());
   const int64_t th = (H + m - 1) / m, tw = (W + m - 1) / m, tiles = th * tw, total = N * tiles;
   if (total > 0) {
     const int64_t runs = (total + 2 * T::tiles_per_task - 1) / (2 * T::tiles_per_task);  // sums over more tiles
@@ -380,28 +398,28 @@ std::vector<torch::Tensor> weight_grad(const torch::Tensor& x, const torch::Tens
     at::parallel_for(0, runs, 1, [&](int64_t begin, int64_t end) {
       const int64_t thread = at::get_thread_num();
       TORCH_CHECK(thread < threads, "winograd: more threads than at the call's start");
-      float* partial = dup + thread * P * Cin * Cout;
-      float* dbias = dbp + thread * N * Cout;
+      float* partial = dup + thread * P * Ci * Co;
+      float* dbias = dbp + thread * N * Co;
       const int64_t most = (total + runs - 1) / runs;
-      std::vector<float> vbuf(P * most * Cin), gbuf(P * most * Cout);
+      std::vector<float> vbuf(P * most * Ci), gbuf(P * most * Co);
       for (int64_t run = begin; run < end; ++run) {
         const int64_t first = run * total / runs, count = (run + 1) * total / runs - first;
         for (int64_t t = 0; t < count; ++t) {
           const int64_t n = (first + t) / tiles, ty = (first + t) % tiles / tw, tx = (first + t) % tw;
           const float* src[P];
           patch<m>(xp + n * in_pixels * Cin, H, W, Cin, ty, tx, up, src);
-          input_transform<m>(src, Cin, vbuf.data() + t * P * Cin);
+          input_transform<m>(src, Cin, vbuf.data() + t * P * Ci);
           const float* grad[m * m];
           outputs<m>(gp + n * H * W * Cout, H, W, Cout, ty, tx, grad);
-          output_gradient_transform<m>(grad, Cout, gbuf.data() + t * P * Cout, dbias + n * Cout);
+          output_gradient_transform<m>(grad, Cout, gbuf.data() + t * P * Co, dbias + n * Co);
         }
         for (int p = 0; p < P; ++p)  // dU_p += V_p^T dM_p
-          gemm<true, true>(Cin, Cout, count, vbuf.data() + p * Cin, P * Cin, gbuf.data() + p * Cout, P * Cout,
-                           partial + p * Cin * Cout, Cout);
+          gemm<true, true>(Ci, Co, count, vbuf.data() + p * Ci, P * Ci, gbuf.data() + p * Co, P * Co,
+                           partial + p * Ci * Co, Co);
       }
     });
   }
-  return {du.sum(0), db.sum(0)};
+  return {du.sum(0).slice(1, 0, Cin).slice(2, 0, Cout).contiguous(), db.sum(0).slice(1, 0, Cout).contiguous()};
 }
 
 // The gradients of conv3x3 with respect to its transformed filters and its bias, from its input x and output
@@ -415,8 +433,6 @@ std::vector<torch::Tensor> conv3x3_weight_grad(const torch::Tensor& x, const tor
                   dy.size(0) == x.size(0) && dy.size(2) == x.size(2) << up && dy.size(3) == x.size(3) << up,
               "winograd: dy must be a channels_last float32 tensor [N, Cout, H, W] with x's N, H and W (twice x's H "
               "and W with upsample)");
-  TORCH_CHECK(x.size(1) % V == 0 && dy.size(1) % V == 0, "winograd: channel counts must be multiples of 16, got ",
-              x.size(1), " -> ", dy.size(1));
   TORCH_CHECK(m == 2 || m == 4, "winograd: tiles of 2x2 or 4x4 outputs, got m=", m);
   return m == 2 ? weight_grad<2>(x, dy, up) : weight_grad<4>(x, dy, up);
 }
@@ -428,9 +444,10 @@ void register_winograd(pybind11::module_& m) {
         "3x3 convolution, stride 1, padding 1, of channels_last float32 x [N, Cin, H, W] with Winograd-transformed "
         "filters u ([16, Cin, Cout]: F(2x2, 3x3); [36, Cin, Cout]: F(4x4, 3x3)), an optional bias ([Cout], or "
         "[N, Cout]: one per image) and an optional residual to add (shaped like y): y [N, Cout, H, W] "
-        "(channels_last); with upsample, of x upsampled x2 (nearest) first", pybind11::arg("x"), pybind11::arg("u"),
+        "(channels_last); with upsample, of x upsampled x2 (nearest) first. Cin and Cout of u are padded with zeros "
+        "to multiples of 16; out_channels is y's (by default u's)", pybind11::arg("x"), pybind11::arg("u"),
         pybind11::arg("bias") = pybind11::none(), pybind11::arg("residual") = pybind11::none(),
-        pybind11::arg("upsample") = false);
+        pybind11::arg("upsample") = false, pybind11::arg("out_channels") = -1);
   m.def("winograd_conv3x3_weight_grad", &conv3x3_weight_grad,
         "gradients of winograd_conv3x3 with respect to its transformed filters and its bias, from x and dy "
         "(channels_last float32) and the tile size m (2 or 4): (du [(m + 2)^2, Cin, Cout], dbias [N, Cout], the "
