@@ -39,8 +39,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[dev,inception]"
 	touch $@
 
-# The native GroupNorm+SiLU and attention kernels (ddpm.kernels), built once per torch installation and CPU into
-# ~/.cache; where they cannot be built, PyTorch's ops run instead.
+# The native GroupNorm+SiLU, attention and Winograd convolution kernels (ddpm.kernels), built once per torch
+# installation and CPU into ~/.cache; where they cannot be built, PyTorch's ops run instead.
 install: $(VENV)/.installed ## create .venv and install the package with its dev tools (and build the native kernels)
 	@$(PY) -c 'from ddpm.kernels import main; main()' || true
 
