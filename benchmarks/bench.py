@@ -543,7 +543,7 @@ def levers(s: Settings, timer: Timer, device: torch.device) -> list[tuple[str, s
             variant(cfg, device, native_kernel=False, **OLD), "32-true"
         ),
         "fp32, channels_last, fused SDPA, inference_mode, native GroupNorm+SiLU kernel": sampling(
-            variant(cfg, device, native_attention=False), "32-true"
+            variant(cfg, device, native_attention=False, winograd=False), "32-true"
         ),
         "fp32, channels_last, inference_mode, native GroupNorm+SiLU and attention kernels": sampling(
             variant(cfg, device, winograd=False), "32-true"
@@ -562,7 +562,7 @@ def levers(s: Settings, timer: Timer, device: torch.device) -> list[tuple[str, s
             variant(cfg, device, native_kernel=False, **OLD), "bf16-mixed"
         ),
         "bf16 autocast, channels_last, GroupNorm in fp32, native GroupNorm+SiLU kernel": sampling(
-            variant(cfg, device, native_attention=False), "bf16-mixed"
+            variant(cfg, device, native_attention=False, winograd=False), "bf16-mixed"
         ),
         "bf16 autocast, channels_last, GroupNorm in fp32, native GroupNorm+SiLU and attention kernels (the default)": (
             sampling(variant(cfg, device), "bf16-mixed")
@@ -591,7 +591,7 @@ def levers(s: Settings, timer: Timer, device: torch.device) -> list[tuple[str, s
             module, variant(cfg, device, **OLD), batch, "32-true"
         ),
         "32-true, channels_last, native GroupNorm+SiLU kernel, bias gradients apart": TrainStep(
-            module, variant(cfg, device, native_attention=False), batch, "32-true"
+            module, variant(cfg, device, native_attention=False, winograd=False), batch, "32-true"
         ),
         "32-true, channels_last, native GroupNorm+SiLU and attention kernels, bias gradients apart": TrainStep(
             module, variant(cfg, device, winograd=False), batch, "32-true"
@@ -617,7 +617,7 @@ def levers(s: Settings, timer: Timer, device: torch.device) -> list[tuple[str, s
             module, variant(cfg, device, conv_layouts=False, **OLD), batch, "bf16-mixed"
         ),
         "bf16-mixed, channels_last, attention and GroupNorm in fp32, native GroupNorm+SiLU kernel": (
-            TrainStep(module, variant(cfg, device, native_attention=False), batch, "bf16-mixed")
+            TrainStep(module, variant(cfg, device, native_attention=False, winograd=False), batch, "bf16-mixed")
         ),
         "bf16-mixed, channels_last, attention and GroupNorm in fp32, native GroupNorm+SiLU and attention kernels"
         " (the default)": TrainStep(module, variant(cfg, device), batch, "bf16-mixed"),
