@@ -11,8 +11,8 @@ cache, reading q, k and v where the channels_last projection leaves them. Most o
 convolutions; ``csrc/winograd.cpp`` computes them with Winograd's F(2x2, 3x3), 2.25x fewer multiplications than
 oneDNN's direct float32 convolution (see ``benchmarks/results.md`` for what each gains).
 
-The kernels are compiled with :mod:`torch.utils.cpp_extension` the first time they are needed (20-30 s with
-a C++ compiler; :func:`main` builds them ahead, as ``make install`` does) into
+The kernels are compiled with :mod:`torch.utils.cpp_extension` the first time they are needed (about 40 s
+with a C++ compiler; :func:`main` builds them ahead, as ``make install`` does) into
 ``$DDPM_KERNELS_DIR`` (by default ``~/.cache/ddpm-pipeline/kernels``), once per torch installation, CPU kind and
 revision of the sources.
 Where they cannot be built or do not apply (GPU tensors, NCHW layout, other dtypes, inside
