@@ -26,6 +26,11 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# Tests of the native kernels (ddpm.kernels) run where a C++ compiler can build them, and fail if the build fails
+needs_native = pytest.mark.skipif(
+    not sys.platform.startswith("linux") or shutil.which("c++") is None, reason="no C++ compiler to build the kernel"
+)
+
 TINY_NET_KWARGS = {
     "channels": 16,
     "channel_mult": (1, 2),

@@ -2,7 +2,6 @@
 layouts, fallbacks and bad input."""
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,13 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import needs_native
 from ddpm import kernels
 from ddpm.nets import Conv2d, UNet, group_norm
 
 CL = torch.channels_last
-needs_native = pytest.mark.skipif(
-    not sys.platform.startswith("linux") or shutil.which("c++") is None, reason="no C++ compiler to build the kernel"
-)
 
 
 def reference(x, groups, weight, bias, silu, eps=1e-5):

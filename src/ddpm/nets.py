@@ -113,11 +113,11 @@ class Conv2d(nn.Conv2d):
     """``nn.Conv2d`` (same parameters and state dict) with faster CPU paths, which can add a bias per image and a
     residual to its output (:meth:`forward`).
 
-    - ``winograd``: a 3x3 convolution with stride 1 and padding 1 of float32 channels_last CPU activations,
-      channel counts multiples of 16, runs as the native Winograd kernel (:func:`ddpm.kernels.conv3x3`), forward
+    - ``winograd``: a 3x3 convolution with stride 1 and padding 1 of float32 channels_last CPU activations with
+      a multiple of 16 channels runs as the native Winograd kernel (:func:`ddpm.kernels.conv3x3`), forward
       and backward, on tiles of ``winograd_tile`` x ``winograd_tile`` outputs (4: F(4x4, 3x3), 4x fewer
-      multiplications than the direct convolution, float32 rounding errors up to ~20x oneDNN's, within 2e-5 of
-      the largest output in the tests; 2: F(2x2, 3x3), 2.25x fewer, errors about oneDNN's). The filters'
+      multiplications than the direct convolution, float32 rounding errors up to ~22x PyTorch's own, within 6e-6
+      of the largest value in the tests; 2: F(2x2, 3x3), 2.25x fewer, errors about PyTorch's). The filters'
       transform is kept until the weight changes.
     - ``separate_bias_grad``: other convolutions' CPU training backward computes the bias gradient apart from
       oneDNN's weight gradient, which is faster (:class:`_Conv2dBackwardWithBiasSum`).
