@@ -480,14 +480,17 @@ def variant(
     bias_grad_apart: bool = True,
     winograd: bool = True,
     winograd_tile: int = 4,
+    skip_parts: bool = True,
 ) -> UNet:
     """Our net with levers switched: NCHW activations, GroupNorm and attention in autocast's dtype, PyTorch's
     GroupNorm and SiLU instead of the native kernel, attention projections as matmuls and NCHW convolution
     weights (``conv_layouts=False``), PyTorch's SDPA instead of the native attention kernel, the bias gradients
     computed within oneDNN's weight gradients (``bias_grad_apart=False``), oneDNN's 3x3 convolutions instead of
-    the Winograd kernel (``winograd=False``) or its other tile size, compiled."""
+    the Winograd kernel (``winograd=False``) or its other tile size, the decoder's concatenations made
+    (``skip_parts=False``), compiled."""
     torch.manual_seed(0)
     net = UNet(cfg).to(device)
+    net.skip_parts = skip_parts
     if not channels_last:
         net.memory_format = torch.contiguous_format
     if not channels_last or not conv_layouts:
@@ -509,7 +512,7 @@ def variant(
 
 
 # levers off in the rows before they were added
-OLD = {"native_attention": False, "bias_grad_apart": False, "winograd": False}
+OLD = {"native_attention": False, "bias_grad_apart": False, "winograd": False, "skip_parts": False}
 
 
 def levers(s: Settings, timer: Timer, device: torch.device) -> list[tuple[str, str, float, float]]:
@@ -543,15 +546,17 @@ def levers(s: Settings, timer: Timer, device: torch.device) -> list[tuple[str, s
             variant(cfg, device, native_kernel=False, **OLD), "32-true"
         ),
         "fp32, channels_last, fused SDPA, inference_mode, native GroupNorm+SiLU kernel": sampling(
-            variant(cfg, device, native_attention=False, winograd=False), "32-true"
+            variant(cfg, device, native_attention=False, winograd=False, skip_parts=False), "32-true"
         ),
         "fp32, channels_last, inference_mode, native GroupNorm+SiLU and attention kernels": sampling(
-            variant(cfg, device, winograd=False), "32-true"
+            variant(cfg, device, winograd=False, skip_parts=False), "32-true"
         ),
         "fp32, channels_last, inference_mode, native GroupNorm+SiLU and attention kernels, Winograd F(2x2, 3x3)"
-        " convolutions": sampling(variant(cfg, device, winograd_tile=2), "32-true"),
+        " convolutions": sampling(variant(cfg, device, winograd_tile=2, skip_parts=False), "32-true"),
         "fp32, channels_last, inference_mode, native GroupNorm+SiLU and attention kernels, Winograd F(4x4, 3x3)"
-        " convolutions (the default)": sampling(variant(cfg, device), "32-true"),
+        " convolutions": sampling(variant(cfg, device, skip_parts=False), "32-true"),
+        "fp32, channels_last, inference_mode, native GroupNorm+SiLU and attention kernels, Winograd F(4x4, 3x3)"
+        " convolutions, decoder inputs as parts (the default)": sampling(variant(cfg, device), "32-true"),
         "bf16 autocast, as before (NCHW, GroupNorm and attention in bf16, math SDPA, no_grad)": sampling(
             variant(cfg, device, **before), "bf16-mixed", torch.no_grad, True
         ),
@@ -562,11 +567,13 @@ def levers(s: Settings, timer: Timer, device: torch.device) -> list[tuple[str, s
             variant(cfg, device, native_kernel=False, **OLD), "bf16-mixed"
         ),
         "bf16 autocast, channels_last, GroupNorm in fp32, native GroupNorm+SiLU kernel": sampling(
-            variant(cfg, device, native_attention=False, winograd=False), "bf16-mixed"
+            variant(cfg, device, native_attention=False, winograd=False, skip_parts=False), "bf16-mixed"
         ),
-        "bf16 autocast, channels_last, GroupNorm in fp32, native GroupNorm+SiLU and attention kernels (the default)": (
-            sampling(variant(cfg, device), "bf16-mixed")
+        "bf16 autocast, channels_last, GroupNorm in fp32, native GroupNorm+SiLU and attention kernels": sampling(
+            variant(cfg, device, skip_parts=False), "bf16-mixed"
         ),
+        "bf16 autocast, channels_last, GroupNorm in fp32, native GroupNorm+SiLU and attention kernels, decoder"
+        " inputs as parts (the default)": sampling(variant(cfg, device), "bf16-mixed"),
     }
     if s.compile:
         compiled = variant(cfg, device, compile=True)
@@ -591,15 +598,21 @@ def levers(s: Settings, timer: Timer, device: torch.device) -> list[tuple[str, s
             module, variant(cfg, device, **OLD), batch, "32-true"
         ),
         "32-true, channels_last, native GroupNorm+SiLU kernel, bias gradients apart": TrainStep(
-            module, variant(cfg, device, native_attention=False, winograd=False), batch, "32-true"
+            module, variant(cfg, device, native_attention=False, winograd=False, skip_parts=False), batch, "32-true"
         ),
         "32-true, channels_last, native GroupNorm+SiLU and attention kernels, bias gradients apart": TrainStep(
-            module, variant(cfg, device, winograd=False), batch, "32-true"
+            module, variant(cfg, device, winograd=False, skip_parts=False), batch, "32-true"
         ),
         "32-true, channels_last, native GroupNorm+SiLU and attention kernels, bias gradients apart, Winograd"
-        " F(2x2, 3x3) convolutions": TrainStep(module, variant(cfg, device, winograd_tile=2), batch, "32-true"),
+        " F(2x2, 3x3) convolutions": TrainStep(
+            module, variant(cfg, device, winograd_tile=2, skip_parts=False), batch, "32-true"
+        ),
         "32-true, channels_last, native GroupNorm+SiLU and attention kernels, bias gradients apart, Winograd"
-        " F(4x4, 3x3) convolutions (the default)": TrainStep(module, variant(cfg, device), batch, "32-true"),
+        " F(4x4, 3x3) convolutions": TrainStep(module, variant(cfg, device, skip_parts=False), batch, "32-true"),
+        "32-true, channels_last, native GroupNorm+SiLU and attention kernels, bias gradients apart, Winograd"
+        " F(4x4, 3x3) convolutions, decoder inputs as parts (the default)": TrainStep(
+            module, variant(cfg, device), batch, "32-true"
+        ),
         "bf16-mixed, as before (NCHW, GroupNorm and attention in bf16)": TrainStep(
             module, variant(cfg, device, **before), batch, "bf16-mixed"
         ),
@@ -616,11 +629,13 @@ def levers(s: Settings, timer: Timer, device: torch.device) -> list[tuple[str, s
         " projections as matmuls, NCHW weights": TrainStep(
             module, variant(cfg, device, conv_layouts=False, **OLD), batch, "bf16-mixed"
         ),
-        "bf16-mixed, channels_last, attention and GroupNorm in fp32, native GroupNorm+SiLU kernel": (
-            TrainStep(module, variant(cfg, device, native_attention=False, winograd=False), batch, "bf16-mixed")
+        "bf16-mixed, channels_last, attention and GroupNorm in fp32, native GroupNorm+SiLU kernel": TrainStep(
+            module, variant(cfg, device, native_attention=False, winograd=False, skip_parts=False), batch, "bf16-mixed"
         ),
-        "bf16-mixed, channels_last, attention and GroupNorm in fp32, native GroupNorm+SiLU and attention kernels"
-        " (the default)": TrainStep(module, variant(cfg, device), batch, "bf16-mixed"),
+        "bf16-mixed, channels_last, attention and GroupNorm in fp32, native GroupNorm+SiLU and attention"
+        " kernels": TrainStep(module, variant(cfg, device, skip_parts=False), batch, "bf16-mixed"),
+        "bf16-mixed, channels_last, attention and GroupNorm in fp32, native GroupNorm+SiLU and attention kernels,"
+        " decoder inputs as parts (the default)": TrainStep(module, variant(cfg, device), batch, "bf16-mixed"),
     }
     if s.compile:
         calls["bf16-mixed, the default + torch.compile"] = TrainStep(
@@ -807,12 +822,17 @@ def conv_phases(s: Settings, timer: Timer, device: torch.device) -> list[dict[st
     found: dict[tuple, int] = {}
 
     def hook(conv: nn.Conv2d, args: tuple[Tensor, ...], kwargs: dict[str, Any], out: Tensor) -> None:
-        (x,) = args[:1]
+        x = args[0]
         upsample = bool(kwargs.get("upsample"))  # the net's Upsample: x upsampled x2 first (within the kernel)
-        key = (tuple(x.shape), tuple(conv.weight.shape), conv.stride, conv.padding, conv.dilation, conv.groups)
-        tile = conv.winograd_tile if isinstance(conv, Conv2d) and conv.uses_winograd(x) else 0
-        key += (conv.bias is not None, x.requires_grad, tuple(out.shape), tile, upsample)
-        found[key] = found.get(key, 0) + 1
+        # A decoder block's 1x1 skip convolution gets (input, skip connection): one convolution per part, with
+        # its slice of the weight (the bias with the first)
+        parts = (x,) if isinstance(x, Tensor) else tuple(x)
+        for k, part in enumerate(parts):
+            w_shape = (conv.weight.shape[0], part.shape[1], *conv.weight.shape[2:])
+            key = (tuple(part.shape), w_shape, conv.stride, conv.padding, conv.dilation, conv.groups)
+            tile = conv.winograd_tile if isinstance(conv, Conv2d) and conv.uses_winograd(part) else 0
+            key += (conv.bias is not None and k == 0, part.requires_grad, tuple(out.shape), tile, upsample)
+            found[key] = found.get(key, 0) + 1
 
     handles = [m.register_forward_hook(hook, with_kwargs=True) for m in net.modules() if isinstance(m, nn.Conv2d)]
     module = DiffusionModule(UNet(cfg), diffusion_config(cfg)).to(device)
@@ -1321,7 +1341,10 @@ def report(
         " (F(4x4, 3x3), the default) from the elementwise products of transformed input patches and filters, 16"
         " or 36 small matrix products over the channels, 2.25x or 4x fewer multiplications than oneDNN's direct"
         " convolution, forward, input gradient (the flipped filters) and weight gradient alike; F(4x4, 3x3)"
-        " rounds up to ~22x more than PyTorch (within 6e-6 of the largest value in the tests);"
+        " rounds up to ~22x more than PyTorch (within 6e-6 of the largest value in the tests); *decoder inputs"
+        " as parts*: a decoder block's input and skip connection are not concatenated (a copy of both, written"
+        " and read again); the GroupNorm kernel reads each part where it is, and the 1x1 skip convolution sums"
+        " one convolution per part with its slice of the weight;"
         " *inference_mode*: no autograd bookkeeping while sampling; *keep_freed_memory*: glibc hands every large"
         " activation back to the kernel when it is freed and page-faults it in again at the next step;"
         " *torch.compile*: fuses GroupNorm, SiLU and the casts (compiling takes 20-80 s on a 2-core CPU), so it is"

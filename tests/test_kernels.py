@@ -106,6 +106,101 @@ def test_forward_and_backward_match_pytorch(shape, groups, silu, dtype, passes):
         assert (got.double() - want).abs().max().item() / scale < limit
 
 
+PARTS = [
+    ((4, 7, 9), (32, 16), 8),  # a group of 6 channels straddles the parts
+    ((3, 14, 14), (64, 32, 16), 8),
+    ((2, 5, 5), (5, 11), 4),  # channel counts that are not multiples of the 16-lane vectors
+    ((2, 1, 1), (8, 8, 4, 4), 3),
+]
+
+
+@needs_native
+@pytest.mark.parametrize("size,channels,groups", PARTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("passes", ["best", "portable"])
+def test_parts_stand_for_their_concatenation(size, channels, groups, dtype, passes):
+    """A tuple of tensors is normalised as their concatenation along the channels, which is never made: values
+    and the gradients of every part, against float64 PyTorch on the concatenation."""
+    n, h, w = size
+    g = torch.Generator().manual_seed(0)
+    parts = [
+        (torch.randn(n, c, h, w, generator=g) * 2 + k).to(dtype).contiguous(memory_format=CL)
+        for k, c in enumerate(channels)
+    ]
+    C = sum(channels)
+    weight, bias = torch.randn(C, generator=g), torch.randn(C, generator=g)
+    dy = torch.randn(n, C, h, w, generator=g).to(dtype).contiguous(memory_format=CL)
+    if passes == "best":
+        parts = [p.requires_grad_() for p in parts]
+        wt, bt = weight.clone().requires_grad_(), bias.clone().requires_grad_()
+        out = kernels.group_norm(tuple(parts), groups, wt, bt, silu=True)
+        out.backward(dy)
+        grads = [p.grad for p in parts] + [wt.grad, bt.grad]
+    else:
+        ext = kernels.extension()
+        out, mean, rstd = ext.forward_parts_portable(parts, weight, bias, groups, 1e-5, True)
+        grads = ext.backward_parts_portable(dy, parts, mean, rstd, weight, bias, groups, True)
+    assert out.shape == (n, C, h, w) and out.is_contiguous(memory_format=CL)
+    assert all(d.shape == p.shape and d.is_contiguous(memory_format=CL) for d, p in zip(grads, parts))
+    xd = torch.cat([p.detach() for p in parts], 1).double().requires_grad_()
+    wd, bd = weight.double().requires_grad_(), bias.double().requires_grad_()
+    expected = reference(xd, groups, wd, bd, True)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(out.detach().double(), expected, atol=tol, rtol=tol)
+    expected.backward(dy.double())
+    wanted = list(xd.grad.split(list(channels), 1)) + [wd.grad, bd.grad]
+    for got, want in zip(grads, wanted, strict=True):
+        scale = want.abs().max().item() + 1e-12
+        assert (got.double() - want).abs().max().item() / scale < (2e-5 if dtype == torch.float32 else 1e-2)
+
+
+@needs_native
+def test_parts_equal_the_single_tensor_kernel_exactly():
+    """Per channel the same sums in the same order: a concatenation given as parts normalises to the same bits."""
+    x, weight, bias = inputs((3, 48, 9, 9), torch.float32, 8)
+    a, b = x[:, :32].contiguous(memory_format=CL), x[:, 32:].contiguous(memory_format=CL)
+    with torch.no_grad():
+        assert torch.equal(
+            kernels.group_norm((a, b), 8, weight, bias, silu=True), kernels.group_norm(x, 8, weight, bias, silu=True)
+        )
+
+
+def test_parts_fall_back_to_the_concatenation():
+    """Where the kernel does not take them (NCHW parts, float64, native off), the concatenation is made."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(2, 8, 5, 5, generator=g), torch.randn(2, 4, 5, 5, generator=g)
+    weight, bias = torch.randn(12, generator=g), torch.randn(12, generator=g)
+    want = F.silu(F.group_norm(torch.cat([a, b], 1), 4, weight, bias))
+    torch.testing.assert_close(kernels.group_norm((a, b), 4, weight, bias, silu=True), want)
+    a64, b64 = a.double(), b.double()
+    torch.testing.assert_close(
+        kernels.group_norm((a64, b64), 4, weight.double(), bias.double(), silu=True), want.double()
+    )
+    cl = tuple(t.contiguous(memory_format=CL) for t in (a, b))
+    torch.testing.assert_close(kernels.group_norm(cl, 4, weight, bias, silu=True, native=False), want)
+
+
+@needs_native
+def test_bad_parts_are_named():
+    ext = kernels.extension()
+    x, weight, bias = inputs((2, 8, 4, 4), torch.float32, 2)
+    other = inputs((2, 8, 5, 4), torch.float32, 2)[0]
+    w16, b16 = torch.randn(16), torch.randn(16)
+    with pytest.raises(RuntimeError, match="share dtype, batch size, height and width"):
+        ext.forward_parts([x, other], w16, b16, 2, 1e-5, True)
+    with pytest.raises(RuntimeError, match="share dtype"):
+        ext.forward_parts([x, x.bfloat16()], w16, b16, 2, 1e-5, True)
+    with pytest.raises(RuntimeError, match="1 to 4 tensors"):
+        ext.forward_parts([x] * 5, torch.randn(40), torch.randn(40), 2, 1e-5, True)
+    with pytest.raises(RuntimeError, match="1 to 4 tensors"):
+        ext.forward_parts([], weight, bias, 2, 1e-5, True)
+    with pytest.raises(RuntimeError, match="C=16 values"):
+        ext.forward_parts([x, x], weight, bias, 2, 1e-5, True)
+    y, mean, rstd = ext.forward_parts([x, x], w16, b16, 2, 1e-5, True)
+    with pytest.raises(RuntimeError, match="dy must be"):
+        ext.backward_parts(x, [x, x], mean, rstd, w16, b16, 2, True)
+
+
 @needs_native
 def test_statistics_stay_exact_when_the_mean_dwarfs_the_spread():
     """Per-channel shifted sums: no cancellation in E[x^2] - E[x]^2 when |mean| is 10^4 times the std."""

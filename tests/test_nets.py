@@ -311,6 +311,78 @@ def test_conv_adds_the_image_bias_and_the_residual_and_upsamples(winograd):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("kernel", [1, 3])
+def test_conv_of_parts_is_the_conv_of_their_concatenation(kernel):
+    """A tuple input stands for its concatenation along the channels: a 1x1 convolution sums each part's
+    convolution with its slice of the weight (no concatenated copy), others make the concatenation; the same
+    values and gradients either way, with the image bias and residual added."""
+    torch.manual_seed(0)
+    conv = Conv2d(24, 8, kernel, padding=kernel // 2).to(memory_format=torch.channels_last)
+    a = torch.randn(2, 16, 5, 5).contiguous(memory_format=torch.channels_last).requires_grad_()
+    b = torch.randn(2, 8, 5, 5).contiguous(memory_format=torch.channels_last).requires_grad_()
+    image_bias, residual = torch.randn(2, 8, requires_grad=True), torch.randn(2, 8, 5, 5, requires_grad=True)
+    out = conv((a, b), image_bias=image_bias, residual=residual)
+    expected = (
+        F.conv2d(torch.cat([a, b], 1), conv.weight, conv.bias, padding=kernel // 2)
+        + image_bias[:, :, None, None]
+        + residual
+    )
+    torch.testing.assert_close(out, expected, atol=5e-5, rtol=5e-5)
+    leaves = (a, b, conv.weight, conv.bias, image_bias, residual)
+    for got, want in zip(torch.autograd.grad(out.sum(), leaves), torch.autograd.grad(expected.sum(), leaves)):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            conv((a, b)),
+            F.conv2d(torch.cat([a, b], 1), conv.weight, conv.bias, padding=kernel // 2),
+            atol=5e-5,
+            rtol=5e-5,
+        )
+    if kernel == 1:
+        with pytest.raises(ValueError, match="parts of x have 32 channels in all; this convolution takes 24"):
+            conv((a, a))
+
+
+def test_a_decoder_block_reads_its_input_and_skip_connection_as_parts():
+    """The U-Net's decoder blocks take (h, skip) without concatenating them; the net's output and gradients are
+    those of the blocks run on the concatenation."""
+    from ddpm import nets
+
+    torch.manual_seed(0)
+    net = perturb(
+        UNet(
+            in_channels=1,
+            image_size=8,
+            channels=16,
+            channel_mult=(1, 2),
+            num_res_blocks=1,
+            attn_resolutions=(4,),
+            norm_groups=4,
+            dropout=0.0,
+        )
+    )
+    x, t = torch.randn(3, 1, 8, 8), torch.rand(3)
+    seen = []
+    block = nets.ResBlock.forward
+
+    def made(self, x, emb):
+        seen.append(isinstance(x, tuple))
+        return block(self, nets.cat(x), emb)
+
+    out = net(x, t)
+    grads = torch.autograd.grad(out.square().sum(), list(net.parameters()))
+    nets.ResBlock.forward = made
+    try:
+        want = net(x, t)
+        want_grads = torch.autograd.grad(want.square().sum(), list(net.parameters()))
+    finally:
+        nets.ResBlock.forward = block
+    assert seen.count(True) == 2 * 2  # the decoder's blocks: num_res_blocks + 1 per level
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    for got, wanted in zip(grads, want_grads, strict=True):
+        torch.testing.assert_close(got, wanted, atol=1e-4, rtol=1e-4)
+
+
 def test_conv_is_nn_conv2d_under_autocast_and_without_gradients():
     conv = Conv2d(4, 4, 3, padding=1)
     x = torch.randn(2, 4, 5, 5, requires_grad=True)

@@ -5,9 +5,11 @@ The U-Net normalises every block's input with GroupNorm and most of them go stra
 CPU, PyTorch runs these as separate passes over the activation (and, under bf16 autocast, two casts more),
 and its channels_last GroupNorm walks each image several times; the fused kernel in
 ``csrc/group_norm_silu.cpp`` reads an image once for its statistics and once to write the output, while it
-is still in cache, and its backward likewise. The attention of the low-resolution levels (49 tokens on a 7x7
-map) is mostly overhead for PyTorch's flash kernel; ``csrc/attention.cpp`` runs one (image, head) at a time in
-cache, reading q, k and v where the channels_last projection leaves them. Most of the net's FLOPs are 3x3
+is still in cache, and its backward likewise; it also takes its input as parts along the channels (a decoder
+block's input and skip connection), so their concatenation is never made. The attention of the
+low-resolution levels (49 tokens on a 7x7 map) is mostly overhead for PyTorch's flash kernel;
+``csrc/attention.cpp`` runs one (image, head) at a time in cache, reading q, k and v where the channels_last
+projection leaves them. Most of the net's FLOPs are 3x3
 convolutions; ``csrc/winograd.cpp`` computes the float32 ones with Winograd's F(4x4, 3x3), 4x fewer
 multiplications than oneDNN's direct convolution (see ``benchmarks/results.md`` for what each gains).
 
@@ -31,7 +33,7 @@ import platform
 import sys
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
 
@@ -173,39 +175,57 @@ def applies(x: Tensor) -> bool:
 
 
 class _GroupNormSiLU(torch.autograd.Function):
-    """Autograd of the native kernel: saves x and the per-group statistics, not the normalised activation."""
+    """Autograd of the native kernel: saves x's parts and the per-group statistics, not the normalised activation."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float, silu: bool) -> Tensor:
-        y, mean, rstd = _extension.forward(x, weight, bias, groups, eps, silu)
-        ctx.save_for_backward(x, weight, bias, mean, rstd)
+    def forward(ctx, weight: Tensor, bias: Tensor, groups: int, eps: float, silu: bool, *xs: Tensor) -> Tensor:
+        y, mean, rstd = _extension.forward_parts(list(xs), weight, bias, groups, eps, silu)
+        ctx.save_for_backward(weight, bias, mean, rstd, *xs)
         ctx.groups, ctx.silu = groups, silu
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy: Tensor) -> tuple[Tensor | None, ...]:
-        x, weight, bias, mean, rstd = ctx.saved_tensors
+        weight, bias, mean, rstd, *xs = ctx.saved_tensors
         dy = dy.contiguous(memory_format=torch.channels_last)
-        dx, dweight, dbias = _extension.backward(dy, x, mean, rstd, weight, bias, ctx.groups, ctx.silu)
-        return dx, dweight, dbias, None, None, None
+        *dxs, dweight, dbias = _extension.backward_parts(dy, xs, mean, rstd, weight, bias, ctx.groups, ctx.silu)
+        return dweight, dbias, None, None, None, *dxs
 
 
 def group_norm(
-    x: Tensor, groups: int, weight: Tensor, bias: Tensor, eps: float = 1e-5, silu: bool = False, native: bool = True
+    x: Tensor | Sequence[Tensor],
+    groups: int,
+    weight: Tensor,
+    bias: Tensor,
+    eps: float = 1e-5,
+    silu: bool = False,
+    native: bool = True,
 ) -> Tensor:
     """``silu(group_norm(x))`` (or ``group_norm(x)``) in x's dtype, with float32 statistics and arithmetic.
+
+    x is a tensor, or a sequence of tensors that stand for their concatenation along the channels,
+    ``torch.cat(x, dim=1)`` (a U-Net decoder block's input and its skip connection): the native kernel reads
+    them where they are, so the concatenation is never made.
 
     The native kernel where it applies (and ``native``); elsewhere PyTorch's GroupNorm computed in float32 (as
     CUDA autocast does; on the CPU, PyTorch's bf16 GroupNorm on channels_last input is also ~5x slower than
     float32's), then SiLU, in place when no gradient is recorded.
     """
-    if native and applies(x) and weight.dtype == torch.float32 and bias.dtype == torch.float32:
+    parts = (x,) if isinstance(x, Tensor) else tuple(x)
+    if (
+        native
+        and all(applies(part) for part in parts)
+        and len({(part.dtype, part.shape[0], part.shape[2:]) for part in parts}) == 1
+        and weight.dtype == torch.float32
+        and bias.dtype == torch.float32
+    ):
         weight, bias = weight.contiguous(), bias.contiguous()
-        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad):
-            return _GroupNormSiLU.apply(x, weight, bias, groups, eps, silu)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (weight, bias, *parts)):
+            return _GroupNormSiLU.apply(weight, bias, groups, eps, silu, *parts)
         with torch.profiler.record_function("ddpm::group_norm_silu"):  # named in the profiler like an aten op
-            return _extension.forward(x, weight, bias, groups, eps, silu)[0]
+            return _extension.forward_parts(list(parts), weight, bias, groups, eps, silu)[0]
+    x = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
     if x.dtype == torch.float32:
         h = F.group_norm(x, groups, weight, bias, eps)
     else:

@@ -66,16 +66,22 @@ class GroupNorm(nn.GroupNorm):
         super().__init__(num_groups, num_channels, eps=eps)
         self.silu = silu
 
-    def forward(self, x: Tensor) -> Tensor:
-        """(SiLU of) the GroupNorm of x."""
+    def forward(self, x: Tensor | tuple[Tensor, ...]) -> Tensor:
+        """(SiLU of) the GroupNorm of x, or of ``torch.cat(x, dim=1)`` for a tuple of tensors (made only where
+        the native kernel does not run)."""
         if not self.float32:
-            h = super().forward(x)
+            h = super().forward(cat(x))
             return F.silu(h) if self.silu else h
         return kernels.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, self.silu, self.native)
 
     def extra_repr(self) -> str:
         """nn.GroupNorm's description, and whether SiLU follows."""
         return super().extra_repr() + (", silu=True" if self.silu else "")
+
+
+def cat(x: Tensor | tuple[Tensor, ...]) -> Tensor:
+    """x, or for a tuple of tensors (parts along the channels) their concatenation ``torch.cat(x, dim=1)``."""
+    return x if isinstance(x, Tensor) else x[0] if len(x) == 1 else torch.cat(x, dim=1)
 
 
 class _Conv2dBackwardWithBiasSum(torch.autograd.Function):
@@ -145,12 +151,24 @@ class Conv2d(nn.Conv2d):
         )
 
     def forward(
-        self, x: Tensor, image_bias: Tensor | None = None, residual: Tensor | None = None, upsample: bool = False
+        self,
+        x: Tensor | tuple[Tensor, ...],
+        image_bias: Tensor | None = None,
+        residual: Tensor | None = None,
+        upsample: bool = False,
     ) -> Tensor:
         """The convolution of x (``upsample``: of x upsampled x2, nearest), plus ``image_bias[:, :, None, None]``
         ([N, Cout]: a bias per image) and ``residual`` (shaped like the output) where given. The Winograd kernel
         reads the upsampled input from x and adds both as it writes the output; elsewhere they are separate
-        operations (the additions in place)."""
+        operations (the additions in place).
+
+        x may be a tuple of tensors standing for their concatenation along the channels: a 1x1 convolution
+        (without ``upsample``) then sums the convolutions of each part with its slice of the weight, the same
+        values without the concatenated copy (other convolutions make it)."""
+        if not isinstance(x, Tensor):
+            if len(x) > 1 and self.kernel_size == (1, 1) and self.groups == 1 and not upsample:
+                return self._forward_parts(x, image_bias, residual)
+            x = cat(x)
         if self.uses_winograd(x):
             weight, bias = self.weight, self.bias
             if image_bias is not None:
@@ -159,6 +177,27 @@ class Conv2d(nn.Conv2d):
         if upsample:
             x = F.interpolate(x, scale_factor=2.0, mode="nearest")
         h = self._conv_forward(x, self.weight, self.bias)
+        if image_bias is not None:
+            h += image_bias[:, :, None, None]
+        if residual is not None:
+            h += residual
+        return h
+
+    def _forward_parts(self, xs: tuple[Tensor, ...], image_bias: Tensor | None, residual: Tensor | None) -> Tensor:
+        """A 1x1 convolution of ``torch.cat(xs, dim=1)`` as the sum of each part's convolution with its slice."""
+        channels = sum(part.shape[1] for part in xs)
+        if channels != self.in_channels:
+            raise ValueError(
+                f"the parts of x have {channels} channels in all; this convolution takes {self.in_channels}"
+            )
+        h, c0 = None, 0
+        for part in xs:
+            weight = self.weight[:, c0 : c0 + part.shape[1]]
+            c0 += part.shape[1]
+            if h is None:
+                h = self._conv_forward(part, weight, self.bias)
+            else:
+                h += self._conv_forward(part, weight, None)
         if image_bias is not None:
             h += image_bias[:, :, None, None]
         if residual is not None:
@@ -225,15 +264,18 @@ class ResBlock(nn.Module):
         self.conv2 = zero_(Conv2d(out_ch, out_ch, 3, padding=1))
         self.skip = Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
-    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
-        """Return skip(x) + F(x, emb).
+    def forward(self, x: Tensor | tuple[Tensor, ...], emb: Tensor) -> Tensor:
+        """Return skip(x) + F(x, emb); x may be a tuple of tensors that stand for their concatenation along the
+        channels (a decoder block's input and skip connection), which the GroupNorm kernel and the 1x1 skip
+        convolution read in place, so it is not made.
 
         The norms carry their SiLU. The time embedding and the skip connection are added as the convolutions write
         their outputs (Winograd's kernel), or in place after them (their backward needs only their inputs): no
         new activation-sized tensors, same values.
         """
         h = self.conv1(self.norm1(x), image_bias=self.emb_proj(F.silu(emb)))
-        return self.conv2(self.dropout(self.norm2(h)), residual=self.skip(x))
+        skip = self.skip(x) if isinstance(self.skip, Conv2d) else cat(x)
+        return self.conv2(self.dropout(self.norm2(h)), residual=skip)
 
 
 class Attention(nn.Module):
@@ -329,9 +371,13 @@ class UNet(nn.Module):
     ``memory_format``: the layout of the activations, and of the convolution weights from construction.
     channels_last (NHWC) lets oneDNN (CPU) and tensor cores (GPU) run the convolutions without reordering each
     input or weight. The output is contiguous (NCHW); the state dict holds the same values in either layout.
+
+    ``skip_parts``: a decoder block gets its input and the skip connection as a pair, which stands for their
+    concatenation along the channels (:meth:`ResBlock.forward`); False makes the concatenation first.
     """
 
     memory_format = torch.channels_last
+    skip_parts = True
 
     def __init__(self, config: UNetConfig | None = None, **overrides):
         super().__init__()
@@ -438,7 +484,8 @@ class UNet(nn.Module):
 
         for level in self.up:
             for res, attn in zip(level.res, level.attn):
-                h = attn(res(torch.cat([h, hs.pop()], dim=1), emb))
+                h = (h, hs.pop())  # the concatenation [h, skip] along the channels
+                h = attn(res(h if self.skip_parts else torch.cat(h, dim=1), emb))
             if level.resample is not None:
                 h = level.resample(h)
 

@@ -8,6 +8,9 @@
 // AVX-512 (built with -march=native on such a CPU) as explicit 16-lane intrinsics, elsewhere as plain loops for
 // the compiler to vectorise; exp is a polynomial in both (no libm call in the loops).
 //
+// The input may come as up to 4 parts along the channels (torch.cat(parts, dim=1), never made): a U-Net
+// decoder block reads its input and skip connection where they are.
+//
 // Statistics: per-channel sums are shifted by the channel's first value (no cancellation when |mean| >> std),
 // combined per group in double with the law of total variance.
 
@@ -184,8 +187,8 @@ static void stats_band(const T* x, int64_t HW, int64_t C, int64_t c0, const floa
 
 // The backward's sums likewise, in bands of up to 64 channels.
 template <typename T, bool Silu, int NS>
-static void sums_band(const T* x, const T* dy, int64_t HW, int64_t C, int64_t c0, const float* a, const float* b,
-                      const float* m, float* sum_dz, float* sum_dzx) {
+static void sums_band(const T* x, const T* dy, int64_t HW, int64_t C, int64_t ldy, int64_t c0, const float* a,
+                      const float* b, const float* m, float* sum_dz, float* sum_dzx) {
   __mmask16 k[NS];
   __m512 av[NS], bv[NS], mv[NS], s1[NS], s2[NS];
   for (int s = 0; s < NS; ++s) {
@@ -199,9 +202,9 @@ static void sums_band(const T* x, const T* dy, int64_t HW, int64_t C, int64_t c0
   }
   for (int64_t p = 0; p < HW; ++p) {
     for (int s = 0; s < NS; ++s) {
-      const int64_t i = p * C + c0 + 16 * s;
-      const __m512 xv = vload(x + i, k[s]);
-      const __m512 dz = vgrad_z<Silu>(vload(dy + i, k[s]), _mm512_fmadd_ps(xv, av[s], bv[s]));
+      const int64_t c = c0 + 16 * s;
+      const __m512 xv = vload(x + p * C + c, k[s]);
+      const __m512 dz = vgrad_z<Silu>(vload(dy + p * ldy + c, k[s]), _mm512_fmadd_ps(xv, av[s], bv[s]));
       s1[s] = _mm512_add_ps(s1[s], dz);
       s2[s] = _mm512_fmadd_ps(dz, _mm512_sub_ps(xv, mv[s]), s2[s]);
     }
@@ -234,14 +237,14 @@ static void forward_row(const T* x, const float* a, const float* b, T* y, int64_
 }
 
 template <typename T, bool Silu>
-static void sums_pass(const T* x, const T* dy, int64_t HW, int64_t C, const float* a, const float* b, const float* m,
-                      float* sum_dz, float* sum_dzx) {
+static void sums_pass(const T* x, const T* dy, int64_t HW, int64_t C, int64_t ldy, const float* a, const float* b,
+                      const float* m, float* sum_dz, float* sum_dzx) {
   for (int64_t c = 0; c < C; c += 64) {
     const int64_t strips = (std::min<int64_t>(C - c, 64) + 15) / 16;
-    if (strips == 4) sums_band<T, Silu, 4>(x, dy, HW, C, c, a, b, m, sum_dz, sum_dzx);
-    else if (strips == 3) sums_band<T, Silu, 3>(x, dy, HW, C, c, a, b, m, sum_dz, sum_dzx);
-    else if (strips == 2) sums_band<T, Silu, 2>(x, dy, HW, C, c, a, b, m, sum_dz, sum_dzx);
-    else sums_band<T, Silu, 1>(x, dy, HW, C, c, a, b, m, sum_dz, sum_dzx);
+    if (strips == 4) sums_band<T, Silu, 4>(x, dy, HW, C, ldy, c, a, b, m, sum_dz, sum_dzx);
+    else if (strips == 3) sums_band<T, Silu, 3>(x, dy, HW, C, ldy, c, a, b, m, sum_dz, sum_dzx);
+    else if (strips == 2) sums_band<T, Silu, 2>(x, dy, HW, C, ldy, c, a, b, m, sum_dz, sum_dzx);
+    else sums_band<T, Silu, 1>(x, dy, HW, C, ldy, c, a, b, m, sum_dz, sum_dzx);
   }
 }
 
@@ -287,13 +290,13 @@ static void forward_row(const T* x, const float* a, const float* b, T* y, int64_
 }
 
 template <typename T, bool Silu>
-static void sums_pass(const T* x, const T* dy, int64_t HW, int64_t C, const float* a, const float* b, const float* m,
-                      float* sum_dz, float* sum_dzx) {
+static void sums_pass(const T* x, const T* dy, int64_t HW, int64_t C, int64_t ldy, const float* a, const float* b,
+                      const float* m, float* sum_dz, float* sum_dzx) {
   for (int64_t c = 0; c < C; ++c) sum_dz[c] = sum_dzx[c] = 0.0f;
   for (int64_t p = 0; p < HW; ++p) {
     for (int64_t c = 0; c < C; ++c) {
       const float xv = load1(x + p * C, c);
-      const float dz = grad_z<Silu>(load1(dy + p * C, c), xv * a[c] + b[c]);
+      const float dz = grad_z<Silu>(load1(dy + p * ldy, c), xv * a[c] + b[c]);
       sum_dz[c] += dz;
       sum_dzx[c] += dz * (xv - m[c]);
     }
@@ -330,17 +333,35 @@ void affine(const float* mean, const float* rstd, const float* weight, const flo
   }
 }
 
-// One image [HW, C]: group statistics (mean, rstd [G]), then y. buf holds 5 C floats.
+// One image's activation as parts along the channels (an unmade concatenation, torch.cat(parts, dim=1)): part k
+// holds channels [c0[k], c0[k] + c[k]) as its own rows of c[k] values, one per pixel.
+constexpr int kMaxParts = 4;
+template <typename P>
+struct Parts {
+  int n = 0;
+  P x[kMaxParts];
+  int64_t c[kMaxParts], c0[kMaxParts];
+  Parts at(int64_t offset_per_channel) const {  // the same parts moved on by offset_per_channel * c[k] values
+    Parts r = *this;
+    for (int k = 0; k < n; ++k) r.x[k] += offset_per_channel * c[k];
+    return r;
+  }
+};
+
+// One image [HW, C]: group statistics (mean, rstd [G]), then y [HW, C]. buf holds 5 C floats.
 template <typename Ops, typename T, bool Silu>
-void forward_image(const T* x, T* y, const float* weight, const float* bias, int64_t HW, int64_t C, int64_t G,
-                   double eps, float* mean, float* rstd, float* buf) {
+void forward_image(const Parts<const T*>& x, T* y, const float* weight, const float* bias, int64_t HW, int64_t C,
+                   int64_t G, double eps, float* mean, float* rstd, float* buf) {
   float* pivot = buf;
   float* s1 = buf + C;
   float* s2 = buf + 2 * C;
   float* a = buf + 3 * C;
   float* b = buf + 4 * C;
-  for (int64_t c = 0; c < C; ++c) pivot[c] = load1(x, c);
-  Ops::stats_pass(x, HW, C, pivot, s1, s2);
+  for (int k = 0; k < x.n; ++k) {
+    const int64_t c0 = x.c0[k];
+    for (int64_t c = 0; c < x.c[k]; ++c) pivot[c0 + c] = load1(x.x[k], c);
+    Ops::stats_pass(x.x[k], HW, x.c[k], pivot + c0, s1 + c0, s2 + c0);
+  }
   // Group statistics from the channels' (law of total variance, in double): the mean of the channel means,
   // and the mean channel variance plus the variance of the channel means around the group's.
   const int64_t D = C / G;
@@ -359,13 +380,20 @@ void forward_image(const T* x, T* y, const float* weight, const float* bias, int
     rstd[g] = static_cast<float>(1.0 / std::sqrt(var + eps));
   }
   affine(mean, rstd, weight, bias, C, G, a, b, pivot);
-  for (int64_t p = 0; p < HW; ++p) Ops::template forward_row<T, Silu>(x + p * C, a, b, y + p * C, C);
+  for (int64_t p = 0; p < HW; ++p) {
+    for (int k = 0; k < x.n; ++k) {
+      const int64_t c0 = x.c0[k], ck = x.c[k];
+      Ops::template forward_row<T, Silu>(x.x[k] + p * ck, a + c0, b + c0, y + p * C + c0, ck);
+    }
+  }
 }
 
-// One image: dx, and this image's terms of dweight and dbias [C]. buf holds 7 C floats.
+// One image: dx (in x's parts) from dy [HW, C], and this image's terms of dweight and dbias [C]. buf holds 7 C
+// floats.
 template <typename Ops, typename T, bool Silu>
-void backward_image(const T* dy, const T* x, T* dx, const float* mean, const float* rstd, const float* weight,
-                    const float* bias, int64_t HW, int64_t C, int64_t G, float* dweight, float* dbias, float* buf) {
+void backward_image(const T* dy, const Parts<const T*>& x, const Parts<T*>& dx, const float* mean, const float* rstd,
+                    const float* weight, const float* bias, int64_t HW, int64_t C, int64_t G, float* dweight,
+                    float* dbias, float* buf) {
   float* a = buf;  // z = a x + b; a is also dx's factor of dz, rstd * weight
   float* b = buf + C;
   float* m = buf + 2 * C;
@@ -374,7 +402,11 @@ void backward_image(const T* dy, const T* x, T* dx, const float* mean, const flo
   float* B = buf + 5 * C;
   float* Cc = buf + 6 * C;
   affine(mean, rstd, weight, bias, C, G, a, b, m);
-  Ops::template sums_pass<T, Silu>(x, dy, HW, C, a, b, m, sum_dz, sum_dzx);
+  for (int k = 0; k < x.n; ++k) {
+    const int64_t c0 = x.c0[k];
+    Ops::template sums_pass<T, Silu>(x.x[k], dy + c0, HW, x.c[k], C, a + c0, b + c0, m + c0, sum_dz + c0,
+                                     sum_dzx + c0);
+  }
   // dx = rstd (w dz - mean(w dz) - xhat mean(w dz xhat)) = a dz + B (x - mean) + Cc, means over the group
   const int64_t D = C / G;
   const double M = static_cast<double>(HW) * D;
@@ -395,17 +427,32 @@ void backward_image(const T* dy, const T* x, T* dx, const float* mean, const flo
       Cc[c] = static_cast<float>(-r * m1);
     }
   }
-  for (int64_t p = 0; p < HW; ++p) Ops::template dx_row<T, Silu>(x + p * C, dy + p * C, a, b, m, B, Cc, dx + p * C, C);
+  for (int64_t p = 0; p < HW; ++p) {
+    for (int k = 0; k < x.n; ++k) {
+      const int64_t c0 = x.c0[k], ck = x.c[k];
+      Ops::template dx_row<T, Silu>(x.x[k] + p * ck, dy + p * C + c0, a + c0, b + c0, m + c0, B + c0, Cc + c0,
+                                    dx.x[k] + p * ck, ck);
+    }
+  }
 }
 
-void check_input(const torch::Tensor& x, const c10::optional<torch::Tensor>& weight,
-                 const c10::optional<torch::Tensor>& bias, int64_t groups) {
-  TORCH_CHECK(x.device().is_cpu(), "group_norm_silu: x must be a CPU tensor");
-  TORCH_CHECK(x.dim() == 4, "group_norm_silu: x must be 4-d [N, C, H, W], got ", x.dim(), "-d");
-  TORCH_CHECK(x.is_contiguous(at::MemoryFormat::ChannelsLast), "group_norm_silu: x must be channels_last");
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
-              "group_norm_silu: x must be float32 or bfloat16, got ", x.scalar_type());
-  const int64_t C = x.size(1);
+// Checks the parts of x (one or more tensors concatenated along the channels) and returns their channel count.
+int64_t check_input(const std::vector<torch::Tensor>& xs, const c10::optional<torch::Tensor>& weight,
+                    const c10::optional<torch::Tensor>& bias, int64_t groups) {
+  TORCH_CHECK(!xs.empty() && xs.size() <= static_cast<size_t>(kMaxParts), "group_norm_silu: x must be 1 to ",
+              kMaxParts, " tensors concatenated along the channels, got ", xs.size());
+  int64_t C = 0;
+  for (const auto& x : xs) {
+    TORCH_CHECK(x.device().is_cpu(), "group_norm_silu: x must be a CPU tensor");
+    TORCH_CHECK(x.dim() == 4, "group_norm_silu: x must be 4-d [N, C, H, W], got ", x.dim(), "-d");
+    TORCH_CHECK(x.is_contiguous(at::MemoryFormat::ChannelsLast), "group_norm_silu: x must be channels_last");
+    TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+                "group_norm_silu: x must be float32 or bfloat16, got ", x.scalar_type());
+    TORCH_CHECK(x.scalar_type() == xs[0].scalar_type() && x.size(0) == xs[0].size(0) &&
+                    x.size(2) == xs[0].size(2) && x.size(3) == xs[0].size(3),
+                "group_norm_silu: the parts of x must share dtype, batch size, height and width");
+    C += x.size(1);
+  }
   TORCH_CHECK(groups > 0 && C % groups == 0, "group_norm_silu: groups=", groups, " must divide C=", C);
   for (const auto* t : {&weight, &bias}) {
     if (t->has_value()) {
@@ -414,6 +461,21 @@ void check_input(const torch::Tensor& x, const c10::optional<torch::Tensor>& wei
                   "group_norm_silu: weight and bias must be contiguous float32 CPU tensors of C=", C, " values");
     }
   }
+  return C;
+}
+
+// The parts of xs's first image, as pointers of type P.
+template <typename P>
+Parts<P> parts_of(const std::vector<torch::Tensor>& xs) {
+  Parts<P> r;
+  int64_t c0 = 0;
+  for (const auto& x : xs) {
+    r.x[r.n] = static_cast<P>(x.data_ptr());
+    r.c[r.n] = x.size(1);
+    r.c0[r.n++] = c0;
+    c0 += x.size(1);
+  }
+  return r;
 }
 
 const float* data_or_null(const c10::optional<torch::Tensor>& t) {
@@ -430,29 +492,31 @@ void dispatch(bool bf16, bool silu, F&& f) {
   }
 }
 
+// y = GroupNorm (+ SiLU) of torch.cat(xs, dim=1), without making the concatenation: (y, mean, rstd).
 template <typename Ops>
-std::vector<torch::Tensor> run_forward(const torch::Tensor& x, const c10::optional<torch::Tensor>& weight,
+std::vector<torch::Tensor> run_forward(const std::vector<torch::Tensor>& xs,
+                                       const c10::optional<torch::Tensor>& weight,
                                        const c10::optional<torch::Tensor>& bias, int64_t groups, double eps,
                                        bool silu) {
-  check_input(x, weight, bias, groups);
-  const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
-  auto y = torch::empty_like(x, at::MemoryFormat::ChannelsLast);
+  const int64_t C = check_input(xs, weight, bias, groups);
+  const auto& x = xs[0];
+  const int64_t N = x.size(0), HW = x.size(2) * x.size(3);
+  auto y = torch::empty({N, C, x.size(2), x.size(3)}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
   auto mean = torch::empty({N, groups}, x.options().dtype(at::kFloat));
   auto rstd = torch::empty({N, groups}, x.options().dtype(at::kFloat));
   const float* w = data_or_null(weight);
   const float* b = data_or_null(bias);
   float* mean_p = mean.data_ptr<float>();
   float* rstd_p = rstd.data_ptr<float>();
-  const void* xp = x.data_ptr();
   void* yp = y.data_ptr();
   dispatch(x.scalar_type() == at::kBFloat16, silu, [&](auto type, auto with_silu) {
     using T = decltype(type);
+    const auto xp = parts_of<const T*>(xs);
     at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> buf(5 * C);
       for (int64_t n = begin; n < end; ++n) {
-        const int64_t off = n * HW * C;
-        forward_image<Ops, T, decltype(with_silu)::value>(static_cast<const T*>(xp) + off, static_cast<T*>(yp) + off,
-                                                          w, b, HW, C, groups, eps, mean_p + n * groups,
+        forward_image<Ops, T, decltype(with_silu)::value>(xp.at(n * HW), static_cast<T*>(yp) + n * HW * C, w, b,
+                                                          HW, C, groups, eps, mean_p + n * groups,
                                                           rstd_p + n * groups, buf.data());
       }
     });
@@ -460,19 +524,24 @@ std::vector<torch::Tensor> run_forward(const torch::Tensor& x, const c10::option
   return {y, mean, rstd};
 }
 
+// The backward of run_forward: (dx for each part of xs..., dweight, dbias).
 template <typename Ops>
-std::vector<torch::Tensor> run_backward(const torch::Tensor& dy, const torch::Tensor& x, const torch::Tensor& mean,
-                                        const torch::Tensor& rstd, const c10::optional<torch::Tensor>& weight,
+std::vector<torch::Tensor> run_backward(const torch::Tensor& dy, const std::vector<torch::Tensor>& xs,
+                                        const torch::Tensor& mean, const torch::Tensor& rstd,
+                                        const c10::optional<torch::Tensor>& weight,
                                         const c10::optional<torch::Tensor>& bias, int64_t groups, bool silu) {
-  check_input(x, weight, bias, groups);
-  TORCH_CHECK(dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type() &&
+  const int64_t C = check_input(xs, weight, bias, groups);
+  const auto& x = xs[0];
+  const int64_t N = x.size(0), HW = x.size(2) * x.size(3);
+  TORCH_CHECK(dy.dim() == 4 && dy.size(0) == N && dy.size(1) == C && dy.size(2) == x.size(2) &&
+                  dy.size(3) == x.size(3) && dy.scalar_type() == x.scalar_type() &&
                   dy.is_contiguous(at::MemoryFormat::ChannelsLast),
               "group_norm_silu: dy must be a channels_last tensor of x's shape and dtype");
-  const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
   TORCH_CHECK(mean.numel() == N * groups && rstd.numel() == N * groups && mean.is_contiguous() &&
                   rstd.is_contiguous() && mean.scalar_type() == at::kFloat && rstd.scalar_type() == at::kFloat,
               "group_norm_silu: mean and rstd must be contiguous float32 [N, groups]");
-  auto dx = torch::empty_like(x, at::MemoryFormat::ChannelsLast);
+  std::vector<torch::Tensor> out;
+  for (const auto& part : xs) out.push_back(torch::empty_like(part, at::MemoryFormat::ChannelsLast));
   auto dweight_parts = torch::empty({N, C}, x.options().dtype(at::kFloat));
   auto dbias_parts = torch::empty({N, C}, x.options().dtype(at::kFloat));
   const float* w = data_or_null(weight);
@@ -481,22 +550,38 @@ std::vector<torch::Tensor> run_backward(const torch::Tensor& dy, const torch::Te
   const float* rstd_p = rstd.data_ptr<float>();
   float* dw_p = dweight_parts.data_ptr<float>();
   float* db_p = dbias_parts.data_ptr<float>();
-  const void* xp = x.data_ptr();
   const void* dyp = dy.data_ptr();
-  void* dxp = dx.data_ptr();
   dispatch(x.scalar_type() == at::kBFloat16, silu, [&](auto type, auto with_silu) {
     using T = decltype(type);
+    const auto xp = parts_of<const T*>(xs);
+    const auto dxp = parts_of<T*>(out);
     at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> buf(7 * C);
       for (int64_t n = begin; n < end; ++n) {
-        const int64_t off = n * HW * C;
         backward_image<Ops, T, decltype(with_silu)::value>(
-            static_cast<const T*>(dyp) + off, static_cast<const T*>(xp) + off, static_cast<T*>(dxp) + off,
-            mean_p + n * groups, rstd_p + n * groups, w, b, HW, C, groups, dw_p + n * C, db_p + n * C, buf.data());
+            static_cast<const T*>(dyp) + n * HW * C, xp.at(n * HW), dxp.at(n * HW), mean_p + n * groups,
+            rstd_p + n * groups, w, b, HW, C, groups, dw_p + n * C, db_p + n * C, buf.data());
       }
     });
   });
-  return {dx, dweight_parts.sum(0), dbias_parts.sum(0)};
+  out.push_back(dweight_parts.sum(0));
+  out.push_back(dbias_parts.sum(0));
+  return out;
+}
+
+// The single-tensor forms.
+template <typename Ops>
+std::vector<torch::Tensor> forward_one(const torch::Tensor& x, const c10::optional<torch::Tensor>& weight,
+                                       const c10::optional<torch::Tensor>& bias, int64_t groups, double eps,
+                                       bool silu) {
+  return run_forward<Ops>({x}, weight, bias, groups, eps, silu);
+}
+
+template <typename Ops>
+std::vector<torch::Tensor> backward_one(const torch::Tensor& dy, const torch::Tensor& x, const torch::Tensor& mean,
+                                        const torch::Tensor& rstd, const c10::optional<torch::Tensor>& weight,
+                                        const c10::optional<torch::Tensor>& bias, int64_t groups, bool silu) {
+  return run_backward<Ops>(dy, {x}, mean, rstd, weight, bias, groups, silu);
 }
 
 }  // namespace
@@ -505,10 +590,15 @@ void register_attention(pybind11::module_& m);  // attention.cpp
 void register_winograd(pybind11::module_& m);   // winograd.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &run_forward<Best>, "GroupNorm (+ SiLU) forward on channels_last CPU tensors: (y, mean, rstd)");
-  m.def("backward", &run_backward<Best>, "GroupNorm (+ SiLU) backward: (dx, dweight, dbias)");
-  m.def("forward_portable", &run_forward<Portable>, "forward with the plain-loop passes");
-  m.def("backward_portable", &run_backward<Portable>, "backward with the plain-loop passes");
+  m.def("forward", &forward_one<Best>, "GroupNorm (+ SiLU) forward on channels_last CPU tensors: (y, mean, rstd)");
+  m.def("backward", &backward_one<Best>, "GroupNorm (+ SiLU) backward: (dx, dweight, dbias)");
+  m.def("forward_portable", &forward_one<Portable>, "forward with the plain-loop passes");
+  m.def("backward_portable", &backward_one<Portable>, "backward with the plain-loop passes");
+  m.def("forward_parts", &run_forward<Best>,
+        "forward of the concatenation of a list of tensors along the channels, without making it: (y, mean, rstd)");
+  m.def("backward_parts", &run_backward<Best>, "backward of forward_parts: (dx of each part..., dweight, dbias)");
+  m.def("forward_parts_portable", &run_forward<Portable>, "forward_parts with the plain-loop passes");
+  m.def("backward_parts_portable", &run_backward<Portable>, "backward_parts with the plain-loop passes");
   register_attention(m);
   register_winograd(m);
   m.attr("vector_isa") = pybind11::str(std::is_same_v<Best, Avx512> ? "avx512" : "portable");
