@@ -227,8 +227,8 @@ void patch(const float* image, int64_t H, int64_t W, int64_t C, int64_t ty, int6
 
 // Prefetches the K rows at src (null: none) of C floats each into the cache. The kernels load the rows of tile
 // t + kAhead while they work on tile t: a tile's patch is a x a pixels on a rows of the image, streams that the
-// hardware prefetchers miss. Measured side by side in the default net: the fp32 sampling forward 1.07-1.12x
-// faster (three runs; distances 1 to 6 within 2% of each other), the training step 1.05-1.08x.
+// hardware prefetchers miss. Measured side by side in the default net: the fp32 sampling forward 1.07-1.13x
+// faster (three runs; distances 1 to 6 within 2% of each other), the training step 1.05-1.07x.
 constexpr int64_t kAhead = 2;
 template <int K>
 inline void prefetch_rows(const float* const* src, int64_t C) {
