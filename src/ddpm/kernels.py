@@ -9,9 +9,9 @@ is still in cache, and its backward likewise; it also takes its input as parts a
 block's input and skip connection), so their concatenation is never made. The attention of the
 low-resolution levels (49 tokens on a 7x7 map) is mostly overhead for PyTorch's flash kernel;
 ``csrc/attention.cpp`` runs one (image, head) at a time in cache, reading q, k and v where the channels_last
-projection leaves them. Most of the net's FLOPs are 3x3
-convolutions; ``csrc/winograd.cpp`` computes the float32 ones with Winograd's F(4x4, 3x3), 4x fewer
-multiplications than oneDNN's direct convolution (see ``benchmarks/results.md`` for what each gains).
+projection leaves them. Most of the net's FLOPs are 3x3 convolutions; ``csrc/winograd.cpp`` computes the
+float32 ones with Winograd's F(4x4, 3x3), 4x fewer multiplications than oneDNN's direct convolution (see
+``benchmarks/results.md`` for what each gains).
 
 The kernels are compiled with :mod:`torch.utils.cpp_extension` the first time they are needed (about 40 s
 with a C++ compiler; :func:`main` builds them ahead, as ``make install`` does) into

@@ -165,25 +165,31 @@ class Conv2d(nn.Conv2d):
         x may be a tuple of tensors standing for their concatenation along the channels: a 1x1 convolution
         (without ``upsample``) then sums the convolutions of each part with its slice of the weight, the same
         values without the concatenated copy (other convolutions make it)."""
-        if not isinstance(x, Tensor):
-            if len(x) > 1 and self.kernel_size == (1, 1) and self.groups == 1 and not upsample:
-                return self._forward_parts(x, image_bias, residual)
+        if (
+            not isinstance(x, Tensor)
+            and len(x) > 1
+            and self.kernel_size == (1, 1)
+            and self.groups == 1
+            and not upsample
+        ):
+            h = self._conv_parts(x)
+        else:
             x = cat(x)
-        if self.uses_winograd(x):
-            weight, bias = self.weight, self.bias
-            if image_bias is not None:
-                bias = image_bias if bias is None else image_bias + bias
-            return kernels.conv3x3(x, weight, bias, self._winograd_weights(weight), residual, upsample)
-        if upsample:
-            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
-        h = self._conv_forward(x, self.weight, self.bias)
+            if self.uses_winograd(x):
+                weight, bias = self.weight, self.bias
+                if image_bias is not None:
+                    bias = image_bias if bias is None else image_bias + bias
+                return kernels.conv3x3(x, weight, bias, self._winograd_weights(weight), residual, upsample)
+            if upsample:
+                x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+            h = self._conv_forward(x, self.weight, self.bias)
         if image_bias is not None:
             h += image_bias[:, :, None, None]
         if residual is not None:
             h += residual
         return h
 
-    def _forward_parts(self, xs: tuple[Tensor, ...], image_bias: Tensor | None, residual: Tensor | None) -> Tensor:
+    def _conv_parts(self, xs: tuple[Tensor, ...]) -> Tensor:
         """A 1x1 convolution of ``torch.cat(xs, dim=1)`` as the sum of each part's convolution with its slice."""
         channels = sum(part.shape[1] for part in xs)
         if channels != self.in_channels:
@@ -198,10 +204,6 @@ class Conv2d(nn.Conv2d):
                 h = self._conv_forward(part, weight, self.bias)
             else:
                 h += self._conv_forward(part, weight, None)
-        if image_bias is not None:
-            h += image_bias[:, :, None, None]
-        if residual is not None:
-            h += residual
         return h
 
     def _conv_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
