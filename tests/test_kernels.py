@@ -202,6 +202,70 @@ def test_bad_parts_are_named():
 
 
 @needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels", [(32,), (16, 16)])
+@pytest.mark.parametrize("passes", ["best", "portable"])
+def test_a_shift_is_added_to_the_input_without_making_the_sum(dtype, channels, passes):
+    """GroupNorm+SiLU of x + shift[:, :, None, None] (a bias per image and channel, as a residual block's time
+    embedding adds), folded into the kernel's constants: values and the gradients of x, the shift, the weight
+    and the bias against float64 PyTorch on the sum made; the shift moves the mean far from the spread."""
+    n, h, w, groups = 3, 5, 6, 4
+    g = torch.Generator().manual_seed(1)
+    parts = [(torch.randn(n, c, h, w, generator=g) * 2).to(dtype).contiguous(memory_format=CL) for c in channels]
+    C = sum(channels)
+    shift = torch.randn(n, C, generator=g) * 20
+    weight, bias = torch.randn(C, generator=g), torch.randn(C, generator=g)
+    dy = torch.randn(n, C, h, w, generator=g).to(dtype).contiguous(memory_format=CL)
+    if passes == "best":
+        parts = [p.requires_grad_() for p in parts]
+        st, wt, bt = (t.clone().requires_grad_() for t in (shift, weight, bias))
+        out = kernels.group_norm(tuple(parts), groups, wt, bt, silu=True, shift=st)
+        out.backward(dy)
+        grads = [p.grad for p in parts] + [wt.grad, bt.grad, st.grad]
+        with torch.no_grad():  # without autograd: the same forward
+            assert torch.equal(kernels.group_norm(tuple(parts), groups, weight, bias, silu=True, shift=shift), out)
+    else:
+        ext = kernels.extension()
+        out, mean, rstd = ext.forward_parts_portable(parts, weight, bias, groups, 1e-5, True, shift)
+        grads = ext.backward_parts_portable(dy, parts, mean, rstd, weight, bias, groups, True, shift)
+    xd = torch.cat([p.detach() for p in parts], 1).double().requires_grad_()
+    sd, wd, bd = (t.double().requires_grad_() for t in (shift, weight, bias))
+    expected = reference(xd + sd[:, :, None, None], groups, wd, bd, True)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(out.detach().double(), expected, atol=tol, rtol=tol)
+    expected.backward(dy.double())
+    wanted = list(xd.grad.split(list(channels), 1)) + [wd.grad, bd.grad]
+    if passes == "best":
+        wanted.append(sd.grad)
+    for got, want in zip(grads, wanted, strict=True):
+        scale = want.abs().max().item() + 1e-12
+        assert (got.double() - want).abs().max().item() / scale < (2e-5 if dtype == torch.float32 else 1e-2)
+
+
+def test_a_shift_falls_back_to_the_sum():
+    """Where the kernel does not run (NCHW, native off) the sum is made: the same values."""
+    g = torch.Generator().manual_seed(0)
+    x, shift = torch.randn(2, 8, 5, 5, generator=g), torch.randn(2, 8, generator=g) * 3
+    weight, bias = torch.randn(8, generator=g), torch.randn(8, generator=g)
+    want = F.silu(F.group_norm(x + shift[:, :, None, None], 4, weight, bias))
+    torch.testing.assert_close(kernels.group_norm(x, 4, weight, bias, silu=True, shift=shift), want)
+    cl = x.contiguous(memory_format=CL)
+    torch.testing.assert_close(kernels.group_norm(cl, 4, weight, bias, silu=True, native=False, shift=shift), want)
+    if kernels.applies(cl):
+        got = kernels.group_norm(cl, 4, weight, bias, silu=True, shift=shift)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@needs_native
+def test_a_bad_shift_is_named():
+    ext = kernels.extension()
+    x, weight, bias = inputs((2, 8, 4, 4), torch.float32, 2)
+    for bad in (torch.randn(2, 7), torch.randn(3, 8), torch.randn(2, 8).double(), torch.randn(8, 2).t()):
+        with pytest.raises(RuntimeError, match=r"shift must be a contiguous float32 CPU tensor \[N, C\] = \[2, 8\]"):
+            ext.forward_parts([x], weight, bias, 2, 1e-5, True, bad)
+
+
+@needs_native
 def test_statistics_stay_exact_when_the_mean_dwarfs_the_spread():
     """Per-channel shifted sums: no cancellation in E[x^2] - E[x]^2 when |mean| is 10^4 times the std."""
     x, weight, bias = inputs((2, 16, 8, 8), torch.float32, 4)

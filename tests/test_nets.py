@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import needs_native
+from ddpm import nets
 from ddpm.nets import Attention, Conv2d, GroupNorm, UNet, UNetConfig, group_norm
 
 TINY = {"channels": 16, "norm_groups": 8, "num_heads": 2, "num_res_blocks": 1}
@@ -393,3 +394,77 @@ def test_conv_is_nn_conv2d_under_autocast_and_without_gradients():
         assert conv(x).grad_fn is None
     conv.separate_bias_grad = False
     assert not type(conv(x).grad_fn).__name__.startswith("_Conv2d")
+
+
+@pytest.mark.skipif(nets._POINTWISE is None, reason="this torch build has no oneDNN convolution post-ops")
+@pytest.mark.parametrize("kernel", [1, 3])
+def test_bf16_conv_adds_the_residual_and_the_other_parts_as_onednn_writes_the_output(kernel):
+    """Under CPU bf16 autocast a residual (and a 1x1 convolution's second part) is added by oneDNN's post-op, with
+    and without autograd alike: at least as close to float64 as the convolution followed by PyTorch's bf16
+    addition, the same gradients as that path, and the same forward bits with and without autograd."""
+    torch.manual_seed(0)
+    conv = Conv2d(24, 16, kernel, padding=kernel // 2).to(memory_format=torch.channels_last)
+    leaf = lambda *s: torch.randn(*s).bfloat16().contiguous(memory_format=torch.channels_last).requires_grad_()  # noqa: E731
+    a, b, residual = leaf(2, 16, 6, 6), leaf(2, 8, 6, 6), leaf(2, 16, 6, 6)
+    x = (a, b) if kernel == 1 else torch.cat([a, b], 1).detach().requires_grad_()
+    inputs = (a, b, residual) if kernel == 1 else (x, residual)
+    params = (conv.weight, conv.bias)
+
+    def run(fused: bool, grad: bool = True):
+        conv.fused_sum = fused
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.set_grad_enabled(grad):
+            return conv(x, residual=residual)
+
+    fused, plain = run(True), run(False)
+    assert fused.dtype == torch.bfloat16 and fused.is_contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        w16, b16 = conv.weight.bfloat16().double(), conv.bias.bfloat16().double()
+        xs = torch.cat([a, b], 1).double()
+        exact = F.conv2d(xs, w16, b16, padding=kernel // 2) + residual.double()
+    err_fused, err_plain = ((o.double() - exact).abs().max().item() for o in (fused, plain))
+    assert err_fused <= err_plain + 1e-6 and err_fused < 0.05
+    assert torch.equal(run(True, grad=False), fused.detach())
+    dy = torch.randn_like(fused)
+    leaves = inputs + params
+    for got, want in zip(torch.autograd.grad(fused, leaves, dy), torch.autograd.grad(plain, leaves, dy)):
+        torch.testing.assert_close(got.double(), want.double(), atol=2e-2, rtol=2e-2)
+    if kernel == 3:
+        assert type(fused.grad_fn).__name__ == "_Conv2dSumBackward"
+    conv.fused_sum = True
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_a_block_without_winograd_hands_the_time_bias_to_its_second_norm(precision):
+    """Where the first convolution is oneDNN's (8 channels: no Winograd; bf16 autocast), the time embedding's
+    bias goes to the second GroupNorm, which adds it as it reads: the values and gradients of adding it to the
+    convolution's output first."""
+    from ddpm.nets import ResBlock
+
+    torch.manual_seed(0)
+    block = perturb(ResBlock(8, 8, 16, 0.0, 4).to(memory_format=torch.channels_last))
+    x = torch.randn(3, 8, 6, 6).contiguous(memory_format=torch.channels_last).requires_grad_()
+    emb = torch.randn(3, 16, requires_grad=True)
+    shifts = []
+    norm = GroupNorm.forward
+
+    def recording(self, h, shift=None):
+        shifts.append(shift is not None)
+        return norm(self, h, shift)
+
+    def run(in_norm: bool):
+        block.bias_in_norm = in_norm
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
+            out = block(x, emb)
+        return out, torch.autograd.grad(out.float().square().sum(), (x, emb, *block.parameters()))
+
+    GroupNorm.forward = recording
+    try:
+        (out, grads), (want, want_grads) = run(True), run(False)
+    finally:
+        GroupNorm.forward = norm
+        block.bias_in_norm = True
+    assert shifts == [False, True, False, False]  # norm1, norm2 with the shift; then norm1, norm2 without it
+    tol = 1e-5 if precision == "32-true" else 3e-2
+    torch.testing.assert_close(out.float(), want.float(), atol=tol, rtol=tol)
+    for got, wanted in zip(grads, want_grads, strict=True):
+        torch.testing.assert_close(got, wanted, atol=10 * tol, rtol=10 * tol)

@@ -178,19 +178,24 @@ class _GroupNormSiLU(torch.autograd.Function):
     """Autograd of the native kernel: saves x's parts and the per-group statistics, not the normalised activation."""
 
     @staticmethod
-    def forward(ctx, weight: Tensor, bias: Tensor, groups: int, eps: float, silu: bool, *xs: Tensor) -> Tensor:
-        y, mean, rstd = _extension.forward_parts(list(xs), weight, bias, groups, eps, silu)
-        ctx.save_for_backward(weight, bias, mean, rstd, *xs)
+    def forward(
+        ctx, weight: Tensor, bias: Tensor, shift: Tensor | None, groups: int, eps: float, silu: bool, *xs: Tensor
+    ) -> Tensor:
+        y, mean, rstd = _extension.forward_parts(list(xs), weight, bias, groups, eps, silu, shift)
+        ctx.save_for_backward(weight, bias, shift, mean, rstd, *xs)
         ctx.groups, ctx.silu = groups, silu
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy: Tensor) -> tuple[Tensor | None, ...]:
-        weight, bias, mean, rstd, *xs = ctx.saved_tensors
+        weight, bias, shift, mean, rstd, *xs = ctx.saved_tensors
         dy = dy.contiguous(memory_format=torch.channels_last)
-        *dxs, dweight, dbias = _extension.backward_parts(dy, xs, mean, rstd, weight, bias, ctx.groups, ctx.silu)
-        return dweight, dbias, None, None, None, *dxs
+        *dxs, dweight, dbias = _extension.backward_parts(dy, xs, mean, rstd, weight, bias, ctx.groups, ctx.silu, shift)
+        dshift = None
+        if ctx.needs_input_grad[2]:  # the shift is added to every pixel: its gradient is dx summed over them
+            dshift = torch.cat([dx.sum((2, 3), dtype=torch.float32) for dx in dxs], dim=1)
+        return dweight, dbias, dshift, None, None, None, *dxs
 
 
 def group_norm(
@@ -201,12 +206,15 @@ def group_norm(
     eps: float = 1e-5,
     silu: bool = False,
     native: bool = True,
+    shift: Tensor | None = None,
 ) -> Tensor:
     """``silu(group_norm(x))`` (or ``group_norm(x)``) in x's dtype, with float32 statistics and arithmetic.
 
     x is a tensor, or a sequence of tensors that stand for their concatenation along the channels,
     ``torch.cat(x, dim=1)`` (a U-Net decoder block's input and its skip connection): the native kernel reads
-    them where they are, so the concatenation is never made.
+    them where they are, so the concatenation is never made. ``shift`` ([N, C], a value per image and channel)
+    is added to x before the norm: the native kernel folds it into its per-channel constants (in float32), so
+    x + shift is never made either.
 
     The native kernel where it applies (and ``native``); elsewhere PyTorch's GroupNorm computed in float32 (as
     CUDA autocast does; on the CPU, PyTorch's bf16 GroupNorm on channels_last input is also ~5x slower than
@@ -221,11 +229,16 @@ def group_norm(
         and bias.dtype == torch.float32
     ):
         weight, bias = weight.contiguous(), bias.contiguous()
-        if torch.is_grad_enabled() and any(t.requires_grad for t in (weight, bias, *parts)):
-            return _GroupNormSiLU.apply(weight, bias, groups, eps, silu, *parts)
+        if shift is not None:
+            shift = shift.float().contiguous()
+        tensors = (weight, bias, *parts) if shift is None else (weight, bias, shift, *parts)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            return _GroupNormSiLU.apply(weight, bias, shift, groups, eps, silu, *parts)
         with torch.profiler.record_function("ddpm::group_norm_silu"):  # named in the profiler like an aten op
-            return _extension.forward_parts(list(parts), weight, bias, groups, eps, silu)[0]
+            return _extension.forward_parts(list(parts), weight, bias, groups, eps, silu, shift)[0]
     x = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+    if shift is not None:
+        x = x + shift[:, :, None, None].to(x.dtype)
     if x.dtype == torch.float32:
         h = F.group_norm(x, groups, weight, bias, eps)
     else:

@@ -66,13 +66,17 @@ class GroupNorm(nn.GroupNorm):
         super().__init__(num_groups, num_channels, eps=eps)
         self.silu = silu
 
-    def forward(self, x: Tensor | tuple[Tensor, ...]) -> Tensor:
+    def forward(self, x: Tensor | tuple[Tensor, ...], shift: Tensor | None = None) -> Tensor:
         """(SiLU of) the GroupNorm of x, or of ``torch.cat(x, dim=1)`` for a tuple of tensors (made only where
-        the native kernel does not run)."""
+        the native kernel does not run), plus ``shift[:, :, None, None]`` ([N, C]: a value per image and channel,
+        which the native kernel adds as it reads x) where given."""
         if not self.float32:
-            h = super().forward(cat(x))
+            x = cat(x)
+            h = super().forward(x if shift is None else x + shift[:, :, None, None].to(x.dtype))
             return F.silu(h) if self.silu else h
-        return kernels.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, self.silu, self.native)
+        return kernels.group_norm(
+            x, self.num_groups, self.weight, self.bias, self.eps, self.silu, self.native, shift=shift
+        )
 
     def extra_repr(self) -> str:
         """nn.GroupNorm's description, and whether SiLU follows."""
@@ -115,6 +119,31 @@ class _Conv2dBackwardWithBiasSum(torch.autograd.Function):
         return dx, dw, db, None
 
 
+class _Conv2dSum(torch.autograd.Function):
+    """``conv(x) + other`` as one oneDNN call (a binary post-op); the backward is the convolution's, and other's
+    gradient is the output's."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, other: Tensor, weight: Tensor, bias: Tensor | None, conv: tuple) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.conv, ctx.has_bias = conv, bias is not None
+        return _POINTWISE(x, other, weight, bias, *conv, "add", None, None, [], None)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight = ctx.saved_tensors
+        padding, stride, dilation, groups = ctx.conv
+        need_x, need_other, need_w, need_b = ctx.needs_input_grad[:4]
+        dx = dw = db = None
+        if need_x or need_w or need_b:
+            dx, dw, db = torch.ops.aten.convolution_backward(
+                dy, x, weight, [weight.shape[0]] if ctx.has_bias else None, stride, padding, dilation, False,
+                [0, 0], groups, [need_x, need_w, need_b and ctx.has_bias],
+            )  # fmt: skip
+        return dx, dy if need_other else None, dw, db, None
+
+
 class Conv2d(nn.Conv2d):
     """``nn.Conv2d`` (same parameters and state dict) with faster CPU paths, which can add a bias per image and a
     residual to its output (:meth:`forward`).
@@ -128,13 +157,18 @@ class Conv2d(nn.Conv2d):
     - ``separate_bias_grad``: other convolutions' CPU training backward computes the bias gradient apart from
       oneDNN's weight gradient, which is faster (:class:`_Conv2dBackwardWithBiasSum`).
 
+    - ``fused_sum``: under CPU bf16 autocast, a residual, or a 1x1 convolution's other parts, are added by
+      oneDNN as it writes the output (a binary post-op), forward only (:class:`_Conv2dSum`): PyTorch's bf16
+      addition on the CPU took longer than the convolution itself at the default net's shapes.
+
     Elsewhere it is ``nn.Conv2d``: on a GPU, under autocast (bf16-mixed; there the separate sum measured slower),
-    inside ``torch.compile``, with a ``padding_mode`` other than zeros, or with both switches False.
+    inside ``torch.compile``, with a ``padding_mode`` other than zeros, or with the switches False.
     """
 
     separate_bias_grad = True
     winograd = True
     winograd_tile = 4
+    fused_sum = True
 
     def uses_winograd(self, x: Tensor) -> bool:
         """Whether this convolution of x runs the Winograd kernel."""
@@ -182,6 +216,8 @@ class Conv2d(nn.Conv2d):
                 return kernels.conv3x3(x, weight, bias, self._winograd_weights(weight), residual, upsample)
             if upsample:
                 x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+            if residual is not None and image_bias is None and self._fuses_sum(x, residual):
+                return self._conv_sum(x, residual)
             h = self._conv_forward(x, self.weight, self.bias)
         if image_bias is not None:
             h += image_bias[:, :, None, None]
@@ -198,13 +234,64 @@ class Conv2d(nn.Conv2d):
             )
         h, c0 = None, 0
         for part in xs:
-            weight = self.weight[:, c0 : c0 + part.shape[1]]
-            c0 += part.shape[1]
+            c1 = c0 + part.shape[1]
             if h is None:
-                h = self._conv_forward(part, weight, self.bias)
+                h = self._conv_forward(part, self.weight[:, c0:c1], self.bias)
+            elif self._fuses_sum(part, h):
+                h = self._conv_sum(part, h, (c0, c1), bias=False)
             else:
-                h += self._conv_forward(part, weight, None)
+                h += self._conv_forward(part, self.weight[:, c0:c1], None)
+            c0 = c1
         return h
+
+    def _fuses_sum(self, x: Tensor, other: Tensor) -> bool:
+        """Whether ``conv(x) + other`` runs as one oneDNN call (:meth:`_conv_sum`): bf16 channels_last CPU
+        tensors under CPU bf16 autocast (or with bf16 weights), outside compile."""
+        return (
+            self.fused_sum
+            and _POINTWISE is not None
+            and x.device.type == "cpu"
+            and x.dtype == other.dtype == torch.bfloat16
+            and (
+                self.weight.dtype == torch.bfloat16
+                or (torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+            )
+            and self.padding_mode == "zeros"
+            and not isinstance(self.padding, str)
+            and x.is_contiguous(memory_format=torch.channels_last)
+            and other.is_contiguous(memory_format=torch.channels_last)
+            and not torch.compiler.is_compiling()
+        )
+
+    def _conv_sum(self, x: Tensor, other: Tensor, channels: tuple[int, int] | None = None, bias: bool = True) -> Tensor:
+        """``conv(x) + other`` (a new tensor) in one oneDNN call, with the weight's input ``channels`` [c0, c1)
+        only where given (a part of a 1x1 convolution's input) and without the bias if not ``bias``."""
+        conv = (list(self.padding), list(self.stride), list(self.dilation), self.groups)
+        has_bias = bias and self.bias is not None
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (x, other, self.weight)):
+            weight = self.weight if channels is None else self.weight[:, channels[0] : channels[1]]
+            weight = weight.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)  # as autocast casts
+            b = self.bias.to(torch.bfloat16) if has_bias else None
+            return _Conv2dSum.apply(x, other, weight, b, conv)
+        weight = self._bf16("weight", self.weight, channels)
+        b = self._bf16("bias", self.bias) if has_bias else None
+        return _POINTWISE(x, other, weight, b, *conv, "add", None, None, [], None)
+
+    def _bf16(self, name: str, t: Tensor, channels: tuple[int, int] | None = None) -> Tensor:
+        """t (its input ``channels`` only, where given) in bf16, kept while t is the same tensor at the same
+        version (autocast casts the weights at every call without autograd)."""
+        if t.dtype == torch.bfloat16 and channels is None:
+            return t
+        key = (id(t), t.data_ptr(), t._version, tuple(t.shape), channels)
+        cache = self.__dict__.setdefault("_bf16_cache", {})
+        cached = cache.get((name, channels))
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                v = t if channels is None else t[:, channels[0] : channels[1]]
+                fmt = torch.channels_last if v.dim() == 4 else torch.contiguous_format
+                cached = (key, v.to(torch.bfloat16).contiguous(memory_format=fmt))
+            cache[(name, channels)] = cached
+        return cached[1]
 
     def _conv_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         if (
@@ -234,6 +321,17 @@ class Conv2d(nn.Conv2d):
         return cached[1]
 
 
+def _pointwise_op():
+    """oneDNN's convolution with a binary post-op (what inductor's CPU fusions call), if this build has it."""
+    try:
+        return torch.ops.mkldnn._convolution_pointwise.binary if torch.backends.mkldnn.is_available() else None
+    except (AttributeError, RuntimeError):
+        return None
+
+
+_POINTWISE = _pointwise_op()
+
+
 def group_norm(ch: int, norm_groups: int, silu: bool = False) -> GroupNorm:
     """GroupNorm (followed by SiLU if ``silu``) over ch channels with min(norm_groups, ch) groups."""
     groups = min(norm_groups, ch)
@@ -254,7 +352,14 @@ def zero_(module: nn.Module) -> nn.Module:
 
 
 class ResBlock(nn.Module):
-    """Residual block conditioned on the time(+class) embedding."""
+    """Residual block conditioned on the time(+class) embedding.
+
+    ``bias_in_norm``: where the first convolution does not run the Winograd kernel, the time embedding's bias
+    goes to the second GroupNorm (which adds it as it reads) instead of being added to the convolution's output
+    in place (False).
+    """
+
+    bias_in_norm = True
 
     def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float, norm_groups: int):
         super().__init__()
@@ -271,13 +376,20 @@ class ResBlock(nn.Module):
         channels (a decoder block's input and skip connection), which the GroupNorm kernel and the 1x1 skip
         convolution read in place, so it is not made.
 
-        The norms carry their SiLU. The time embedding and the skip connection are added as the convolutions write
-        their outputs (Winograd's kernel), or in place after them (their backward needs only their inputs): no
-        new activation-sized tensors, same values.
+        The norms carry their SiLU. The time embedding is added as the first convolution writes its output
+        (Winograd's kernel), or else as the second GroupNorm reads it (the native kernel, in float32). The skip
+        connection is added as the second convolution writes its output (Winograd's kernel; oneDNN's under CPU
+        bf16 autocast without autograd), or in place after it (its backward needs only its input). No new
+        activation-sized tensors either way.
         """
-        h = self.conv1(self.norm1(x), image_bias=self.emb_proj(F.silu(emb)))
+        time_bias = self.emb_proj(F.silu(emb))
+        h = self.norm1(x)
+        if self.conv1.uses_winograd(h) or not self.bias_in_norm:
+            h = self.norm2(self.conv1(h, image_bias=time_bias))  # Winograd's kernel adds it as it writes h
+        else:  # the GroupNorm kernel adds it as it reads h
+            h = self.norm2(self.conv1(h), shift=time_bias)
         skip = self.skip(x) if isinstance(self.skip, Conv2d) else cat(x)
-        return self.conv2(self.dropout(self.norm2(h)), residual=skip)
+        return self.conv2(self.dropout(h), residual=skip)
 
 
 class Attention(nn.Module):
@@ -328,7 +440,7 @@ class Attention(nn.Module):
             h = kernels.attention(qkv, native=False)
         h = h.reshape(B, H * W, C)
         if channels_last:
-            return x + self.proj_out(h.view(B, H, W, C).permute(0, 3, 1, 2).to(x.dtype))
+            return self.proj_out(h.view(B, H, W, C).permute(0, 3, 1, 2).to(x.dtype), residual=x)
         h = F.linear(h, self.proj_out.weight.flatten(1), self.proj_out.bias)
         return x + h.transpose(1, 2).reshape(B, C, H, W)
 

@@ -9,7 +9,9 @@
 // the compiler to vectorise; exp is a polynomial in both (no libm call in the loops).
 //
 // The input may come as up to 4 parts along the channels (torch.cat(parts, dim=1), never made): a U-Net
-// decoder block reads its input and skip connection where they are.
+// decoder block reads its input and skip connection where they are. A shift [N, C] may be added to the input
+// (x + shift[:, :, None, None], never made either): a residual block's time-embedding bias, folded into the
+// per-channel constants.
 //
 // Statistics: per-channel sums are shifted by the channel's first value (no cancellation when |mean| >> std),
 // combined per group in double with the law of total variance.
@@ -26,6 +28,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -348,10 +351,21 @@ struct Parts {
   }
 };
 
-// One image [HW, C]: group statistics (mean, rstd [G]), then y [HW, C]. buf holds 5 C floats.
+// With a shift [C] (or nullptr), the input is x + shift, a value per channel added to every pixel (a bias per
+// image), never made: it moves each channel's mean, not its spread, and folds into the per-channel constants.
+void fold_shift(const float* shift, const float* a, int64_t C, float* b, float* m) {
+  if (!shift) return;
+  for (int64_t c = 0; c < C; ++c) {
+    b[c] += a[c] * shift[c];  // z = a (x + shift) + b
+    if (m) m[c] -= shift[c];  // (x + shift) - mean = x - (mean - shift)
+  }
+}
+
+// One image [HW, C] (plus shift [C], or nullptr): group statistics (mean, rstd [G]), then y [HW, C]. buf holds
+// 5 C floats.
 template <typename Ops, typename T, bool Silu>
-void forward_image(const Parts<const T*>& x, T* y, const float* weight, const float* bias, int64_t HW, int64_t C,
-                   int64_t G, double eps, float* mean, float* rstd, float* buf) {
+void forward_image(const Parts<const T*>& x, const float* shift, T* y, const float* weight, const float* bias,
+                   int64_t HW, int64_t C, int64_t G, double eps, float* mean, float* rstd, float* buf) {
   float* pivot = buf;
   float* s1 = buf + C;
   float* s2 = buf + 2 * C;
@@ -361,6 +375,9 @@ void forward_image(const Parts<const T*>& x, T* y, const float* weight, const fl
     const int64_t c0 = x.c0[k];
     for (int64_t c = 0; c < x.c[k]; ++c) pivot[c0 + c] = load1(x.x[k], c);
     Ops::stats_pass(x.x[k], HW, x.c[k], pivot + c0, s1 + c0, s2 + c0);
+  }
+  if (shift) {
+    for (int64_t c = 0; c < C; ++c) pivot[c] += shift[c];  // the sums about the pivot are the same for x + shift
   }
   // Group statistics from the channels' (law of total variance, in double): the mean of the channel means,
   // and the mean channel variance plus the variance of the channel means around the group's.
@@ -380,6 +397,7 @@ void forward_image(const Parts<const T*>& x, T* y, const float* weight, const fl
     rstd[g] = static_cast<float>(1.0 / std::sqrt(var + eps));
   }
   affine(mean, rstd, weight, bias, C, G, a, b, pivot);
+  fold_shift(shift, a, C, b, nullptr);
   for (int64_t p = 0; p < HW; ++p) {
     for (int k = 0; k < x.n; ++k) {
       const int64_t c0 = x.c0[k], ck = x.c[k];
@@ -389,11 +407,11 @@ void forward_image(const Parts<const T*>& x, T* y, const float* weight, const fl
 }
 
 // One image: dx (in x's parts) from dy [HW, C], and this image's terms of dweight and dbias [C]. buf holds 7 C
-// floats.
+// floats. The gradient of the shift is dx summed over the pixels (made by the caller).
 template <typename Ops, typename T, bool Silu>
-void backward_image(const T* dy, const Parts<const T*>& x, const Parts<T*>& dx, const float* mean, const float* rstd,
-                    const float* weight, const float* bias, int64_t HW, int64_t C, int64_t G, float* dweight,
-                    float* dbias, float* buf) {
+void backward_image(const T* dy, const Parts<const T*>& x, const float* shift, const Parts<T*>& dx, const float* mean,
+                    const float* rstd, const float* weight, const float* bias, int64_t HW, int64_t C, int64_t G,
+                    float* dweight, float* dbias, float* buf) {
   float* a = buf;  // z = a x + b; a is also dx's factor of dz, rstd * weight
   float* b = buf + C;
   float* m = buf + 2 * C;
@@ -402,6 +420,7 @@ void backward_image(const T* dy, const Parts<const T*>& x, const Parts<T*>& dx, 
   float* B = buf + 5 * C;
   float* Cc = buf + 6 * C;
   affine(mean, rstd, weight, bias, C, G, a, b, m);
+  fold_shift(shift, a, C, b, m);
   for (int k = 0; k < x.n; ++k) {
     const int64_t c0 = x.c0[k];
     Ops::template sums_pass<T, Silu>(x.x[k], dy + c0, HW, x.c[k], C, a + c0, b + c0, m + c0, sum_dz + c0,
@@ -478,6 +497,15 @@ Parts<P> parts_of(const std::vector<torch::Tensor>& xs) {
   return r;
 }
 
+// The shift, if given, must be float32 [N, C], contiguous: a value per image and channel.
+void check_shift(const c10::optional<torch::Tensor>& shift, int64_t N, int64_t C) {
+  if (!shift.has_value()) return;
+  const auto& s = shift.value();
+  TORCH_CHECK(s.device().is_cpu() && s.scalar_type() == at::kFloat && s.is_contiguous() && s.dim() == 2 &&
+                  s.size(0) == N && s.size(1) == C,
+              "group_norm_silu: shift must be a contiguous float32 CPU tensor [N, C] = [", N, ", ", C, "]");
+}
+
 const float* data_or_null(const c10::optional<torch::Tensor>& t) {
   return t.has_value() ? t->data_ptr<float>() : nullptr;
 }
@@ -492,15 +520,18 @@ void dispatch(bool bf16, bool silu, F&& f) {
   }
 }
 
-// y = GroupNorm (+ SiLU) of torch.cat(xs, dim=1), without making the concatenation: (y, mean, rstd).
+// y = GroupNorm (+ SiLU) of torch.cat(xs, dim=1) (+ shift[:, :, None, None]), without making the concatenation
+// or the sum: (y, mean, rstd).
 template <typename Ops>
 std::vector<torch::Tensor> run_forward(const std::vector<torch::Tensor>& xs,
                                        const c10::optional<torch::Tensor>& weight,
                                        const c10::optional<torch::Tensor>& bias, int64_t groups, double eps,
-                                       bool silu) {
+                                       bool silu, const c10::optional<torch::Tensor>& shift) {
   const int64_t C = check_input(xs, weight, bias, groups);
   const auto& x = xs[0];
   const int64_t N = x.size(0), HW = x.size(2) * x.size(3);
+  check_shift(shift, N, C);
+  const float* sh = data_or_null(shift);
   auto y = torch::empty({N, C, x.size(2), x.size(3)}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
   auto mean = torch::empty({N, groups}, x.options().dtype(at::kFloat));
   auto rstd = torch::empty({N, groups}, x.options().dtype(at::kFloat));
@@ -515,9 +546,9 @@ std::vector<torch::Tensor> run_forward(const std::vector<torch::Tensor>& xs,
     at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> buf(5 * C);
       for (int64_t n = begin; n < end; ++n) {
-        forward_image<Ops, T, decltype(with_silu)::value>(xp.at(n * HW), static_cast<T*>(yp) + n * HW * C, w, b,
-                                                          HW, C, groups, eps, mean_p + n * groups,
-                                                          rstd_p + n * groups, buf.data());
+        forward_image<Ops, T, decltype(with_silu)::value>(xp.at(n * HW), sh ? sh + n * C : nullptr,
+                                                          static_cast<T*>(yp) + n * HW * C, w, b, HW, C, groups, eps,
+                                                          mean_p + n * groups, rstd_p + n * groups, buf.data());
       }
     });
   });
@@ -529,10 +560,13 @@ template <typename Ops>
 std::vector<torch::Tensor> run_backward(const torch::Tensor& dy, const std::vector<torch::Tensor>& xs,
                                         const torch::Tensor& mean, const torch::Tensor& rstd,
                                         const c10::optional<torch::Tensor>& weight,
-                                        const c10::optional<torch::Tensor>& bias, int64_t groups, bool silu) {
+                                        const c10::optional<torch::Tensor>& bias, int64_t groups, bool silu,
+                                        const c10::optional<torch::Tensor>& shift) {
   const int64_t C = check_input(xs, weight, bias, groups);
   const auto& x = xs[0];
   const int64_t N = x.size(0), HW = x.size(2) * x.size(3);
+  check_shift(shift, N, C);
+  const float* sh = data_or_null(shift);
   TORCH_CHECK(dy.dim() == 4 && dy.size(0) == N && dy.size(1) == C && dy.size(2) == x.size(2) &&
                   dy.size(3) == x.size(3) && dy.scalar_type() == x.scalar_type() &&
                   dy.is_contiguous(at::MemoryFormat::ChannelsLast),
@@ -559,7 +593,8 @@ std::vector<torch::Tensor> run_backward(const torch::Tensor& dy, const std::vect
       std::vector<float> buf(7 * C);
       for (int64_t n = begin; n < end; ++n) {
         backward_image<Ops, T, decltype(with_silu)::value>(
-            static_cast<const T*>(dyp) + n * HW * C, xp.at(n * HW), dxp.at(n * HW), mean_p + n * groups,
+            static_cast<const T*>(dyp) + n * HW * C, xp.at(n * HW), sh ? sh + n * C : nullptr, dxp.at(n * HW),
+            mean_p + n * groups,
             rstd_p + n * groups, w, b, HW, C, groups, dw_p + n * C, db_p + n * C, buf.data());
       }
     });
@@ -574,14 +609,14 @@ template <typename Ops>
 std::vector<torch::Tensor> forward_one(const torch::Tensor& x, const c10::optional<torch::Tensor>& weight,
                                        const c10::optional<torch::Tensor>& bias, int64_t groups, double eps,
                                        bool silu) {
-  return run_forward<Ops>({x}, weight, bias, groups, eps, silu);
+  return run_forward<Ops>({x}, weight, bias, groups, eps, silu, c10::nullopt);
 }
 
 template <typename Ops>
 std::vector<torch::Tensor> backward_one(const torch::Tensor& dy, const torch::Tensor& x, const torch::Tensor& mean,
                                         const torch::Tensor& rstd, const c10::optional<torch::Tensor>& weight,
                                         const c10::optional<torch::Tensor>& bias, int64_t groups, bool silu) {
-  return run_backward<Ops>(dy, {x}, mean, rstd, weight, bias, groups, silu);
+  return run_backward<Ops>(dy, {x}, mean, rstd, weight, bias, groups, silu, c10::nullopt);
 }
 
 }  // namespace
@@ -594,11 +629,23 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("backward", &backward_one<Best>, "GroupNorm (+ SiLU) backward: (dx, dweight, dbias)");
   m.def("forward_portable", &forward_one<Portable>, "forward with the plain-loop passes");
   m.def("backward_portable", &backward_one<Portable>, "backward with the plain-loop passes");
-  m.def("forward_parts", &run_forward<Best>,
-        "forward of the concatenation of a list of tensors along the channels, without making it: (y, mean, rstd)");
-  m.def("backward_parts", &run_backward<Best>, "backward of forward_parts: (dx of each part..., dweight, dbias)");
-  m.def("forward_parts_portable", &run_forward<Portable>, "forward_parts with the plain-loop passes");
-  m.def("backward_parts_portable", &run_backward<Portable>, "backward_parts with the plain-loop passes");
+  namespace py = pybind11;
+  const auto fwd_args = std::make_tuple(py::arg("xs"), py::arg("weight"), py::arg("bias"), py::arg("groups"),
+                                        py::arg("eps"), py::arg("silu"), py::arg("shift") = py::none());
+  const auto bwd_args = std::make_tuple(py::arg("dy"), py::arg("xs"), py::arg("mean"), py::arg("rstd"),
+                                        py::arg("weight"), py::arg("bias"), py::arg("groups"), py::arg("silu"),
+                                        py::arg("shift") = py::none());
+  std::apply([&](auto... a) {
+    m.def("forward_parts", &run_forward<Best>,
+          "forward of the concatenation of a list of tensors along the channels, plus a shift [N, C] or None, "
+          "without making either: (y, mean, rstd)", a...);
+    m.def("forward_parts_portable", &run_forward<Portable>, "forward_parts with the plain-loop passes", a...);
+  }, fwd_args);
+  std::apply([&](auto... a) {
+    m.def("backward_parts", &run_backward<Best>, "backward of forward_parts: (dx of each part..., dweight, dbias)",
+          a...);
+    m.def("backward_parts_portable", &run_backward<Portable>, "backward_parts with the plain-loop passes", a...);
+  }, bwd_args);
   register_attention(m);
   register_winograd(m);
   m.attr("vector_isa") = pybind11::str(std::is_same_v<Best, Avx512> ? "avx512" : "portable");
