@@ -41,7 +41,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ddpm import kernels
 from ddpm.config import DDPMConfig
 from ddpm.module import DiffusionModule
-from ddpm.nets import Attention, Conv2d, GroupNorm, UNet, UNetConfig
+from ddpm.nets import Attention, Conv2d, GroupNorm, ResBlock, UNet, UNetConfig
 from ddpm.runtime import keep_freed_memory
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -481,13 +481,15 @@ def variant(
     winograd: bool = True,
     winograd_tile: int = 4,
     skip_parts: bool = True,
+    fused_additions: bool = True,
 ) -> UNet:
     """Our net with levers switched: NCHW activations, GroupNorm and attention in autocast's dtype, PyTorch's
     GroupNorm and SiLU instead of the native kernel, attention projections as matmuls and NCHW convolution
     weights (``conv_layouts=False``), PyTorch's SDPA instead of the native attention kernel, the bias gradients
     computed within oneDNN's weight gradients (``bias_grad_apart=False``), oneDNN's 3x3 convolutions instead of
     the Winograd kernel (``winograd=False``) or its other tile size, the decoder's concatenations made
-    (``skip_parts=False``), compiled."""
+    (``skip_parts=False``), the residuals added after oneDNN's bf16 convolutions and the time bias to the first
+    convolution's output (``fused_additions=False``), compiled."""
     torch.manual_seed(0)
     net = UNet(cfg).to(device)
     net.skip_parts = skip_parts
@@ -506,13 +508,22 @@ def variant(
         if isinstance(m, Conv2d):
             m.separate_bias_grad = bias_grad_apart
             m.winograd, m.winograd_tile = winograd, winograd_tile
+            m.fused_sum = fused_additions
+        if isinstance(m, ResBlock):
+            m.bias_in_norm = fused_additions
     if compile:
         net.compile()
     return net
 
 
 # levers off in the rows before they were added
-OLD = {"native_attention": False, "bias_grad_apart": False, "winograd": False, "skip_parts": False}
+OLD = {
+    "native_attention": False,
+    "bias_grad_apart": False,
+    "winograd": False,
+    "skip_parts": False,
+    "fused_additions": False,
+}
 
 
 def levers(s: Settings, timer: Timer, device: torch.device) -> list[tuple[str, str, float, float]]:
@@ -546,15 +557,18 @@ def levers(s: Settings, timer: Timer, device: torch.device) -> list[tuple[str, s
             variant(cfg, device, native_kernel=False, **OLD), "32-true"
         ),
         "fp32, channels_last, fused SDPA, inference_mode, native GroupNorm+SiLU kernel": sampling(
-            variant(cfg, device, native_attention=False, winograd=False, skip_parts=False), "32-true"
+            variant(cfg, device, native_attention=False, winograd=False, skip_parts=False, fused_additions=False),
+            "32-true",
         ),
         "fp32, channels_last, inference_mode, native GroupNorm+SiLU and attention kernels": sampling(
-            variant(cfg, device, winograd=False, skip_parts=False), "32-true"
+            variant(cfg, device, winograd=False, skip_parts=False, fused_additions=False), "32-true"
         ),
         "fp32, channels_last, inference_mode, native GroupNorm+SiLU and attention kernels, Winograd F(2x2, 3x3)"
-        " convolutions": sampling(variant(cfg, device, winograd_tile=2, skip_parts=False), "32-true"),
+        " convolutions": sampling(
+            variant(cfg, device, winograd_tile=2, skip_parts=False, fused_additions=False), "32-true"
+        ),
         "fp32, channels_last, inference_mode, native GroupNorm+SiLU and attention kernels, Winograd F(4x4, 3x3)"
-        " convolutions": sampling(variant(cfg, device, skip_parts=False), "32-true"),
+        " convolutions": sampling(variant(cfg, device, skip_parts=False, fused_additions=False), "32-true"),
         "fp32, channels_last, inference_mode, native GroupNorm+SiLU and attention kernels, Winograd F(4x4, 3x3)"
         " convolutions, decoder inputs as parts (the default)": sampling(variant(cfg, device), "32-true"),
         "bf16 autocast, as before (NCHW, GroupNorm and attention in bf16, math SDPA, no_grad)": sampling(
@@ -567,13 +581,18 @@ def levers(s: Settings, timer: Timer, device: torch.device) -> list[tuple[str, s
             variant(cfg, device, native_kernel=False, **OLD), "bf16-mixed"
         ),
         "bf16 autocast, channels_last, GroupNorm in fp32, native GroupNorm+SiLU kernel": sampling(
-            variant(cfg, device, native_attention=False, winograd=False, skip_parts=False), "bf16-mixed"
+            variant(cfg, device, native_attention=False, winograd=False, skip_parts=False, fused_additions=False),
+            "bf16-mixed",
         ),
         "bf16 autocast, channels_last, GroupNorm in fp32, native GroupNorm+SiLU and attention kernels": sampling(
-            variant(cfg, device, skip_parts=False), "bf16-mixed"
+            variant(cfg, device, skip_parts=False, fused_additions=False), "bf16-mixed"
         ),
         "bf16 autocast, channels_last, GroupNorm in fp32, native GroupNorm+SiLU and attention kernels, decoder"
-        " inputs as parts (the default)": sampling(variant(cfg, device), "bf16-mixed"),
+        " inputs as parts": sampling(variant(cfg, device, fused_additions=False), "bf16-mixed"),
+        "bf16 autocast, channels_last, GroupNorm in fp32, native GroupNorm+SiLU and attention kernels, decoder"
+        " inputs as parts, residuals added by oneDNN, time bias in the GroupNorm kernel (the default)": sampling(
+            variant(cfg, device), "bf16-mixed"
+        ),
     }
     if s.compile:
         compiled = variant(cfg, device, compile=True)
@@ -598,17 +617,22 @@ def levers(s: Settings, timer: Timer, device: torch.device) -> list[tuple[str, s
             module, variant(cfg, device, **OLD), batch, "32-true"
         ),
         "32-true, channels_last, native GroupNorm+SiLU kernel, bias gradients apart": TrainStep(
-            module, variant(cfg, device, native_attention=False, winograd=False, skip_parts=False), batch, "32-true"
+            module,
+            variant(cfg, device, native_attention=False, winograd=False, skip_parts=False, fused_additions=False),
+            batch,
+            "32-true",
         ),
         "32-true, channels_last, native GroupNorm+SiLU and attention kernels, bias gradients apart": TrainStep(
-            module, variant(cfg, device, winograd=False, skip_parts=False), batch, "32-true"
+            module, variant(cfg, device, winograd=False, skip_parts=False, fused_additions=False), batch, "32-true"
         ),
         "32-true, channels_last, native GroupNorm+SiLU and attention kernels, bias gradients apart, Winograd"
         " F(2x2, 3x3) convolutions": TrainStep(
-            module, variant(cfg, device, winograd_tile=2, skip_parts=False), batch, "32-true"
+            module, variant(cfg, device, winograd_tile=2, skip_parts=False, fused_additions=False), batch, "32-true"
         ),
         "32-true, channels_last, native GroupNorm+SiLU and attention kernels, bias gradients apart, Winograd"
-        " F(4x4, 3x3) convolutions": TrainStep(module, variant(cfg, device, skip_parts=False), batch, "32-true"),
+        " F(4x4, 3x3) convolutions": TrainStep(
+            module, variant(cfg, device, skip_parts=False, fused_additions=False), batch, "32-true"
+        ),
         "32-true, channels_last, native GroupNorm+SiLU and attention kernels, bias gradients apart, Winograd"
         " F(4x4, 3x3) convolutions, decoder inputs as parts (the default)": TrainStep(
             module, variant(cfg, device), batch, "32-true"
@@ -630,12 +654,21 @@ def levers(s: Settings, timer: Timer, device: torch.device) -> list[tuple[str, s
             module, variant(cfg, device, conv_layouts=False, **OLD), batch, "bf16-mixed"
         ),
         "bf16-mixed, channels_last, attention and GroupNorm in fp32, native GroupNorm+SiLU kernel": TrainStep(
-            module, variant(cfg, device, native_attention=False, winograd=False, skip_parts=False), batch, "bf16-mixed"
+            module,
+            variant(cfg, device, native_attention=False, winograd=False, skip_parts=False, fused_additions=False),
+            batch,
+            "bf16-mixed",
         ),
         "bf16-mixed, channels_last, attention and GroupNorm in fp32, native GroupNorm+SiLU and attention"
-        " kernels": TrainStep(module, variant(cfg, device, skip_parts=False), batch, "bf16-mixed"),
+        " kernels": TrainStep(
+            module, variant(cfg, device, skip_parts=False, fused_additions=False), batch, "bf16-mixed"
+        ),
         "bf16-mixed, channels_last, attention and GroupNorm in fp32, native GroupNorm+SiLU and attention kernels,"
-        " decoder inputs as parts (the default)": TrainStep(module, variant(cfg, device), batch, "bf16-mixed"),
+        " decoder inputs as parts": TrainStep(module, variant(cfg, device, fused_additions=False), batch, "bf16-mixed"),
+        "bf16-mixed, channels_last, attention and GroupNorm in fp32, native GroupNorm+SiLU and attention kernels,"
+        " decoder inputs as parts, residuals added by oneDNN, time bias in the GroupNorm kernel (the default)": (
+            TrainStep(module, variant(cfg, device), batch, "bf16-mixed")
+        ),
     }
     if s.compile:
         calls["bf16-mixed, the default + torch.compile"] = TrainStep(
@@ -1217,9 +1250,9 @@ def report(
             " warm-up call; the profiler adds a little time to every operator. The peer's total over our"
             " convolutions' time bounds what ours/peer could become with everything else free. Our convolutions"
             " are the Winograd kernel's (fp32 3x3, stride 1) and oneDNN's (the rest, and all of them under bf16"
-            " autocast); the peer's are oneDNN's. Our GroupNorm column is the native kernel, which includes the"
-            " SiLU after the norm (and, under bf16 autocast, the casts around it); our attention column is the"
-            " native attention kernel.",
+            " autocast, where they add the residuals too); the peer's are oneDNN's. Our GroupNorm column is the"
+            " native kernel, which includes the SiLU after the norm (and, under bf16 autocast, the casts around"
+            " it); our attention column is the native attention kernel.",
             "",
         ]
         table = []
@@ -1344,7 +1377,13 @@ def report(
         " rounds up to ~22x more than PyTorch (within 6e-6 of the largest value in the tests); *decoder inputs"
         " as parts*: a decoder block's input and skip connection are not concatenated (a copy of both, written"
         " and read again); the GroupNorm kernel reads each part where it is, and the 1x1 skip convolution sums"
-        " one convolution per part with its slice of the weight;"
+        " one convolution per part with its slice of the weight; *residuals added by oneDNN* (bf16 autocast on the"
+        " CPU): a residual block's skip connection, the attention's input and a 1x1 convolution's second part are"
+        " added by oneDNN's binary post-op as the convolution writes its output, instead of PyTorch's bf16"
+        " addition after it (which took longer than the convolution itself on a CPU with AMX); *time bias in the"
+        " GroupNorm kernel*: where the block's first convolution is oneDNN's, the time embedding's bias per image"
+        " and channel is folded into the second GroupNorm's per-channel constants instead of being added to the"
+        " convolution's output;"
         " *inference_mode*: no autograd bookkeeping while sampling; *keep_freed_memory*: glibc hands every large"
         " activation back to the kernel when it is freed and page-faults it in again at the next step;"
         " *torch.compile*: fuses GroupNorm, SiLU and the casts (compiling takes 20-80 s on a 2-core CPU), so it is"
