@@ -150,9 +150,13 @@ inline __m512 vexp(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
+// 1 / (1 + exp(-z)): the reciprocal's 14-bit estimate and one Newton step (relative error ~2^-28, float32's
+// rounding), instead of a division, which took about as long as the rest of the forward pass on bf16 activations.
 inline __m512 vsigmoid(__m512 z) {
   const __m512 one = _mm512_set1_ps(1.0f);
-  return _mm512_div_ps(one, _mm512_add_ps(one, vexp(_mm512_sub_ps(_mm512_setzero_ps(), z))));
+  const __m512 d = _mm512_add_ps(one, vexp(_mm512_sub_ps(_mm512_setzero_ps(), z)));
+  const __m512 r = _mm512_rcp14_ps(d);
+  return _mm512_fmadd_ps(r, _mm512_fnmadd_ps(d, r, one), r);  // r (2 - d r)
 }
 
 template <bool Silu>
