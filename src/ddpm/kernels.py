@@ -6,7 +6,8 @@ CPU, PyTorch runs these as separate passes over the activation (and, under bf16 
 and its channels_last GroupNorm walks each image several times; the fused kernel in
 ``csrc/group_norm_silu.cpp`` reads an image once for its statistics and once to write the output, while it
 is still in cache, and its backward likewise; it also takes its input as parts along the channels (a decoder
-block's input and skip connection), so their concatenation is never made. The attention of the
+block's input and skip connection), so their concatenation is never made, and adds a shift per image and
+channel to it (a block's time-embedding bias) in its per-channel constants. The attention of the
 low-resolution levels (49 tokens on a 7x7 map) is mostly overhead for PyTorch's flash kernel;
 ``csrc/attention.cpp`` runs one (image, head) at a time in cache, reading q, k and v where the channels_last
 projection leaves them. Most of the net's FLOPs are 3x3 convolutions; ``csrc/winograd.cpp`` computes the

@@ -158,8 +158,9 @@ class Conv2d(nn.Conv2d):
       oneDNN's weight gradient, which is faster (:class:`_Conv2dBackwardWithBiasSum`).
 
     - ``fused_sum``: under CPU bf16 autocast, a residual, or a 1x1 convolution's other parts, are added by
-      oneDNN as it writes the output (a binary post-op), forward only (:class:`_Conv2dSum`): PyTorch's bf16
-      addition on the CPU took longer than the convolution itself at the default net's shapes.
+      oneDNN as it writes the output (a binary post-op; in training :class:`_Conv2dSum`, whose backward is the
+      convolution's): PyTorch's bf16 addition on the CPU took longer than the convolution itself at the
+      default net's shapes.
 
     Elsewhere it is ``nn.Conv2d``: on a GPU, under autocast (bf16-mixed; there the separate sum measured slower),
     inside ``torch.compile``, with a ``padding_mode`` other than zeros, or with the switches False.
@@ -377,10 +378,10 @@ class ResBlock(nn.Module):
         convolution read in place, so it is not made.
 
         The norms carry their SiLU. The time embedding is added as the first convolution writes its output
-        (Winograd's kernel), or else as the second GroupNorm reads it (the native kernel, in float32). The skip
-        connection is added as the second convolution writes its output (Winograd's kernel; oneDNN's under CPU
-        bf16 autocast without autograd), or in place after it (its backward needs only its input). No new
-        activation-sized tensors either way.
+        (Winograd's kernel), or else as the second GroupNorm reads it (the native kernel, in float32; where that
+        does not run, to a copy). The skip connection is added as the second convolution writes its output
+        (Winograd's kernel; oneDNN's under CPU bf16 autocast), or in place after it (its backward needs only its
+        input).
         """
         time_bias = self.emb_proj(F.silu(emb))
         h = self.norm1(x)
