@@ -347,8 +347,6 @@ def test_conv_of_parts_is_the_conv_of_their_concatenation(kernel):
 def test_a_decoder_block_reads_its_input_and_skip_connection_as_parts():
     """The U-Net's decoder blocks take (h, skip) without concatenating them; the net's output and gradients are
     those of the blocks run on the concatenation."""
-    from ddpm import nets
-
     torch.manual_seed(0)
     net = perturb(
         UNet(
@@ -430,7 +428,6 @@ def test_bf16_conv_adds_the_residual_and_the_other_parts_as_onednn_writes_the_ou
         torch.testing.assert_close(got.double(), want.double(), atol=2e-2, rtol=2e-2)
     if kernel == 3:
         assert type(fused.grad_fn).__name__ == "_Conv2dSumBackward"
-    conv.fused_sum = True
 
 
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])

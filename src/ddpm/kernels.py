@@ -232,8 +232,7 @@ def group_norm(
         weight, bias = weight.contiguous(), bias.contiguous()
         if shift is not None:
             shift = shift.float().contiguous()
-        tensors = (weight, bias, *parts) if shift is None else (weight, bias, shift, *parts)
-        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (weight, bias, shift, *parts)):
             return _GroupNormSiLU.apply(weight, bias, shift, groups, eps, silu, *parts)
         with torch.profiler.record_function("ddpm::group_norm_silu"):  # named in the profiler like an aten op
             return _extension.forward_parts(list(parts), weight, bias, groups, eps, silu, shift)[0]

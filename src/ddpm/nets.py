@@ -162,8 +162,9 @@ class Conv2d(nn.Conv2d):
       convolution's): PyTorch's bf16 addition on the CPU took longer than the convolution itself at the
       default net's shapes.
 
-    Elsewhere it is ``nn.Conv2d``: on a GPU, under autocast (bf16-mixed; there the separate sum measured slower),
-    inside ``torch.compile``, with a ``padding_mode`` other than zeros, or with the switches False.
+    Elsewhere it is ``nn.Conv2d``: on a GPU, inside ``torch.compile``, with a ``padding_mode`` other than zeros,
+    or with the switches False. Under CPU bf16 autocast only ``fused_sum`` applies (the separate bias sum measured
+    slower there).
     """
 
     separate_bias_grad = True
