@@ -20,15 +20,11 @@ RUN := PATH="$(CURDIR)/$(VENV)/bin:$$PATH"
 export DO_NOT_TRACK := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
-# Idle OpenMP threads spin ~0.3 ms (30000 turns), then sleep: the spinning bridges the gaps between one step's
-# operators (it trained 1.09-1.18x faster than threads that sleep at once, see benchmarks/results.md), the
-# bound keeps a shared machine's cores free. Set OMP_WAIT_POLICY (PASSIVE: sleep at once) to choose otherwise.
-ifeq ($(origin OMP_WAIT_POLICY),undefined)
-export GOMP_SPINCOUNT ?= 30000
-endif
+# The OpenMP environment (GOMP_SPINCOUNT unless OMP_WAIT_POLICY is set) comes from pipeline.bound_openmp_spin,
+# which every pipeline process, the tests and the benchmarks run before torch loads.
 
 .DEFAULT_GOAL := help
-.PHONY: help install test lint repro smoke sample metrics plots clean ui prefect-server serve deploy bench
+.PHONY: help install test test-fast lint repro smoke sample metrics plots clean ui prefect-server serve deploy bench
 
 help: ## show this list of targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  make %-15s %s\n", $$1, $$2}'
@@ -44,8 +40,11 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed ## create .venv and install the package with its dev tools (and build the native kernels)
 	@$(PY) -c 'from ddpm.kernels import main; main()' || true
 
-test: install ## run the test suite
+test: install ## run the whole test suite (what CI runs)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: install ## the unit tests, for the edit loop: all but the `slow` ones (no DVC, servers or subprocess runs)
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 repro: install ## run the whole DVC pipeline (prepare -> featurizer -> train -> sample -> evaluate)
 	$(RUN) dvc repro
@@ -71,10 +70,10 @@ prefect-server: install ## a local Prefect server (API and UI) on http://127.0.0
 	$(VENV)/bin/prefect server start --host 127.0.0.1
 
 serve: install ## serve the retrain flow on params.yaml's schedule.cron (against $PREFECT_API_URL)
-	$(RUN) python -m pipeline.flows serve
+	$(RUN) python -m pipeline.deployments serve
 
 deploy: install ## check prefect.yaml against params.yaml, then deploy it to its work pool
-	$(RUN) python -m pipeline.flows check
+	$(RUN) python -m pipeline.deployments check
 	$(RUN) prefect deploy --all
 
 bench: install ## throughput and memory side by side with diffusers (~15 min) -> benchmarks/results.md

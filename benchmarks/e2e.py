@@ -2,9 +2,9 @@
 
     python -m benchmarks.e2e --steps 300 --out benchmarks/e2e.md
 
-Trains the params.yaml model on the params.yaml data with :func:`ddpm.training.train` (a Lightning fit,
+Trains the params.yaml model on the params.yaml data with :func:`ddpm.fit.train` (a Lightning fit,
 ``--steps`` optimizer steps) once per training variant (precision, ``train.compile``), then draws
-``--n`` images with :func:`ddpm.sampling.draw` once per sampling variant (``sample.precision``,
+``--n`` images with :func:`pipeline.sample.write_samples` once per sampling variant (``sample.precision``,
 ``sample.compile``) from the first variant's model. Training throughput is the steady rate after
 ``--warmup-steps`` (compilation happens in the first step); the total wall time, compilation included, is
 reported beside it. A sampling variant draws one chunk first (where it compiles), then the timed ``--n``.
@@ -30,10 +30,9 @@ import pytorch_lightning as pl
 import torch
 import yaml
 
-from ddpm import data, training
-from ddpm.data import DataConfig
+from ddpm import datasets, export, fit, generate
+from ddpm.config import DataConfig, SampleConfig, TrainConfig
 from ddpm.runtime import keep_freed_memory
-from ddpm.sampling import SampleConfig, draw
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_VARIANTS = (("bf16-mixed", False), ("bf16-mixed", True), ("32-true", False))
@@ -78,18 +77,14 @@ def accelerator() -> str:
 def train_job(precision: str, compile: bool, out: Path, steps: int, warmup: int) -> dict[str, Any]:
     """One training variant: steady img/s, total seconds and the final EMA validation loss."""
     p = params()
-    train_set, val_set = data.split(
-        data.load(DataConfig.from_dict(p["data"], "data")), p["data"]["test_fraction"], p["data"]["seed"]
+    train_set, val_set = datasets.split(
+        datasets.load(DataConfig.from_dict(p["data"], "data")), p["data"]["test_fraction"], p["data"]["seed"]
     )
     settings = {"max_steps": steps, "val_every": steps, "checkpoint_every": None, "accelerator": accelerator()}
-    cfg = training.TrainConfig.from_dict(
-        {**p["train"], **settings, "precision": precision, "compile": compile}, "train"
-    )
+    cfg = TrainConfig.from_dict({**p["train"], **settings, "precision": precision, "compile": compile}, "train")
     rate = SteadyRate(warmup, cfg.batch_size)
     started = time.perf_counter()
-    result = training.train(
-        train_set, val_set, p["model"], p["diffusion"], cfg, out, False, resume=False, callbacks=[rate]
-    )
+    result = fit.train(train_set, val_set, p["model"], p["diffusion"], cfg, out, False, resume=False, callbacks=[rate])
     total = time.perf_counter() - started
     return {"rate": rate.rate, "total": total, "val_loss_ema": result["val_loss_ema"], "n_train": len(train_set)}
 
@@ -98,18 +93,21 @@ def sample_job(precision: str, compile: bool, model: Path, n: int | None) -> dic
     """One sampling variant: img/s of the timed draw after a one-chunk warm-up, and the warm-up's seconds."""
     sample = params()["sample"]
     sample["n"] = n or sample["n"]
-    module = training.load_model(model)
+    from pipeline.sample import write_samples  # after torch: the stages' OpenMP setting is the stage's own
+
+    loaded = export.load_model(model)
     if accelerator() == "gpu":
-        module = module.cuda()
+        loaded.net.cuda()
     warm = SampleConfig.from_dict(
         {**sample, "n": sample["batch_size"], "precision": precision, "compile": compile}, "sample"
     )
+    plan = generate.plan(loaded.config, warm.sampler, warm.steps, warm.eta)
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
-        draw(module, warm, tmp, progress=False)
+        write_samples(loaded, plan, warm, Path(tmp), progress=False)
         warmup = time.perf_counter() - started
         timed = SampleConfig.from_dict({**sample, "precision": precision}, "sample")  # compiled in place above
-        meta = draw(module, timed, tmp, progress=False)
+        meta = write_samples(loaded, plan, timed, Path(tmp), progress=False)
     return {"rate": meta["images_per_second"], "nfe": meta["nfe"], "warmup": warmup}
 
 
@@ -188,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
             rows.append(f"| {precision} | {shown} | {r['rate']:,.0f} | {r['total']:.1f} | {r['val_loss_ema']:.4f} |")
             print(rows[-1], flush=True)
         lines += [
-            f"`python -m benchmarks.e2e --steps {args.steps}`: `ddpm.training.train` for {args.steps} steps at"
+            f"`python -m benchmarks.e2e --steps {args.steps}`: `ddpm.fit.train` for {args.steps} steps at"
             f" batch {p['train']['batch_size']} ({n_train} training images), steady rate from step"
             f" {args.warmup_steps} to the last step; total wall time includes Lightning's start, compilation and"
             " the final validation. Each variant in a fresh process.",
@@ -197,9 +195,9 @@ def main(argv: list[str] | None = None) -> None:
         ]
         lines += [
             "",
-            f"Sampling: `ddpm.sampling.draw` of {n} images, {p['sample']['sampler']} with {p['sample']['steps']}"
-            f" steps, chunks of {p['sample']['batch_size']}, after one chunk of warm-up (compilation); each variant"
-            " in a fresh process.",
+            f"Sampling: `pipeline.sample.write_samples` of {n} images, {p['sample']['sampler']} with"
+            f" {p['sample']['steps']} steps, chunks of {p['sample']['batch_size']}, after one chunk of warm-up"
+            " (compilation); each variant in a fresh process.",
             "",
             "| sampling | compile | img/s | img-steps/s | warm-up chunk s |",
             "|---|---|---|---|---|",

@@ -1,11 +1,11 @@
-"""One benchmark job in a fresh process; prints one JSON line (run by ``benchmarks.bench``).
+"""One benchmark job in a fresh process, which prints one JSON line, and :class:`Jobs`, which runs them.
 
     python -m benchmarks.job sample --n 10000 --batch-size 250 --model '{"channels": 32, ...}'
     python -m benchmarks.job train --batch-size 128 --precision bf16-mixed --model '{...}'
     python -m benchmarks.job steps --batch-size 128 --sample-batch 256 --model '{...}' [--keep-freed-memory]
 
-``sample`` runs the sample stage's function (:func:`ddpm.sampling.draw`, which streams the chunks into the
-``.npz``) with one step per image (a chunk's memory does not depend on the step count) and reports the peak
+``sample`` runs the sample stage's function (:func:`pipeline.sample.write_samples`, which streams the chunks into
+the ``.npz``) with one step per image (a chunk's memory does not depend on the step count) and reports the peak
 resident memory, at its end and after its first ``EARLY_CHUNKS`` chunks (so that what the rest of the images add is
 measured within one process); ``train`` does the same for three training steps. The peak is the kernel's high-water
 mark of the resident set (``VmHWM``), reset just before the job through ``/proc/self/clear_refs``; where that is
@@ -19,23 +19,60 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import resource
 import statistics
+import subprocess
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from benchmarks.bench import PRECISIONS, PeerNet, TrainStep, diffusion_config, in_turns, peer_version
+from benchmarks.calls import TrainStep
+from benchmarks.configs import PRECISIONS, ROOT, diffusion_config
+from benchmarks.peer import PeerNet, peer_version
+from benchmarks.timing import in_turns
+from ddpm import export, generate
+from ddpm.config import SampleConfig
 from ddpm.module import DiffusionModule
 from ddpm.nets import UNet, UNetConfig
 from ddpm.runtime import keep_freed_memory
-from ddpm.sampling import SampleConfig, draw
 
 MB = 1e6
 EARLY_CHUNKS = 4  # the sample job also reports its peak after this many chunks
+
+
+class Jobs:
+    """``python -m benchmarks.job JOB...`` in fresh processes, at most ``at_once`` of them running at a time.
+
+    A job is its arguments, or (arguments, environment variables to set, names to unset); ``env`` is set in
+    every job's environment. The jobs start from a thread, so this process goes on meanwhile.
+    """
+
+    def __init__(self, jobs: list[Any], at_once: int = 1, env: dict[str, str] | None = None) -> None:
+        self.commands = []
+        for job in jobs:
+            args, env_set, env_unset = job if isinstance(job, tuple) else (job, {}, ())
+            job_env = {k: v for k, v in os.environ.items() if k not in env_unset} | env_set | (env or {})
+            self.commands.append(([sys.executable, "-m", "benchmarks.job", *args], job_env))
+        self.pool = ThreadPoolExecutor(max_workers=at_once)
+        self.outputs = [self.pool.submit(self._run, command, job_env) for command, job_env in self.commands]
+        self.pool.shutdown(wait=False)
+
+    @staticmethod
+    def _run(command: list[str], env: dict[str, str]) -> dict[str, Any]:
+        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-2000:]}")
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    def results(self) -> list[dict[str, Any]]:
+        """Each job's JSON line, once it has finished (the first failure raises, naming its command)."""
+        return [output.result() for output in self.outputs]
 
 
 def _status(field: str) -> float | None:
@@ -107,19 +144,24 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(result))
         return
     if args.job == "sample":
-        sample = SampleConfig(n=args.n, sampler=args.sampler, steps=1, batch_size=args.batch_size)
-        chunks, early = module.sample_batches, []
+        # imported here, after torch: the package sets the stages' OpenMP environment, which the ``steps`` jobs
+        # choose themselves
+        from pipeline.sample import write_samples
 
-        def counted(*a: object, **k: object):  # the chunks as draw gets them; the peak once it has written a few
+        sample = SampleConfig(n=args.n, sampler=args.sampler, steps=1, batch_size=args.batch_size)
+        plan = generate.plan(module.config, sample.sampler, sample.steps)
+        chunks, early = generate.sample_batches, []
+
+        def counted(*a: object, **k: object):  # the chunks as the stage gets them; the peak once it has a few
             for i, chunk in enumerate(chunks(*a, **k)):
                 yield chunk
                 if i + 1 == EARLY_CHUNKS:
                     early.append(peak_mb(reset))
 
-        module.sample_batches = counted
+        generate.sample_batches = counted
         with tempfile.TemporaryDirectory() as out:
             before, reset = _status("VmRSS"), reset_peak()
-            draw(module, sample, out, progress=False)
+            write_samples(export.Model(module.net.eval(), module.config), plan, sample, Path(out), progress=False)
             peak = peak_mb(reset)
         early_n = min(args.n, EARLY_CHUNKS * args.batch_size)
         image_mb = shape[0] * shape[1] * shape[2] / MB

@@ -2,20 +2,19 @@
 
 import argparse
 
-from ddpm import data, featurizer, io
-from pipeline import params
+from ddpm import featurizer, io
+from pipeline import params, paths
 
 
 def main(args: argparse.Namespace) -> None:
     cfg = params.load(args.params).featurizer
-    out = params.OUT
-    train_set, test_set = data.load_npz(out / "data" / "train.npz"), data.load_npz(out / "data" / "test.npz")
+    train_set, test_set = paths.load_splits()
     net, metrics = featurizer.train_featurizer(
         train_set.images, train_set.labels, test_set.images, test_set.labels, cfg
     )
-    featurizer.save_featurizer(out / "featurizer" / "featurizer.pt", net, cfg)
+    featurizer.save_featurizer(paths.FEATURIZER, net, cfg)
     metrics = {**metrics, "weights_hash": featurizer.weights_hash(net)}
-    io.write_json(out / "metrics" / "featurizer.json", metrics)
+    io.write_json(paths.metrics_file("featurizer"), metrics)
     print(f"featurizer: test accuracy {metrics['test_accuracy']:.4f}")
 
 

@@ -2,18 +2,17 @@
 
 import argparse
 
-from ddpm import data, io
-from pipeline import params
+from ddpm import data, datasets, io
+from pipeline import params, paths
 
 
 def main(args: argparse.Namespace) -> None:
     cfg = params.load(args.params).data
-    train, test = data.split(data.load(cfg), cfg.test_fraction, cfg.seed, cfg.limit)
-    out = params.OUT / "data"
-    data.save_npz(out / "train.npz", train)
-    data.save_npz(out / "test.npz", test)
+    train, test = datasets.split(datasets.load(cfg), cfg.test_fraction, cfg.seed, cfg.limit)
+    data.save_npz(paths.split("train"), train)
+    data.save_npz(paths.split("test"), test)
     io.write_json(
-        out / "info.json",
+        paths.DATA_INFO,
         {
             "dataset": cfg.dataset,
             "n_train": len(train),

@@ -8,23 +8,79 @@ As the DVC stage (``--track``) it logs the sampling time, NFE and the grid into 
 import argparse
 import sys
 import tempfile
+import time
 from pathlib import Path
+from typing import Any
 
-from ddpm import io, sampling, tracking, training
-from pipeline import params
+import numpy as np
+from tqdm.auto import tqdm
+
+from ddpm import data, export, generate, io, registry, tracking
+from ddpm.config import SampleConfig
+from ddpm.runtime import compile_in_place
+from pipeline import params, paths
 from pipeline import tracking as stage_tracking
 
 
 def resolve_model(model: str, p: params.Params, tmp: str) -> Path:
     """A local model.pt for a path, ``champion`` or an MLflow ``models:/`` / ``runs:/`` URI."""
-    name = tracking.model_name(p.tracking, p.data.dataset)
+    name = registry.model_name(p.tracking, p.data.dataset)
     if model == "champion":
-        model = f"models:/{name}@{tracking.CHAMPION}"
+        model = f"models:/{name}@{registry.CHAMPION}"
     if model.startswith(("models:/", "runs:/")):
-        path = tracking.download_model(model, tracking.resolve_uri(p.tracking), tmp)
+        path = registry.download_model(model, tracking.resolve_uri(p.tracking), tmp)
         print(f"sample: model {model} -> {path}")
         return path
     return Path(model)
+
+
+def write_samples(model: export.Model, plan: generate.Plan, cfg: SampleConfig, out_dir: Path, progress: bool) -> dict:
+    """Draw ``cfg.n`` images into ``samples.npz`` (uint8 arr_0 [N, H, W, C], streamed), ``grid.png`` and
+    ``trajectory.png`` (rows: images, columns: steps from noise to image); return the run's metadata."""
+    c, size = model.config.channels, model.config.image_size
+    keep = min(cfg.trajectory_samples, cfg.n)
+    marks = set(np.linspace(0, plan.steps - 1, cfg.trajectory_points).round().astype(int).tolist())
+    trajectory: list[np.ndarray] = []
+
+    def record(info: dict[str, Any]) -> None:
+        bar.update(info["x"].shape[0])
+        if info["start"] == 0 and info["i"] in marks:
+            trajectory.append(data.from_tensor(info["x"][:keep].float().cpu()))
+
+    first: list[np.ndarray] = []
+    compile_in_place(model.net, cfg.compile)  # compiled at the first chunk
+    started = time.perf_counter()
+    with (
+        generate.autocast(cfg.precision, next(model.net.parameters()).device),
+        tqdm(total=cfg.n * plan.steps, unit="img-step", disable=not progress, desc="sample") as bar,
+        io.NpzWriter(out_dir / "samples.npz", (cfg.n, size, size, c)) as writer,
+    ):
+        batches = generate.sample_batches(
+            model.net, plan, cfg.n, seed=cfg.seed, batch_size=cfg.batch_size, callback=record
+        )
+        for chunk in batches:
+            images = data.from_tensor(chunk.float())
+            writer.write(images)
+            if sum(len(f) for f in first) < cfg.grid_size**2:
+                first.append(images)
+    seconds = time.perf_counter() - started
+
+    shown = np.concatenate(first)[: cfg.grid_size**2]
+    io.save_png(out_dir / "grid.png", io.grid(shown, cfg.grid_size), scale=max(1, 256 // (cfg.grid_size * size)))
+    strip = np.stack(trajectory, axis=1).reshape(-1, size, size, c)
+    io.save_png(out_dir / "trajectory.png", io.grid(strip, len(trajectory)), scale=max(1, 64 // size))
+    run = plan.config
+    return {
+        "n": cfg.n,
+        "sampler": run.sampler,
+        "steps": run.steps,
+        "eta": run.eta if run.sampler == "ddim" else None,
+        "nfe": plan.nfe,
+        "seed": cfg.seed,
+        "precision": cfg.precision,
+        "seconds": round(seconds, 2),
+        "images_per_second": round(cfg.n / seconds, 2),
+    }
 
 
 def main(args: argparse.Namespace) -> None:
@@ -34,21 +90,22 @@ def main(args: argparse.Namespace) -> None:
     cfg = p.sample
     run = stage_tracking.reopen(p) if args.track else None
     with tempfile.TemporaryDirectory() as tmp:
-        module = training.load_model(resolve_model(args.model, p, tmp))
-    module.config.sampler_fn(cfg.sampler, cfg.steps, cfg.eta)  # the model's config accepts these settings
-    meta = sampling.draw(module, cfg, args.out, progress=sys.stderr.isatty() and not args.quiet)
-    io.write_json(Path(args.out) / "meta.json", meta)
+        model = export.load_model(resolve_model(args.model, p, tmp))
+    plan = generate.plan(model.config, cfg.sampler, cfg.steps, cfg.eta)  # checked against the model's config
+    out = Path(args.out)
+    meta = write_samples(model, plan, cfg, out, progress=sys.stderr.isatty() and not args.quiet)
+    run_cfg = plan.config
+    io.write_json(out / "meta.json", meta)
     if run is not None:
-        key = f"{meta['sampler']}_{meta['steps']}"
+        seconds = meta["seconds"]
+        scores = {"seconds": seconds, "nfe": meta["nfe"], "images_per_second": meta["n"] / max(seconds, 1e-9)}
         run.log_metrics(
-            {
-                f"sample/seconds/{key}": meta["seconds"],
-                f"sample/nfe/{key}": meta["nfe"],
-                f"sample/images_per_second/{key}": meta["n"] / max(meta["seconds"], 1e-9),
-            }
+            {tracking.metric_key(f"sample/{k}", run_cfg.sampler, run_cfg.steps): v for k, v in scores.items()}
         )
         run.log_new_params(tracking.flatten({"sample": cfg.to_dict()}))
-        run.log_artifacts([Path(args.out) / "grid.png", Path(args.out) / "trajectory.png"], f"samples/{key}")
+        run.log_artifacts(
+            [out / "grid.png", out / "trajectory.png"], tracking.metric_key("samples", run_cfg.sampler, run_cfg.steps)
+        )
     print(
         f"sample: {meta['n']} images, {meta['sampler']}, {meta['nfe']} NFE, {meta['precision']},"
         f" {meta['seconds']} s -> {args.out}"
@@ -60,10 +117,10 @@ if __name__ == "__main__":
     parser.add_argument("--params", default=str(params.PARAMS))
     parser.add_argument(
         "--model",
-        default=str(params.OUT / "train" / "model.pt"),
+        default=str(paths.MODEL),
         help="exported EMA model: a model.pt path, champion, models:/<name>@<alias>, models:/<name>/<v>, runs:/<id>",
     )
-    parser.add_argument("--out", default=str(params.OUT / "samples"), help="output folder")
+    parser.add_argument("--out", default=str(paths.SAMPLES), help="output folder")
     parser.add_argument("--sampler", help="override sample.sampler")
     parser.add_argument("--steps", type=int, help="override sample.steps")
     parser.add_argument("--eta", type=float, help="override sample.eta")

@@ -6,14 +6,12 @@ from pathlib import Path
 from typing import Any
 
 from ddpm import tracking
-from pipeline import params
+from pipeline import params, paths
 
-RUN_RECORD = params.OUT / "train" / "run.json"
-REGISTRY_RECORD = params.OUT / "evaluate" / "registry.json"
 OFF = {"enabled": False}
 
 
-def reopen(p: params.Params, record_path: Path = RUN_RECORD) -> tracking.Run | None:
+def reopen(p: params.Params, record_path: Path = paths.RUN_RECORD) -> tracking.Run | None:
     """The run the train stage opened, or None when tracking is off (now or when the model was trained)."""
     if not p.tracking.enabled:
         return None

@@ -8,20 +8,20 @@ in ``outputs/train/run.json`` for the later stages.
 import argparse
 import os
 import signal
-import sys
 import tempfile
 from pathlib import Path
 
 from pytorch_lightning.utilities import rank_zero_only
 
-from ddpm import data, io, tracking, training
-from pipeline import params
+from ddpm import checkpoints, data, fit, io, tracking
+from ddpm.logger import BufferedMLFlowLogger
+from pipeline import params, paths
 from pipeline import tracking as stage_tracking
 
 TRACKED_SECTIONS = ("data", "featurizer", "model", "diffusion", "train", "sample", "evaluate")
 
 
-def open_run(p: params.Params, raw: dict, train_set: data.ImageSet, resume: training.Resume | None):
+def open_run(p: params.Params, raw: dict, train_set: data.ImageSet, resume: checkpoints.Resume | None):
     """(run.json record, logger or None); fails before training if the server is unreachable.
 
     A training that resumes an interrupted one continues the interrupted run (same run id, metrics from the
@@ -33,11 +33,11 @@ def open_run(p: params.Params, raw: dict, train_set: data.ImageSet, resume: trai
     if record is None:
         tags = tracking.run_tags(p.data.dataset, data.content_hash(train_set))
         record = tracking.start_run(p.tracking, stage_tracking.sections(raw, TRACKED_SECTIONS), tags)
-    logger = tracking.BufferedMLFlowLogger(tracking_uri=record["tracking_uri"], run_id=record["run_id"])
+    logger = BufferedMLFlowLogger(tracking_uri=record["tracking_uri"], run_id=record["run_id"])
     return record, logger
 
 
-def continued_run(p: params.Params, resume: training.Resume | None) -> dict | None:
+def continued_run(p: params.Params, resume: checkpoints.Resume | None) -> dict | None:
     """The interrupted run's record when this training resumes it (its checkpoint names the run), else None."""
     if resume is None or resume.logger_version is None:
         return None
@@ -76,30 +76,27 @@ def main(args: argparse.Namespace) -> None:
     interrupt_as_preemption()
     raw = params.read_yaml(args.params)
     p = params.validate(raw)
-    out = params.OUT
-    train_set, test_set = data.load_npz(out / "data" / "train.npz"), data.load_npz(out / "data" / "test.npz")
-    resume = training.resume_checkpoint(out / "train", train_set, test_set, p.model, p.diffusion, p.train)
+    train_set, test_set = paths.load_splits()
+    resume = fit.resume_checkpoint(paths.TRAIN, train_set, test_set, p.model, p.diffusion, p.train)
     record, logger = open_run(p, raw, train_set, resume)
-    progress = sys.stderr.isatty()
-    metrics = training.train(
+    metrics = fit.train(
         train_set,
         test_set,
         p.model,
         p.diffusion,
         p.train,
-        out / "train",
-        progress=progress,
+        paths.TRAIN,
         logger=logger,
         keep_resume=True,  # removed below, once train.json and run.json are written
     )
     if rank_zero_only.rank == 0:
         if record["enabled"]:
             logger.flush(p.tracking.wait_seconds)  # metrics buffered during a server outage
-            upload(record, p, out / "train", metrics, args.params)
+            upload(record, p, paths.TRAIN, metrics, args.params)
             print(f"tracking: {record['run_url']}")
-        io.write_json(out / "metrics" / "train.json", metrics)
-        io.write_json(stage_tracking.RUN_RECORD, record)  # after training: a killed stage leaves the old one
-        (out / "train" / training.RESUME).unlink(missing_ok=True)
+        io.write_json(paths.metrics_file("train"), metrics)
+        io.write_json(paths.RUN_RECORD, record)  # after training: a killed stage leaves the old one
+        (paths.TRAIN / checkpoints.RESUME).unlink(missing_ok=True)
     print(f"train: {metrics}")
 
 

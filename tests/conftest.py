@@ -12,15 +12,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+# OpenMP as every pipeline process runs it, here and in every subprocess: importing `pipeline` sets it
+# (pipeline.bound_openmp_spin) before torch loads libgomp below.
+import pipeline  # noqa: F401
+
 # No telemetry from any tool the tests (or their subprocesses) may import.
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
-# OpenMP as `make` and the flows run it (pipeline.flows.dvc_env), here and in every subprocess: set before
-# torch loads libgomp, unless the caller chose a wait policy.
-if "OMP_WAIT_POLICY" not in os.environ:
-    os.environ.setdefault("GOMP_SPINCOUNT", "30000")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

@@ -15,14 +15,15 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+TESTS = Path(__file__).resolve().parent
+sys.path[:0] = [str(TESTS), str(TESTS.parent)]  # conftest, and the `pipeline` package it imports
 
 import pytorch_lightning as pl  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 from conftest import TINY_NET_KWARGS, make_toy_images  # noqa: E402
-from ddpm import DDPMConfig, DiffusionModule, EMAConfig, OptimConfig, UNet  # noqa: E402
+from ddpm import DDPMConfig, DiffusionModule, OptimConfig, UNet  # noqa: E402
 
 N_IMAGES = 64
 BATCH_SIZE = 8
@@ -64,8 +65,7 @@ def main(out_dir: Path) -> None:
     module = DiffusionModule(
         UNet(**TINY_NET_KWARGS),
         DDPMConfig(image_size=8, T=100, steps=10),
-        OptimConfig(lr=2e-3),
-        EMAConfig(decay=0.9),
+        OptimConfig(lr=2e-3, ema_decay=0.9),
     )
     initial = checksum(module.net)
     record = Record()

@@ -1,4 +1,4 @@
-"""A small ``training.train`` run for the fault-injection tests (``tests/test_faults.py``).
+"""A small ``fit.train`` run for the fault-injection tests (``tests/test_faults.py``).
 
 Usage: ``python tests/fault_train.py DATA_DIR OUT_DIR [--sleep S] [--die-at-checkpoint N]``
 
@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import pytorch_lightning as pl  # noqa: E402
 import torch  # noqa: E402
 
-from ddpm import data, training  # noqa: E402
+from ddpm import checkpoints, data, datasets, fit  # noqa: E402
+from ddpm.config import DataConfig, TrainConfig  # noqa: E402
 
 MODEL = {
     "channels": 16,
@@ -49,13 +50,21 @@ TRAIN = {
 }
 
 
+def save_digits(folder: Path) -> Path:
+    """Write train.npz (360) and test.npz (40) of scikit-learn's 8x8 digits into ``folder``; return it."""
+    train_set, test_set = datasets.split(datasets.load(DataConfig(dataset="digits")), 0.1, seed=0, limit=400)
+    data.save_npz(folder / "train.npz", train_set)
+    data.save_npz(folder / "test.npz", test_set)
+    return folder
+
+
 def run(data_dir: str | Path, out_dir: str | Path, callbacks: tuple = (), **overrides: Any) -> dict[str, float]:
-    """``training.train`` on the digits in ``data_dir`` with the settings above (``overrides`` replace some)."""
+    """``fit.train`` on the digits in ``data_dir`` with the settings above (``overrides`` replace some)."""
     torch.set_num_threads(1)
     data_dir = Path(data_dir)
     train_set, test_set = data.load_npz(data_dir / "train.npz"), data.load_npz(data_dir / "test.npz")
-    cfg = training.TrainConfig(**{**TRAIN, **overrides})
-    return training.train(train_set, test_set, MODEL, DIFFUSION, cfg, out_dir, progress=False, callbacks=callbacks)
+    cfg = TrainConfig(**{**TRAIN, **overrides})
+    return fit.train(train_set, test_set, MODEL, DIFFUSION, cfg, out_dir, progress=False, callbacks=callbacks)
 
 
 class Sleep(pl.Callback):
@@ -73,7 +82,7 @@ def die_at_checkpoint(n: int) -> None:
     replace, count = os.replace, [0]
 
     def dying_replace(src: Any, dst: Any, *args: Any, **kwargs: Any) -> None:
-        if Path(dst).name == training.RESUME:
+        if Path(dst).name == checkpoints.RESUME:
             count[0] += 1
             if count[0] == n:
                 os.kill(os.getpid(), signal.SIGKILL)

@@ -41,6 +41,7 @@ def test_quick_bench_writes_well_formed_tables(tmp_path):
     assert all(_number(r[1]) > 0 for r in limits)
 
     rows = _table(text, "## Throughput")
+    precisions = ("32-true", "bf16-mixed")
     ours = [r for r in rows if r[3] == "ours"]
     peers = [r for r in rows if r[3] == "peer"]
     tasks = {(r[1], r[2]) for r in ours}
@@ -56,7 +57,13 @@ def test_quick_bench_writes_well_formed_tables(tmp_path):
             assert re.fullmatch(r"\*\*\d+\.\d\dx\*\*", mine[9])
 
     levers = _table(text, "## Levers")
-    assert levers and all(_number(r[2]) > 0 for r in levers) and levers[0][3] == "1.00x"
+    assert {r[0] for r in levers} >= {"channels_last", "decoder inputs as parts", "native GroupNorm+SiLU kernel"}
+    assert {(r[1], r[2]) for r in levers} == {(t, p) for t in ("sampling step", "training step") for p in precisions}
+    for r in levers:  # with and without the lever, and their ratio
+        assert _number(r[3]) > 0 and _number(r[4]) > 0
+        assert _number(r[5]) == pytest.approx(_number(r[3]) / _number(r[4]), rel=0.05, abs=0.01)
+    described = text.split("What the levers do: ", 1)[1].split("\n", 1)[0]
+    assert all(f"*{name}*: " in described for name in {r[0] for r in levers})
     memory = _table(text, "## Memory")
     samples = [r for r in memory if r[0].startswith("sample stage")]
     assert len(samples) >= 2 and any(r[0].startswith("training step") for r in memory)
@@ -71,7 +78,7 @@ def test_quick_bench_writes_well_formed_tables(tmp_path):
         assert _number(r[3]) > 0 and _number(r[4]) > 0  # time, and some of it in the convolutions
         assert abs(sum(_number(c) for c in r[4:]) - 100) <= 4  # the kinds add up (to rounding)
     # Fresh processes per start-up setting (allocator, OpenMP wait policy): a rate for every setting and row
-    from benchmarks.bench import PROCESS_SETTINGS, PROCESS_TASKS
+    from benchmarks.process import PROCESS_SETTINGS, PROCESS_TASKS
 
     settings_rows = _table(text, "Settings applied at process start")
     names = [name for name, _, _ in PROCESS_SETTINGS]
@@ -121,7 +128,9 @@ def test_flop_counts_of_both_nets_are_equal_with_our_native_kernels_on():
     flop counter does not know (it counts the net's arithmetic through PyTorch's attention)."""
     pytest.importorskip("diffusers")
     import torch
-    from benchmarks.bench import PeerNet, sample_step_flops, tiny_model
+    from benchmarks.calls import sample_step_flops
+    from benchmarks.configs import tiny_model
+    from benchmarks.peer import PeerNet
 
     from ddpm import kernels
     from ddpm.nets import UNet
@@ -130,3 +139,20 @@ def test_flop_counts_of_both_nets_are_equal_with_our_native_kernels_on():
     assert cfg.attn_resolutions and kernels.enabled()
     ours, peer = (sample_step_flops(net, cfg, torch.device("cpu")) for net in (UNet(cfg), PeerNet(cfg)))
     assert ours == peer > 0
+
+
+def test_every_kernel_setting_is_a_lever_of_the_bench():
+    """The lever rows take each fast path away through the kernel settings: every setting is measured, and every
+    lever's change is one that ``ddpm.kernels.using`` takes."""
+    import dataclasses
+
+    from benchmarks.levers import LEVERS
+
+    from ddpm import kernels
+
+    changed = set()
+    for lever in LEVERS:
+        with kernels.using(**lever.without):
+            changed |= {name for name, value in lever.without.items() if value != getattr(kernels.Settings(), name)}
+    assert changed == {f.name for f in dataclasses.fields(kernels.Settings)}
+    assert kernels.settings == kernels.Settings()

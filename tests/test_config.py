@@ -1,15 +1,11 @@
-import math
-
 import pytest
-import torch
 import yaml
 
-from ddpm import losses, preconditioning, samplers, schedules
-from ddpm.config import ConfigError, DDPMConfig, EMAConfig, OptimConfig
-from ddpm.nets import UNetConfig
+from ddpm import config, losses, preconditioning, predictions, samplers, schedules
+from ddpm.config import ConfigError, DDPMConfig, OptimConfig, TrainConfig, UNetConfig
 
 
-@pytest.mark.parametrize("cls", [DDPMConfig, OptimConfig, EMAConfig, UNetConfig])
+@pytest.mark.parametrize("cls", [DDPMConfig, OptimConfig, TrainConfig, UNetConfig])
 def test_round_trip_through_yaml(cls):
     cfg = cls()
     text = yaml.safe_dump(cfg.to_dict())
@@ -77,30 +73,14 @@ def test_optim_and_ema_validation():
         OptimConfig(betas=(0.9, 1.0))
     with pytest.raises(ConfigError, match="lr_scheduler='step'"):
         OptimConfig(lr_scheduler="step")
-    with pytest.raises(ConfigError, match="decay=1.0"):
-        EMAConfig(decay=1.0)
+    with pytest.raises(ConfigError, match="ema_decay=1.0"):
+        OptimConfig(ema_decay=1.0)
     assert OptimConfig(grad_clip=None).grad_clip is None
-
-
-def test_sampler_fn_binds_the_config_and_validates_overrides():
-    cfg = DDPMConfig(steps=30, eta=0.3, spacing="trailing", prediction="v", clip=False)
-    fn = cfg.sampler_fn()
-    assert fn.func is samplers.ddim
-    assert fn.keywords == {"steps": 30, "prediction": "v", "clip": False, "eta": 0.3, "spacing": "trailing"}
-    ddpm = cfg.sampler_fn("ddpm", steps=100)
-    assert ddpm.func is samplers.ddpm and ddpm.keywords["steps"] == 100 and ddpm.keywords["variance"] == "beta_tilde"
-    with pytest.raises(ConfigError, match="eta=0.5 applies to the ddim sampler only"):
-        cfg.sampler_fn("ddpm", eta=0.5)
-    with pytest.raises(ConfigError, match="sampler='plms'"):
-        cfg.sampler_fn("plms")
-    with pytest.raises(ConfigError, match="steps=5000 exceeds"):
-        cfg.sampler_fn(steps=5000)
 
 
 def test_alphas_cumprod_and_loss_follow_the_config():
     cfg = DDPMConfig(schedule="cosine", T=100, loss="huber", weighting="min_snr", prediction="x0")
-    assert cfg.alphas_cumprod().shape == (100,)
-    loss = cfg.loss_fn()
+    loss = losses.for_config(cfg)
     assert (loss.loss, loss.weighting, loss.prediction) == ("huber", "min_snr", "x0")
 
 
@@ -127,11 +107,12 @@ def test_edm_vp_ve_class_methods():
     vp, ve = DDPMConfig.from_vp(), DDPMConfig.from_ve(steps=30)
     assert (vp.preconditioning, vp.beta_d, vp.beta_min, vp.epsilon_t) == ("vp", 19.9, 0.1, 1e-5)
     assert (ve.preconditioning, ve.sigma_min, ve.sigma_max, ve.steps) == ("ve", 0.02, 100.0, 30)
-    assert isinstance(edm.preconditioner(), preconditioning.EDM)
-    assert vp.preconditioner() == preconditioning.VP(19.9, 0.1, 1e-5)
-    assert ve.preconditioner() == preconditioning.VE(0.02, 100.0)
-    assert isinstance(DDPMConfig().preconditioner(), preconditioning.DDPM)
-    assert isinstance(edm.loss_fn(), losses.DenoiserLoss) and isinstance(DDPMConfig().loss_fn(), losses.DiffusionLoss)
+    assert isinstance(preconditioning.for_config(edm), preconditioning.EDM)
+    assert preconditioning.for_config(vp) == preconditioning.VP(19.9, 0.1, 1e-5)
+    assert preconditioning.for_config(ve) == preconditioning.VE(0.02, 100.0)
+    assert isinstance(preconditioning.for_config(DDPMConfig()), preconditioning.DDPM)
+    assert isinstance(losses.for_config(edm), losses.DenoiserLoss)
+    assert isinstance(losses.for_config(DDPMConfig()), losses.DiffusionLoss)
     for cfg in (edm, vp, ve, DDPMConfig(S_tmax=10.0, S_churn=5.0, p_uncond=0.1, guidance=3.0)):
         assert DDPMConfig.from_dict(yaml.safe_load(yaml.safe_dump(cfg.to_dict()))) == cfg
 
@@ -166,52 +147,6 @@ def test_edm_steps_are_not_bounded_by_T():
     assert DDPMConfig.from_edm(T=10, steps=40).steps == 40
 
 
-def test_sampler_fn_binds_the_sigma_samplers():
-    cfg = DDPMConfig(S_churn=12.0, S_tmin=0.05, S_noise=1.003)
-    heun = cfg.sampler_fn("heun", steps=20)
-    assert heun.func is samplers.heun
-    assert heun.keywords == {"S_churn": 12.0, "S_tmin": 0.05, "S_tmax": math.inf, "S_noise": 1.003}
-    assert cfg.sampler_fn("euler").func is samplers.euler
-    for name in ("dpmpp_2m", "euler_maruyama"):
-        fn = cfg.sampler_fn(name)
-        assert fn.func is samplers.SAMPLERS[name] and fn.keywords == {}
-    with pytest.raises(ConfigError, match="eta=0.5 applies to the ddim sampler only, not 'heun'"):
-        cfg.sampler_fn("heun", eta=0.5)
-    with pytest.raises(ConfigError, match="sampler='ddim' needs preconditioning='ddpm'"):
-        DDPMConfig.from_edm().sampler_fn("ddim")
-
-
-def test_sigmas_of_every_sampler():
-    cfg = DDPMConfig(T=1000, steps=20)
-    ab = cfg.alphas_cumprod()
-    ddim = cfg.sigmas()
-    torch.testing.assert_close(ddim[:-1], schedules.sigma(ab[samplers.ddim_timesteps(1000, 20)]))
-    assert ddim[-1] == 0 and len(ddim) == 21
-    torch.testing.assert_close(cfg.sigmas("ddpm")[:-1], schedules.sigma(ab[samplers.respaced_timesteps(1000, 20)]))
-    edm = DDPMConfig.from_edm(rho=3.0)
-    torch.testing.assert_close(edm.sigmas(steps=7), samplers.karras_sigmas(7, 0.002, 80.0, 3.0))
-    torch.testing.assert_close(
-        edm.replace(sigma_schedule="vp", beta_d=10.0).sigmas(), samplers.vp_sigmas(18, 0.002, 80.0, 10.0, 0.1)
-    )
-    # a ddpm model under a sigma sampler: within the trained range, on trained sigmas
-    snapped = cfg.sigmas("dpmpp_2m")
-    trained = schedules.sigma(ab)
-    assert len(snapped) == 21 and snapped[-1] == 0
-    assert set(snapped[:-1].tolist()) <= set(trained.tolist())
-    assert snapped[0].item() == pytest.approx(80.0, rel=0.01) and snapped[-2] == trained[0]
-    assert len(cfg.replace(T=30, steps=30).sigmas("heun")) <= 31  # repeats merge
-    with pytest.raises(ConfigError, match=r"miss the trained range"):
-        cfg.replace(sigma_min=200.0, sigma_max=300.0).sigmas("heun")
-
-
-def test_nfe_counts_network_calls_per_image():
-    cfg = DDPMConfig()
-    assert cfg.nfe("ddim", 50) == 50 and cfg.nfe("ddpm", 1000) == 1000
-    edm = DDPMConfig.from_edm()
-    assert edm.nfe("heun", 18) == 35 and edm.nfe("euler", 18) == 18 and edm.nfe("dpmpp_2m", 10) == 10
-    assert edm.nfe("heun", 18, guidance=2.0) == 70 and edm.nfe("heun", 18, guidance=1.0) == 35
-
-
 def test_several_unknown_keys_share_one_clause():
     with pytest.raises(ConfigError) as e:
         DDPMConfig.from_dict({"shedule": "linear", "stpes": 3, "T": 1}, "diffusion")
@@ -219,3 +154,36 @@ def test_several_unknown_keys_share_one_clause():
     assert message.startswith("diffusion.T=1: ")
     assert "; diffusion.shedule, diffusion.stpes: unknown keys; allowed keys: image_size, channels" in message
     assert message.count("allowed keys") == 1 and "\n" not in message
+
+
+def test_schemas_name_what_the_implementations_register():
+    """The light schemas list the allowed names; the implementations register exactly those."""
+    assert tuple(schedules.SCHEDULES) == config.SCHEDULES
+    assert tuple(samplers.SAMPLERS) == config.SAMPLERS
+    assert tuple(schedules.SIGMA_SCHEDULES) == config.SIGMA_SCHEDULES
+    assert tuple(losses.ELEMENTWISE) == config.LOSSES
+    assert tuple(preconditioning.PRECONDITIONINGS) == config.PRECONDITIONINGS
+    assert predictions.PREDICTIONS == config.PREDICTIONS
+    from ddpm import datasets
+
+    assert tuple(datasets.LOADERS) == tuple(config.DATASETS)
+
+
+def test_train_config_is_the_optimizer_config_with_the_run():
+    train = TrainConfig(lr=3e-4, ema_decay=0.99, max_steps=10)
+    assert isinstance(train, OptimConfig) and (train.lr, train.ema_decay) == (3e-4, 0.99)
+    assert set(OptimConfig.model_fields) < set(TrainConfig.model_fields)
+    assert (TrainConfig().lr, OptimConfig().lr) == (1e-3, 2e-4)  # the pipeline's defaults differ from the library's
+
+
+def test_unet_config_rejects_what_the_net_cannot_build():
+    with pytest.raises(ConfigError, match="image_size=28 must be divisible by 8"):
+        UNetConfig(image_size=28, channel_mult=(1, 2, 2, 2))
+    with pytest.raises(ConfigError, match=r"attn_resolutions=\(5,\) contains \[5\]"):
+        UNetConfig(attn_resolutions=(5,))
+    with pytest.raises(ConfigError, match="num_heads=3 must divide"):
+        UNetConfig(num_heads=3)
+    with pytest.raises(ConfigError, match="norm_groups=24 must divide"):
+        UNetConfig(norm_groups=24)
+    with pytest.raises(ConfigError, match="parameters; allowed: at most"):
+        UNetConfig(channels=10**9)

@@ -10,7 +10,10 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from ddpm import ConfigError, DDPMConfig, DiffusionModule, EMAConfig, OptimConfig, UNet, samplers
+from ddpm import generate, preconditioning, samplers
+from ddpm.config import ConfigError, DDPMConfig, OptimConfig
+from ddpm.module import DiffusionModule
+from ddpm.nets import UNet
 from ddpm.noise import SampleNoise
 from ddpm.preconditioning import Denoiser
 
@@ -28,7 +31,12 @@ def one_torch_thread():
 
 def make_module(net_kwargs: dict, config: DDPMConfig, seed: int = 0) -> DiffusionModule:
     torch.manual_seed(seed)
-    return DiffusionModule(UNet(**net_kwargs), config, OptimConfig(lr=2e-3), EMAConfig(decay=0.9))
+    return DiffusionModule(UNet(**net_kwargs), config, OptimConfig(lr=2e-3, ema_decay=0.9))
+
+
+def draw(module: DiffusionModule, n: int, *, sampler=None, steps=None, eta=None, guidance=None, **kwargs):
+    """``n`` images from the module's EMA weights through its sampling plan (ddpm.generate)."""
+    return generate.sample(module.ema, generate.plan(module.config, sampler, steps, eta, guidance), n, **kwargs)
 
 
 def fit(module: DiffusionModule, root, *tensors: torch.Tensor, max_steps: int) -> pl.Trainer:
@@ -120,7 +128,7 @@ def test_vp_and_ve_fit_and_sample(tiny_net_kwargs, toy_images, tmp_path, config)
     trainer = fit(module, tmp_path, toy_images[:64], max_steps=4)
     assert math.isfinite(trainer.callback_metrics["train/loss"].item())
     assert not torch.equal(module.net.conv_out.weight, initial)
-    out = module.sample(3, seed=1)
+    out = draw(module, 3, seed=1)
     assert out.shape == (3, 1, 8, 8) and torch.isfinite(out).all()
 
 
@@ -149,39 +157,39 @@ def test_guidance_and_p_uncond_need_a_class_conditional_net(tiny_net_kwargs):
 def test_seeded_samples_do_not_depend_on_the_batch_size(conditional, sampler, options):
     module = with_config(conditional[0], **options) if options else conditional[0]
     kwargs = {"sampler": sampler, "steps": 6, "seed": 3, "labels": torch.tensor([0, 1, 2, 0, 1, 2, 0])}
-    small = module.sample(7, batch_size=2, guidance=2.0, **kwargs)
-    whole = module.sample(7, batch_size=7, guidance=2.0, **kwargs)
+    small = draw(module, 7, batch_size=2, guidance=2.0, **kwargs)
+    whole = draw(module, 7, batch_size=7, guidance=2.0, **kwargs)
     assert whole.shape == (7, 1, 8, 8) and torch.isfinite(whole).all()
     torch.testing.assert_close(small, whole, rtol=1e-4, atol=1e-4)
-    other = module.sample(7, seed=4, **{k: v for k, v in kwargs.items() if k != "seed"})
+    other = draw(module, 7, seed=4, **{k: v for k, v in kwargs.items() if k != "seed"})
     assert (whole - other).abs().amax(dim=(1, 2, 3)).min() > 1e-2
 
 
 def test_guidance_scale_one_is_the_conditional_model(conditional):
     module = conditional[0]
     labels = torch.tensor([2, 0, 1])
-    out = module.sample(3, sampler="heun", steps=6, seed=5, labels=labels, guidance=1.0)
+    out = draw(module, 3, sampler="heun", steps=6, seed=5, labels=labels, guidance=1.0)
     noise = SampleNoise(5)
-    sigmas = module.config.sigmas("heun", 6)
+    sigmas = torch.tensor(generate.plan(module.config, "heun", 6).sigmas, dtype=torch.float64)
     x = sigmas[0].item() * noise.randn_like(torch.empty(3, 1, 8, 8))
-    denoiser = Denoiser(module.ema, module.config.preconditioner())
+    denoiser = Denoiser(module.ema, preconditioning.for_config(module.config))
     with torch.no_grad():
         expected = samplers.heun(lambda x, s: denoiser(x, s, labels), x, sigmas, generator=noise)
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
-    unconditional = module.sample(3, sampler="heun", steps=6, seed=5)  # the null class
-    torch.testing.assert_close(module.sample(3, sampler="heun", steps=6, seed=5, labels=labels, guidance=0.0),
+    unconditional = draw(module, 3, sampler="heun", steps=6, seed=5)  # the null class
+    torch.testing.assert_close(draw(module, 3, sampler="heun", steps=6, seed=5, labels=labels, guidance=0.0),
                                unconditional, rtol=0, atol=0)  # fmt: skip
-    guided = module.sample(3, sampler="heun", steps=6, seed=5, labels=labels, guidance=3.0)
+    guided = draw(module, 3, sampler="heun", steps=6, seed=5, labels=labels, guidance=3.0)
     assert not torch.allclose(guided, out) and not torch.allclose(guided, unconditional)
 
 
 def test_labels_choose_the_classes_and_the_config_guidance_is_the_default(conditional):
     module = conditional[0]
-    a = module.sample(4, steps=6, seed=1, labels=1)
-    torch.testing.assert_close(a, module.sample(4, steps=6, seed=1, labels=torch.ones(4, dtype=torch.long)))
-    assert not torch.allclose(a, module.sample(4, steps=6, seed=1, labels=2))
+    a = draw(module, 4, steps=6, seed=1, labels=1)
+    torch.testing.assert_close(a, draw(module, 4, steps=6, seed=1, labels=torch.ones(4, dtype=torch.long)))
+    assert not torch.allclose(a, draw(module, 4, steps=6, seed=1, labels=2))
     guided = with_config(module, guidance=2.5)
-    torch.testing.assert_close(guided.sample(4, steps=6, seed=1, labels=1), module.sample(4, steps=6, seed=1, labels=1,
+    torch.testing.assert_close(draw(guided, 4, steps=6, seed=1, labels=1), draw(module, 4, steps=6, seed=1, labels=1,
                                                                                           guidance=2.5))  # fmt: skip
 
 
@@ -204,22 +212,22 @@ def test_labels_choose_the_classes_and_the_config_guidance_is_the_default(condit
 )
 def test_sample_rejects_invalid_arguments(conditional, kwargs, error, match):
     with pytest.raises(error, match=match):
-        conditional[0].sample(3, **kwargs)
+        draw(conditional[0], 3, **kwargs)
 
 
 def test_labels_need_a_class_conditional_net(ddpm_module):
     with pytest.raises(ValueError, match="labels need a class-conditional net"):
-        ddpm_module.sample(2, labels=0)
+        draw(ddpm_module, 2, labels=0)
 
 
 def test_sigma_samplers_on_a_ddpm_model_visit_trained_timesteps(ddpm_module):
     seen = []
-    out = ddpm_module.sample(5, sampler="dpmpp_2m", steps=8, batch_size=2, seed=2, callback=seen.append)
+    out = draw(ddpm_module, 5, sampler="dpmpp_2m", steps=8, batch_size=2, seed=2, callback=seen.append)
     assert out.shape == (5, 1, 8, 8) and torch.isfinite(out).all()
-    trained = set(ddpm_module.config.sigmas("ddpm", 100)[:-1].tolist())  # every trained timestep
+    trained = set(generate.plan(ddpm_module.config, "ddpm", 100).sigmas[:-1])  # every trained timestep
     assert {s["sigma"] for s in seen} <= trained and len({s["sigma"] for s in seen}) == 8
     assert [s["start"] for s in seen] == [0] * 8 + [2] * 8 + [4] * 8
-    torch.testing.assert_close(ddpm_module.sample(5, sampler="dpmpp_2m", steps=8, seed=2), out, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(draw(ddpm_module, 5, sampler="dpmpp_2m", steps=8, seed=2), out, rtol=1e-4, atol=1e-4)
 
 
 # --------------------------------------------------------------------------- inpainting
@@ -237,12 +245,12 @@ def test_inpainting_keeps_known_pixels_exactly(conditional, ddpm_module, toy_ima
     mask = torch.zeros(1, 1, 8, 8, dtype=torch.bool)
     mask[..., :, :4] = True  # the left half is known
     kwargs = {"sampler": sampler, "steps": 6, "seed": 1, "known": known, "mask": mask, **labels}
-    out = module.sample(5, jump_length=2, resample=2, batch_size=2, **kwargs)
+    out = draw(module, 5, jump_length=2, resample=2, batch_size=2, **kwargs)
     assert torch.equal(out[..., :4], known[..., :4])
     assert torch.isfinite(out).all()
     assert not torch.equal(out[..., 4:], known[..., 4:])
-    torch.testing.assert_close(module.sample(5, jump_length=2, resample=2, **kwargs), out, rtol=1e-4, atol=1e-4)
-    plain = module.sample(5, **kwargs)
+    torch.testing.assert_close(draw(module, 5, jump_length=2, resample=2, **kwargs), out, rtol=1e-4, atol=1e-4)
+    plain = draw(module, 5, **kwargs)
     assert torch.equal(plain[..., :4], known[..., :4]) and not torch.allclose(plain, out)
 
 
@@ -251,7 +259,7 @@ def test_inpainting_with_a_per_image_float_mask(ddpm_module, toy_images):
     mask = torch.zeros(3, 1, 8, 8)
     mask[0, ..., 0, :] = 1.0
     mask[1, ..., :, 0] = 1.0
-    out = ddpm_module.sample(3, steps=5, known=known, mask=mask)
+    out = draw(ddpm_module, 3, steps=5, known=known, mask=mask)
     assert torch.equal(out[mask.bool()], known[mask.bool()])
     assert not torch.equal(out[2], known[2])
 
@@ -266,4 +274,4 @@ def test_edm_checkpoint_round_trip(conditional, tmp_path):
     loaded = DiffusionModule.from_checkpoint(path)
     assert loaded.config == module.config and loaded.config.preconditioning == "edm"
     kwargs = {"steps": 6, "seed": 2, "labels": 1, "guidance": 1.5}
-    assert torch.equal(loaded.sample(3, **kwargs), module.sample(3, **kwargs))
+    assert torch.equal(draw(loaded, 3, **kwargs), draw(module, 3, **kwargs))

@@ -8,7 +8,6 @@ or as real processes that get killed. The DVC-level faults (stages killed mid-wr
 from __future__ import annotations
 
 import argparse
-import copy
 import errno
 import logging
 import os
@@ -24,14 +23,11 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
-import yaml
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 from pipeline import params
 
 import fault_train
-from ddpm import data, io, training
-from ddpm.config import ConfigError
+from ddpm import checkpoints, data, export, fit, io
+from ddpm.config import ConfigError, TrainConfig
 from ddpm.module import DiffusionModule, NonFiniteLossError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,11 +45,7 @@ def restore_threads():
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory) -> Path:
     """train.npz (360) and test.npz (40) of scikit-learn's 8x8 digits."""
-    folder = tmp_path_factory.mktemp("digits")
-    train_set, test_set = data.split(data.load(data.DataConfig(dataset="digits")), 0.1, seed=0, limit=400)
-    data.save_npz(folder / "train.npz", train_set)
-    data.save_npz(folder / "test.npz", test_set)
-    return folder
+    return fault_train.save_digits(tmp_path_factory.mktemp("digits"))
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +116,7 @@ def test_sigterm_checkpoints_then_a_rerun_resumes_bit_identically(digits, refere
     assert load(tmp_path / "resume.ckpt")["global_step"] == step
 
     first = FirstStep()
-    with caplog.at_level(logging.WARNING, logger="ddpm.training"):
+    with caplog.at_level(logging.WARNING, logger="ddpm.fit"):
         metrics = fault_train.run(digits, tmp_path, callbacks=(first,))
     assert first.step == step and f"resuming from {tmp_path / 'resume.ckpt'} at step {step}" in caplog.text
     assert same_metrics(metrics, ref_metrics)
@@ -157,13 +149,13 @@ def test_sigkill_mid_run_or_mid_checkpoint_then_resume_is_bit_identical(digits, 
     assert [p.name.startswith(".resume.ckpt.") and p.suffix == ".tmp" for p in inside.iterdir()].count(True) == 1
 
     for out in (outside, inside):
-        resumed = training.resume_checkpoint(
+        resumed = fit.resume_checkpoint(
             out,
             data.load_npz(digits / "train.npz"),
             data.load_npz(digits / "test.npz"),
             fault_train.MODEL,
             fault_train.DIFFUSION,
-            training.TrainConfig(**fault_train.TRAIN),
+            TrainConfig(**fault_train.TRAIN),
         )
         assert resumed is not None and 5 <= resumed.step < 40
         first = FirstStep()
@@ -179,8 +171,8 @@ def test_a_resume_checkpoint_is_used_only_by_the_run_it_belongs_to(digits, tmp_p
     train_set, test_set = data.load_npz(digits / "train.npz"), data.load_npz(digits / "test.npz")
 
     def resume(train_set=train_set, **changes):
-        cfg = training.TrainConfig(**{**fault_train.TRAIN, **changes})
-        return training.resume_checkpoint(tmp_path, train_set, test_set, fault_train.MODEL, fault_train.DIFFUSION, cfg)
+        cfg = TrainConfig(**{**fault_train.TRAIN, **changes})
+        return fit.resume_checkpoint(tmp_path, train_set, test_set, fault_train.MODEL, fault_train.DIFFUSION, cfg)
 
     found = resume()
     assert found.path == tmp_path / "resume.ckpt" and found.step == 3 and found.logger_version is None
@@ -191,7 +183,7 @@ def test_a_resume_checkpoint_is_used_only_by_the_run_it_belongs_to(digits, tmp_p
     assert resume(train_set=train_set.subset(np.arange(len(train_set) - 1))) is None
 
     first = FirstStep()
-    with caplog.at_level(logging.WARNING, logger="ddpm.training"):
+    with caplog.at_level(logging.WARNING, logger="ddpm.fit"):
         fault_train.run(digits, tmp_path, callbacks=(first,), lr=1e-3, max_steps=6)
     assert first.step == 0 and "ignoring" in caplog.text and "another run's" in caplog.text
     assert not (tmp_path / "resume.ckpt").exists()
@@ -249,59 +241,6 @@ def test_the_train_cli_reports_disk_full_and_nan_in_one_line(monkeypatch, capsys
         assert exit_.value.code == 2 and err.startswith("error: ") and text in err and err.count("\n") == 1
 
 
-# --------------------------------------------------------------------------- nan and inf losses
-
-
-class Poison(pl.Callback):
-    """Fill the batch of optimizer step ``step`` with nan; remember the state around that step."""
-
-    def __init__(self, step: int) -> None:
-        self.step, self.before, self.after = step, None, None
-
-    def state(self, trainer, module) -> dict:
-        return copy.deepcopy({"module": module.state_dict(), "optimizer": trainer.optimizers[0].state_dict()})
-
-    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
-        if trainer.global_step + 1 == self.step:
-            batch[0].fill_(float("nan"))
-            self.before = self.state(trainer, module)
-
-    def on_train_batch_end(self, trainer, module, *args) -> None:
-        if trainer.global_step == self.step:
-            self.after = self.state(trainer, module)
-
-
-def test_a_nan_loss_stops_naming_the_step_and_skip_resumes_from_the_last_good_checkpoint(digits, tmp_path):
-    with pytest.raises(NonFiniteLossError) as stopped:
-        fault_train.run(digits, tmp_path, callbacks=(Poison(8),))
-    message = str(stopped.value)
-    assert stopped.value.step == 8 and message.startswith("loss is nan at optimizer step 8; training stopped")
-    assert f"{tmp_path / 'resume.ckpt'} (step 5) is kept" in message and "train.nonfinite: skip" in message
-    assert "\n" not in message
-    assert sorted(os.listdir(tmp_path)) == ["resume.ckpt"] and load(tmp_path / "resume.ckpt")["global_step"] == 5
-    assert all(torch.isfinite(v).all() for v in load(tmp_path / "resume.ckpt")["state_dict"].values())
-
-    poison, first = Poison(8), FirstStep()
-    metrics = fault_train.run(digits, tmp_path, callbacks=(poison, first), nonfinite="skip")
-    assert first.step == 5 and metrics["steps"] == 40 and metrics["skipped_steps"] == 1
-    before, after = poison.before, poison.after
-    for key, value in before["module"].items():  # the skipped step changed neither the weights nor the EMA
-        assert torch.equal(value, after["module"][key]), key
-    for i, state in before["optimizer"]["state"].items():  # nor the optimizer's moments and step count
-        assert all(torch.equal(state[k], after["optimizer"]["state"][i][k]) for k in state)
-    assert all(torch.isfinite(v).all() for v in load(tmp_path / "model.pt")["state_dict"].values())
-
-
-def test_an_inf_loss_is_caught_too(digits, tmp_path):
-    class Inf(Poison):
-        def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
-            if trainer.global_step + 1 == self.step:
-                module.model_step = lambda *a, **k: DiffusionModule.model_step(module, *a, **k) * float("inf")
-
-    with pytest.raises(NonFiniteLossError, match=r"loss is inf at optimizer step 3; training stopped; no checkpoint"):
-        fault_train.run(digits, tmp_path, callbacks=(Inf(3),), max_steps=4)
-
-
 # --------------------------------------------------------------------------- malicious, corrupt and mismatched files
 
 
@@ -323,20 +262,20 @@ def model_files(reference) -> dict[str, Path]:
 def loaders(tmp_path: Path, digits: Path):
     """Each loader of a weights file: name -> function of a path."""
     train_set, test_set = data.load_npz(digits / "train.npz"), data.load_npz(digits / "test.npz")
-    cfg = training.TrainConfig(**fault_train.TRAIN)
-    key = training.fingerprint(train_set, test_set, fault_train.MODEL, fault_train.DIFFUSION, cfg)
+    cfg = TrainConfig(**fault_train.TRAIN)
+    key = fit.fingerprint(train_set, test_set, fault_train.MODEL, fault_train.DIFFUSION, cfg)
     return {
-        "model": training.load_model,
+        "model": export.load_model,
         "payload": lambda p: io.load_payload(p, "model", {"format"}),
         "checkpoint": DiffusionModule.from_checkpoint,
-        "resume": lambda p: training.read_resume(p, key),
+        "resume": lambda p: checkpoints.read_resume(p, key),
     }
 
 
 def test_a_pickle_that_runs_code_is_refused_by_every_loader_and_runs_nothing(tmp_path, digits):
     marker = tmp_path / "marker"
     evil = tmp_path / "evil.pt"
-    torch.save({"format": io.MODEL_FORMAT, "state_dict": CreatesFile(marker), "hyper_parameters": {}}, evil)
+    torch.save({"format": export.MODEL_FORMAT, "state_dict": CreatesFile(marker), "hyper_parameters": {}}, evil)
     for name, load_fn in loaders(tmp_path, digits).items():
         with pytest.raises(
             io.UnsafeFileError, match=r"evil\.pt: refused to load this .*: it pickles io\.open, which could run code"
@@ -352,7 +291,7 @@ def test_a_pickle_that_runs_code_is_refused_by_every_loader_and_runs_nothing(tmp
 @pytest.mark.slow
 def test_the_sample_cli_refuses_a_malicious_model_in_one_line(tmp_path):
     marker = tmp_path / "marker"
-    torch.save({"format": io.MODEL_FORMAT, "net": CreatesFile(marker)}, tmp_path / "evil.pt")
+    torch.save({"format": export.MODEL_FORMAT, "net": CreatesFile(marker)}, tmp_path / "evil.pt")
     cmd = [sys.executable, "-m", "pipeline.sample", "--model", str(tmp_path / "evil.pt"), "--out", str(tmp_path / "s")]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2, result.stderr
@@ -381,7 +320,7 @@ def test_weights_of_another_network_config_name_the_file_and_the_mismatch(tmp_pa
     with pytest.raises(
         ValueError, match=r"other\.pt: the model weights do not match its network config: size mismatch"
     ):
-        training.load_model(tmp_path / "other.pt")
+        export.load_model(tmp_path / "other.pt")
 
     ckpt = load(model_files["checkpoint"])
     ckpt["hyper_parameters"]["net"]["channel_mult"] = [1, 2, 2]  # one more level than the weights have
@@ -396,7 +335,7 @@ def test_weights_of_another_network_config_name_the_file_and_the_mismatch(tmp_pa
 
     torch.save({"state_dict": {}, "hyper_parameters": {}}, tmp_path / "ours.ckpt")
     with pytest.raises(ValueError, match=r"ours\.ckpt: not a resume checkpoint .*delete it"):
-        training.read_resume(tmp_path / "ours.ckpt", "0" * 64)
+        checkpoints.read_resume(tmp_path / "ours.ckpt", "0" * 64)
 
 
 @pytest.mark.parametrize(
@@ -430,130 +369,3 @@ def test_image_set_npz_of_wrong_dtype_shape_or_truncated_name_the_file(tmp_path)
         with pytest.raises(ValueError, match=rf"{name}: not a valid image-set npz") as e:
             data.load_npz(tmp_path / name)
         assert "\n" not in str(e.value)
-
-
-# --------------------------------------------------------------------------- params: every input gets a clear error
-
-BASE = params.read_yaml(ROOT / "params.yaml")
-KEYS = [(s, k) for s, values in BASE.items() for k in values]
-LEAF = st.one_of(
-    st.none(),
-    st.booleans(),
-    st.integers(),
-    st.integers(min_value=-(2**80), max_value=2**80),
-    st.floats(),
-    st.text(max_size=12),
-    st.sampled_from(["auto", "cpu", "ddim", "heun", "cosine", "digits", "image_folder", "ddim-0", "UTC", "* * *"]),
-    st.sampled_from([0, 1, -1, 2**31, 2**64, 10**30, 1e308, float("nan"), float("inf"), 0.5]),
-)
-JUNK = st.recursive(
-    LEAF,
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.one_of(st.text(max_size=8), st.integers()), inner),
-    max_leaves=8,
-)
-FUZZ = settings(max_examples=250, deadline=None, database=None, suppress_health_check=list(HealthCheck))
-
-
-def validates_or_fails_in_one_line(raw) -> None:
-    try:
-        params.validate(raw)
-    except ConfigError as e:
-        assert "\n" not in str(e) and len(str(e)) < 600, str(e)
-
-
-@FUZZ
-@given(st.data())
-def test_fuzzed_params_values_validate_or_fail_in_one_line(draw):
-    raw = copy.deepcopy(BASE)
-    for _ in range(draw.draw(st.integers(1, 3))):
-        kind = draw.draw(st.sampled_from(["value", "value", "section", "new key"]))
-        if kind == "value":
-            section, key = draw.draw(st.sampled_from(KEYS))
-            if isinstance(raw[section], dict):
-                raw[section][key] = draw.draw(JUNK)
-        elif kind == "section":
-            raw[draw.draw(st.sampled_from(list(BASE)))] = draw.draw(JUNK)
-        elif isinstance(values := raw[draw.draw(st.sampled_from(list(BASE)))], dict):
-            values[draw.draw(st.one_of(st.text(max_size=6), st.integers(), st.none()))] = draw.draw(JUNK)
-    validates_or_fails_in_one_line(raw)
-
-
-@FUZZ
-@given(st.dictionaries(st.one_of(st.sampled_from(list(BASE)), st.text(max_size=6), st.integers()), JUNK, max_size=6))
-def test_fuzzed_params_sections_validate_or_fail_in_one_line(raw):
-    validates_or_fails_in_one_line(raw)
-
-
-YAML_BITS = [
-    "{",
-    "}",
-    "[",
-    "]",
-    ": ",
-    "- ",
-    "\n",
-    "  ",
-    "\t",
-    "&a ",
-    "*a",
-    "? ",
-    "!!binary ",
-    "!!set ",
-    ".nan",
-    "-.inf",
-]
-YAML_BITS += [
-    "!!python/object/apply:os.system ",
-    "<<: *a",
-    "'",
-    '"',
-    "#",
-    "---\n",
-    "~",
-    "1e999",
-    "0x1F",
-    "\x00",
-    "\ufeff",
-]
-
-
-@FUZZ
-@given(st.data())
-def test_fuzzed_params_files_load_or_fail_in_one_line(tmp_path_factory, draw):
-    lines = (ROOT / "params.yaml").read_text().splitlines()
-    for _ in range(draw.draw(st.integers(1, 4))):
-        i = draw.draw(st.integers(0, len(lines) - 1))
-        j = draw.draw(st.integers(0, len(lines[i])))
-        lines[i] = lines[i][:j] + draw.draw(st.one_of(st.sampled_from(YAML_BITS), st.text(max_size=4))) + lines[i][j:]
-    path = tmp_path_factory.mktemp("params") / "params.yaml"
-    path.write_text("\n".join(lines))
-    try:
-        params.load(path)
-    except ConfigError as e:
-        assert "\n" not in str(e), str(e)
-
-
-@pytest.mark.parametrize(
-    ("content", "message"),
-    [
-        (b"[" * 50000, "nested too deeply"),
-        (b"\xff\xfe junk", "not UTF-8 text"),
-        (b"train: !!python/object/apply:os.system [touch pwned]", "not valid YAML"),
-        (b"- a\n- b", "expected a mapping of sections, got list"),
-        (yaml.safe_dump({"train": {"lr": float("nan")}}).encode(), "train.lr=nan: Input should be a finite number"),
-        (yaml.safe_dump({"train": {"seed": 2**40}}).encode(), "train.seed=1099511627776: Input should be less than"),
-        (yaml.safe_dump({"model": {"channels": 10**30}}).encode(), "model: "),
-        (yaml.safe_dump({"diffusion": {"T": 10**9}}).encode(), "diffusion.T=1000000000: Input should be less than"),
-        (yaml.safe_dump({"train": {"devices": 0}}).encode(), "train.devices=0: expected a count >= 1"),
-        (yaml.safe_dump({"train": {"precision": "fp8"}}).encode(), "train.precision='fp8': Input should be"),
-        (yaml.safe_dump({"train": {"nonfinite": "ignore"}}).encode(), "train.nonfinite='ignore': Input should be"),
-        (yaml.safe_dump({"sample": [1, 2]}).encode(), "sample=[1, 2]: expected a mapping"),
-        (yaml.safe_dump({"data": {"x\ny": 1}}).encode(), r"data.'x\ny': unknown key"),
-    ],
-)
-def test_hostile_params_files_fail_in_one_line(tmp_path, content, message):
-    (tmp_path / "params.yaml").write_bytes(content)
-    with pytest.raises(ConfigError) as e:
-        params.load(tmp_path / "params.yaml")
-    assert message in str(e.value) and "\n" not in str(e.value)
-    assert not (tmp_path / "pwned").exists()

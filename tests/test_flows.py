@@ -1,7 +1,8 @@
 """Prefect flows against a real Prefect server (prefect_test_harness) and a real DVC project.
 
 The project is a temp git repo copy of this one on a shrunk smoke configuration; its DVC runs are shared
-by the tests of this module (retrain, then nothing to do, a retried failure, a timed-out run, a sweep).
+by the tests of this module (retrain, then nothing to do, a retried failure, a timed-out run, an experiment
+grid, a preempted run). Faults are injected by running the flows' DVC through ``tests/fault_dvc.py``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from uuid import UUID
 
 import pytest
 import yaml
-from pipeline import flows, params
+from pipeline import deployments, dvc_runner, flows, params
 from pipeline import overrides as dotted
 from pipeline.schedule import ScheduleConfig
 from prefect import flow
@@ -55,6 +56,7 @@ SHRINK = {
 }
 ALL_STAGES = ["prepare", "featurizer", "train", "sample", "evaluate", "sweep@ddim-5", "sweep_report"]
 FAST = {"retry_delay_seconds": 0}
+FAULT_DVC = Path(__file__).resolve().parent / "fault_dvc.py"
 
 
 @pytest.fixture(scope="session")
@@ -82,6 +84,12 @@ def retrained(prefect_server, project):
 def commit(root: Path, message: str) -> None:
     run(["git", "add", "-A"], root)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", message], root)
+
+
+def inject(monkeypatch, fault: str, marker: Path) -> None:
+    """Run the flows' DVC through tests/fault_dvc.py: one ``fault`` (fail, preempt) while ``marker`` exists."""
+    marker.touch()
+    monkeypatch.setattr(dvc_runner, "DVC", (sys.executable, str(FAULT_DVC), fault, str(marker)))
 
 
 def flow_run_id(state) -> UUID:
@@ -147,10 +155,12 @@ def test_bad_parameters_are_rejected_before_any_work(prefect_server, project):
         assert str(e.value).startswith(message) and "\n" not in str(e.value)
     with pytest.raises(ConfigError, match=r"^retrain.project='/no/such/dir': expected a DVC project folder"):
         flows.retrain(project="/no/such/dir")
-    with pytest.raises(ConfigError, match=r"^sweep.grid=.*: no values for \['sample.steps'\]$"):
-        flows.sweep(grid={"sample.steps": []}, project=where)
+    with pytest.raises(ConfigError, match=r"^experiment_grid.grid=.*: no values for \['sample.steps'\]$"):
+        flows.experiment_grid(grid={"sample.steps": []}, project=where)
+    with pytest.raises(ConfigError, match=r"^experiment_grid.grid: keys must look like section.key, got \['steps'\]$"):
+        flows.experiment_grid(grid={"steps": [5]}, project=where)
     with pytest.raises(ConfigError, match=r"^sample.n=0: "):
-        flows.sweep(grid={"sample.steps": [5], "sample.n": [64, 0]}, project=where)
+        flows.experiment_grid(grid={"sample.steps": [5], "sample.n": [64, 0]}, project=where)
     state = flows.retrain(project=where, overrides={"train.lr": -1}, return_state=True)
     assert state.is_failed() and "train.lr=-1" in state.message
     assert task_runs(state) == {}, "no task ran"
@@ -199,8 +209,7 @@ def test_tracking_off_logs_nothing(retrained, project):
 
 def test_transient_failure_is_retried(retrained, project, tmp_path, monkeypatch):
     marker = tmp_path / "fail-once"
-    marker.touch()
-    monkeypatch.setenv(flows.FAIL_ONCE, str(marker))
+    inject(monkeypatch, "fail", marker)
     state = flows.retrain(project=str(project), overrides={"sample.steps": 5}, retries=2, **FAST, return_state=True)
     assert state.is_completed(), state.message
     assert not marker.exists()
@@ -233,10 +242,10 @@ def test_permanent_failure_fails_the_flow_and_leaves_outputs_whole(retrained, pr
     assert "train" in status, "DVC recorded nothing for the interrupted stage"
 
 
-def test_sweep_runs_dvc_experiments_and_reports_the_best(retrained, project):
+def test_experiment_grid_runs_dvc_experiments_and_reports_the_best(retrained, project):
     commit(project, "pipeline outputs")  # experiments start from the last commit: dvc.lock must be in it
     workspace = workspace_state(project)
-    state = flows.sweep(grid={"sample.steps": [5, 10]}, project=str(project), **FAST, return_state=True)
+    state = flows.experiment_grid(grid={"sample.steps": [5, 10]}, project=str(project), **FAST, return_state=True)
     assert state.is_completed(), state.message
     result = state.result()
     assert [r["overrides"] for r in result["runs"]] == [{"sample.steps": 5}, {"sample.steps": 10}]
@@ -248,7 +257,7 @@ def test_sweep_runs_dvc_experiments_and_reports_the_best(retrained, project):
     assert workspace_state(project) == workspace, "experiments run in temp copies; the workspace is untouched"
     shown = run([sys.executable, "-m", "dvc", "exp", "show", "--json"], project).stdout
     assert all(r["experiment"] in shown for r in result["runs"])
-    assert f"best FID {result['best']['fid']:.4f}" in artifact("sweep-summary", state)
+    assert f"best FID {result['best']['fid']:.4f}" in artifact("experiment-grid-summary", state)
 
 
 def test_promote_applies_the_champion_rule_on_a_real_registry(prefect_server, tmp_path):
@@ -298,15 +307,15 @@ def test_promote_applies_the_champion_rule_on_a_real_registry(prefect_server, tm
 
 def test_served_deployment_has_the_schedule_and_concurrency_limit_1(prefect_server):
     cfg = params.load(ROOT / "params.yaml").schedule
-    deployment_id = flows.deployment(cfg).apply()
+    deployment_id = deployments.deployment(cfg).apply()
     with get_client(sync_client=True) as client:
         deployment = client.read_deployment(deployment_id)
     (schedule,) = deployment.schedules
     assert (schedule.schedule.cron, schedule.schedule.timezone) == (cfg.cron, cfg.timezone)
     assert deployment.name == cfg.deployment and deployment.global_concurrency_limit.limit == 1
-    assert deployment.entrypoint == flows.ENTRYPOINT
+    assert deployment.entrypoint == deployments.ENTRYPOINT
     with pytest.raises(ConfigError, match=r"^schedule.cron='99 3 \* \* \*': Invalid cron string"):
-        flows.deployment(ScheduleConfig(cron="99 3 * * *"))
+        deployments.deployment(ScheduleConfig(cron="99 3 * * *"))
     with pytest.raises(ConfigError, match=r"^schedule.cron='0 3 \* \*': expected a cron expression of 5 fields"):
         ScheduleConfig.from_dict({"cron": "0 3 * *"}, "schedule")
     with pytest.raises(ConfigError, match=r"^schedule.timezone='Mars/Olympus': expected an IANA time zone"):
@@ -315,9 +324,9 @@ def test_served_deployment_has_the_schedule_and_concurrency_limit_1(prefect_serv
 
 def test_prefect_yaml_agrees_with_params_and_deploys_to_the_pool(prefect_server, project):
     cfg = params.load(ROOT / "params.yaml").schedule
-    assert flows.prefect_yaml_mismatches(cfg, ROOT / "prefect.yaml") == []
+    assert deployments.prefect_yaml_mismatches(cfg, ROOT / "prefect.yaml") == []
     other = cfg.model_copy(update={"cron": "0 4 * * *", "work_pool": "cpu"})
-    assert flows.prefect_yaml_mismatches(other, ROOT / "prefect.yaml") == [
+    assert deployments.prefect_yaml_mismatches(other, ROOT / "prefect.yaml") == [
         "work_pool.name='gpu', expected 'cpu'",
         "schedules[0].cron='0 3 * * *', expected '0 4 * * *'",
     ]
@@ -341,7 +350,7 @@ def test_prefect_yaml_agrees_with_params_and_deploys_to_the_pool(prefect_server,
     assert deployment.global_concurrency_limit.limit == 1 and deployment.work_pool_name == cfg.work_pool
     assert deployment.job_variables["env"]["CUDA_VISIBLE_DEVICES"] == "0"
     assert deployment.parameters["overrides"]["train.accelerator"] == "gpu"
-    assert deployment.entrypoint == flows.ENTRYPOINT
+    assert deployment.entrypoint == deployments.ENTRYPOINT
     (pull,) = deployment.pull_steps
     assert pull["prefect.deployments.steps.set_working_directory"]["directory"] == str(project.resolve())
 
@@ -349,8 +358,7 @@ def test_prefect_yaml_agrees_with_params_and_deploys_to_the_pool(prefect_server,
 def test_preempted_attempt_resumes_training_on_retry(retrained, project, tmp_path, monkeypatch):
     """The first attempt is interrupted after the train stage's first checkpoint; the retry resumes there."""
     marker = tmp_path / "preempt-once"
-    marker.touch()
-    monkeypatch.setenv(flows.PREEMPT_ONCE, str(marker))
+    inject(monkeypatch, "preempt", marker)
     overrides = {"train.max_steps": 60, "train.checkpoint_every": 10}
     state = flows.retrain(project=str(project), overrides=overrides, retries=1, **FAST, return_state=True)
     assert state.is_completed(), state.message

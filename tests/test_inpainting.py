@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from ddpm import DDPMConfig, conditioning, predictions, samplers, schedules
+from ddpm import conditioning, config, generate, predictions, samplers, schedules
+from ddpm.config import DDPMConfig
 from gaussian import GaussianOracle, edm_denoiser
 
 MU, S = 1.0, 0.5
@@ -77,7 +78,7 @@ def test_masked_denoiser_and_model_fn_set_the_known_x0():
 
 def test_known_region_follows_the_known_image_at_every_step():
     """With the known x0 pasted into D, Euler keeps x = known + sigma_i n in the known region."""
-    sigmas = samplers.karras_sigmas(12)
+    sigmas = schedules.karras_sigmas(12)
     x = sigmas[0] * torch.randn(64, 1, 1, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     n = (x[..., 0] - KNOWN[..., 0]) / sigmas[0]
     seen = []
@@ -90,9 +91,11 @@ def test_known_region_follows_the_known_image_at_every_step():
 def inpaint(sampler: str, steps: int, jump_length: int, resample: int, n: int = 20_000, **options) -> torch.Tensor:
     """Inpaint n two-pixel images of N(MU, S^2) data (pixel 0 known) with RePaint; returns x_0."""
     g = torch.Generator().manual_seed(3)
-    sigmas = DDPMConfig(sampler=sampler, steps=steps, **options).sigmas()
+    sigmas = torch.tensor(
+        generate.plan(DDPMConfig(sampler=sampler, steps=steps, **options)).sigmas, dtype=torch.float64
+    )
     x = torch.randn(n, 1, 1, 2, generator=g, dtype=torch.float64)
-    if sampler in samplers.TIMESTEP_SAMPLERS:
+    if sampler in config.TIMESTEP_SAMPLERS:
         fn = conditioning.masked_model_fn(ORACLE.eps, KNOWN, MASK, AB, "epsilon")
 
         def run(x, a, b):
@@ -101,7 +104,7 @@ def inpaint(sampler: str, steps: int, jump_length: int, resample: int, n: int = 
         vp = True
     else:
         fn = conditioning.masked_denoiser(D, KNOWN, MASK)
-        sigmas = samplers.karras_sigmas(steps)
+        sigmas = schedules.karras_sigmas(steps)
         x = sigmas[0] * x
 
         def run(x, a, b):

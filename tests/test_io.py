@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from ddpm import io
+from ddpm import export, io
 
 
 def test_atomic_path_replaces_only_on_success(tmp_path):
@@ -59,7 +59,9 @@ def test_load_samples_names_the_file_and_the_mismatch(tmp_path):
 
 def test_saved_model_loads_weights_only_and_refuses_code(tmp_path):
     path = tmp_path / "model.pt"
-    io.save_model(path, {"a": 1}, {"b": 2}, {"w": torch.ones(2)})
+    io.save_payload(
+        path, {"format": export.MODEL_FORMAT, "net": {"a": 1}, "config": {"b": 2}, "state_dict": {"w": torch.ones(2)}}
+    )
     payload = io.load_payload(path, "model", {"format", "net", "config", "state_dict"})
     assert payload["net"] == {"a": 1} and torch.equal(payload["state_dict"]["w"], torch.ones(2))
 
@@ -69,14 +71,14 @@ def test_saved_model_loads_weights_only_and_refuses_code(tmp_path):
         def __reduce__(self):
             return (open, (str(marker), "w"))
 
-    torch.save({"format": io.MODEL_FORMAT, "net": Evil()}, tmp_path / "evil.pt")
+    torch.save({"format": export.MODEL_FORMAT, "net": Evil()}, tmp_path / "evil.pt")
     with pytest.raises(io.UnsafeFileError, match=r"evil\.pt: refused to load this model: it pickles io\.open"):
         io.load_payload(tmp_path / "evil.pt", "model", {"format"})
     assert not marker.exists()
     (tmp_path / "cut.pt").write_bytes(path.read_bytes()[:100])
     with pytest.raises(ValueError, match=r"cut\.pt: not a readable model file: corrupt or truncated"):
         io.load_payload(tmp_path / "cut.pt", "model", {"format"})
-    torch.save({"format": io.MODEL_FORMAT}, tmp_path / "keys.pt")
+    torch.save({"format": export.MODEL_FORMAT}, tmp_path / "keys.pt")
     with pytest.raises(ValueError, match=r"keys\.pt is not a model: missing keys \['net'\]"):
         io.load_payload(tmp_path / "keys.pt", "model", {"format", "net"})
 
@@ -96,7 +98,7 @@ def test_load_state_names_the_file_and_the_first_difference(tmp_path):
 
 def test_a_full_disk_mid_write_keeps_the_old_file_and_leaves_no_temp(tmp_path, monkeypatch):
     path = tmp_path / "model.pt"
-    io.save_model(path, {"a": 1}, {}, {"w": torch.ones(2)})
+    io.save_payload(path, {"net": {"a": 1}, "state_dict": {"w": torch.ones(2)}})
     old = path.read_bytes()
 
     def disk_full(obj, f, *args, **kwargs):
@@ -106,7 +108,7 @@ def test_a_full_disk_mid_write_keeps_the_old_file_and_leaves_no_temp(tmp_path, m
 
     monkeypatch.setattr(torch, "save", disk_full)
     with pytest.raises(OSError, match="No space left on device"):
-        io.save_model(path, {"a": 2}, {}, {"w": torch.zeros(2)})
+        io.save_payload(path, {"net": {"a": 2}, "state_dict": {"w": torch.zeros(2)}})
     assert path.read_bytes() == old and [p.name for p in tmp_path.iterdir()] == ["model.pt"]
 
 

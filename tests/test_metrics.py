@@ -310,6 +310,7 @@ def _random_inception_weights(path: Path) -> None:
     torch.save(net.state_dict(), path)
 
 
+@pytest.mark.slow  # builds Inception-v3 three times (about a minute on 2 cores)
 def test_inception_path_loads_a_local_weights_file(tmp_path, monkeypatch):
     pytest.importorskip("torchvision")
     pytest.importorskip("torch_fidelity")

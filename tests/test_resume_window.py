@@ -8,7 +8,9 @@ import numpy as np
 import torch
 
 import fault_train
-from ddpm import io, training
+from ddpm import checkpoints, io
+from ddpm.config import TrainConfig
+from ddpm.fit import train
 
 MODEL = {"channels": 8, "channel_mult": [1, 2], "attn_resolutions": [4], "num_heads": 2, "norm_groups": 4}
 DIFFUSION = {"T": 50, "steps": 4, "sampler": "ddim"}
@@ -21,15 +23,15 @@ TRAIN = {
 
 def fit(toy_image_sets, out, **kwargs) -> dict:
     train_set, val_set = toy_image_sets
-    cfg = training.TrainConfig(**TRAIN)
-    return training.train(train_set, val_set, MODEL, DIFFUSION, cfg, out, progress=False, **kwargs)
+    cfg = TrainConfig(**TRAIN)
+    return train(train_set, val_set, MODEL, DIFFUSION, cfg, out, progress=False, **kwargs)
 
 
 def test_a_run_killed_after_training_but_before_its_records_finishes_from_the_checkpoint(
     toy_image_sets, tmp_path, caplog
 ):
     first = fit(toy_image_sets, tmp_path, keep_resume=True)
-    resume = tmp_path / training.RESUME
+    resume = tmp_path / checkpoints.RESUME
     assert resume.is_file()  # left for the stage, which removes it after train.json and run.json
     weights = io.load_weights_only(tmp_path / "model.pt", "model")["state_dict"]
     # the stage is killed here; DVC runs it again, and the run resumes at the last periodic checkpoint (step 3)
@@ -46,4 +48,4 @@ def test_a_run_killed_after_training_but_before_its_records_finishes_from_the_ch
 
 def test_train_removes_the_checkpoint_by_default(toy_image_sets, tmp_path):
     fit(toy_image_sets, tmp_path)
-    assert not (tmp_path / training.RESUME).exists() and (tmp_path / "model.pt").is_file()
+    assert not (tmp_path / checkpoints.RESUME).exists() and (tmp_path / "model.pt").is_file()

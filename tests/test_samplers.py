@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from ddpm import samplers, schedules
+from ddpm import predictions, samplers, schedules
 from ddpm.noise import SampleNoise
 from gaussian import GaussianOracle, normal
 
@@ -84,17 +84,17 @@ def test_q_sample_closed_form_and_moments():
     t = torch.tensor([0, 1, 10, 100, 400, 700, 998, 999])
     noise = normal(8, seed=1)
     expected = torch.stack([AB[ti].sqrt() * x0[i] + (1 - AB[ti]).sqrt() * noise[i] for i, ti in enumerate(t)])
-    torch.testing.assert_close(samplers.q_sample(x0, t, AB, noise), expected)
+    torch.testing.assert_close(predictions.q_sample(x0, t, AB, noise), expected)
 
     n, t_mid = 100_000, 300
-    x_t = samplers.q_sample(torch.full((n, 1), 0.7), torch.full((n,), t_mid), AB, normal(n, seed=2).float())
+    x_t = predictions.q_sample(torch.full((n, 1), 0.7), torch.full((n,), t_mid), AB, normal(n, seed=2).float())
     assert x_t.mean().item() == pytest.approx(0.7 * AB[t_mid].sqrt().item(), abs=0.01)
     assert x_t.var().item() == pytest.approx(1 - AB[t_mid].item(), rel=0.02)
 
 
 def test_q_sample_rejects_mismatched_t():
     with pytest.raises(ValueError, match=r"t must have shape \[B\]"):
-        samplers.q_sample(torch.zeros(4, 1), torch.zeros(3, dtype=torch.long), AB, torch.zeros(4, 1))
+        predictions.q_sample(torch.zeros(4, 1), torch.zeros(3, dtype=torch.long), AB, torch.zeros(4, 1))
 
 
 # ---------------------------------------------------------------- exact-denoiser checks

@@ -16,13 +16,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from pipeline.sample import write_samples
 from torch._dynamo.utils import counters
 
 import fault_train
-from ddpm import io, training
-from ddpm.config import ConfigError
+from ddpm import export, generate, io
+from ddpm.config import ConfigError, SampleConfig, TrainConfig
+from ddpm.fit import train
+from ddpm.module import DiffusionModule
 from ddpm.runtime import compile_in_place
-from ddpm.sampling import SampleConfig, draw
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = {**fault_train.MODEL, "dropout": 0.0}  # the fault tests' tiny net, deterministic
@@ -36,8 +38,8 @@ TRAIN = {
 
 def fit(toy_image_sets, out: Path, **overrides) -> dict:
     train_set, val_set = toy_image_sets
-    cfg = training.TrainConfig(**{**TRAIN, **overrides})
-    return training.train(train_set, val_set, MODEL, DIFFUSION, cfg, out, progress=False, resume=False)
+    cfg = TrainConfig(**{**TRAIN, **overrides})
+    return train(train_set, val_set, MODEL, DIFFUSION, cfg, out, progress=False, resume=False)
 
 
 def graphs() -> int:
@@ -64,12 +66,13 @@ def test_train_compile_traces_the_net_and_trains_as_the_plain_one(plain_and_comp
     assert a.keys() == b.keys()  # compiled in place: no _orig_mod. prefix in the exported model
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
-    module = training.load_model(out / "compiled" / "model.pt")  # the plain loader takes it
-    assert next(module.sample_batches(2, steps=2)).shape == (2, 1, 8, 8)
+    model = export.load_model(out / "compiled" / "model.pt")  # the plain loader takes it
+    assert next(generate.sample_batches(model.net, generate.plan(model.config, steps=2), 2)).shape == (2, 1, 8, 8)
 
 
 def test_model_step_accepts_a_compiled_wrapper(plain_and_compiled, toy_images):
-    module = training.load_model(plain_and_compiled[0] / "plain" / "model.pt")
+    model = export.load_model(plain_and_compiled[0] / "plain" / "model.pt")
+    module = DiffusionModule(model.net, model.config)
     wrapper = torch.compile(module.ema, backend="eager")  # an OptimizedModule, not the UNet itself
     batch = toy_images[:8]
     with torch.no_grad():
@@ -80,11 +83,11 @@ def test_model_step_accepts_a_compiled_wrapper(plain_and_compiled, toy_images):
 
 def drawn(model: Path, out: Path, **settings) -> tuple[np.ndarray, dict, set[torch.dtype]]:
     """Images, metadata and the dtypes the sampling network returned, for ``draw`` with ``settings``."""
-    module = training.load_model(model)
+    loaded = export.load_model(model)
     dtypes: set[torch.dtype] = set()
-    module.ema.register_forward_hook(lambda _m, _i, output: dtypes.add(output.dtype))
+    loaded.net.register_forward_hook(lambda _m, _i, output: dtypes.add(output.dtype))
     cfg = SampleConfig(n=6, steps=3, batch_size=4, grid_size=2, trajectory_samples=2, trajectory_points=2, **settings)
-    meta = draw(module, cfg, out, progress=False)
+    meta = write_samples(loaded, generate.plan(loaded.config, cfg.sampler, cfg.steps), cfg, out, progress=False)
     return io.load_samples(out / "samples.npz"), meta, dtypes
 
 
@@ -121,7 +124,7 @@ def test_compile_in_place_keeps_the_module(tiny_net_kwargs):
 
 @pytest.mark.parametrize(("section", "value"), [("train", "yes"), ("train", 1), ("sample", "fast"), ("sample", None)])
 def test_bad_compile_settings_fail_in_one_line(section, value):
-    config = training.TrainConfig if section == "train" else SampleConfig
+    config = TrainConfig if section == "train" else SampleConfig
     with pytest.raises(ConfigError, match=rf"^{section}\.compile=.*allowed: false, true \(inductor\)") as e:
         config.from_dict({"compile": value}, section)
     assert "\n" not in str(e.value)

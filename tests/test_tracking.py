@@ -26,7 +26,7 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from ddpm import tracking
+from ddpm import generate, registry
 from ddpm.module import DiffusionModule
 from test_pipeline import clone_project, ran_stages, run, stage_env
 
@@ -214,7 +214,7 @@ def test_checkpoint_artifact_loads_and_samples(server, runs, tmp_path):
     mlflow.set_tracking_uri(server)
     path = mlflow.artifacts.download_artifacts(f"runs:/{record['run_id']}/checkpoints/last.ckpt", dst_path=tmp_path)
     module = DiffusionModule.from_checkpoint(path)
-    images = module.sample(4, sampler="ddim", steps=5, seed=0)
+    images = generate.sample(module.ema, generate.plan(module.config, "ddim", 5), 4, seed=0)
     assert images.shape == (4, 1, 8, 8) and torch.isfinite(images).all()
 
 
@@ -230,8 +230,8 @@ def test_registry_keeps_champion_on_worse_and_moves_it_on_better(server, runs):
     assert client.get_model_version_by_alias("ddpm-smoke", "champion").version == better["version"]
     assert len({first["version"], worse["version"], better["version"]}) == 3
     # the promotion is idempotent: asking again changes nothing
-    assert tracking.promote(server, "ddpm-smoke", better["version"])["alias"] == "champion"
-    assert tracking.promote(server, "ddpm-smoke", worse["version"])["alias"] == "challenger"
+    assert registry.promote(server, "ddpm-smoke", better["version"])["alias"] == "champion"
+    assert registry.promote(server, "ddpm-smoke", worse["version"])["alias"] == "challenger"
 
 
 def test_search_runs_orders_runs_by_fid(server, runs):

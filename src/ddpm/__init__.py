@@ -1,7 +1,24 @@
-"""ddpm: denoising diffusion models (DDPM, DDIM) as pure math, a U-Net and a Lightning module."""
+"""ddpm: denoising diffusion models (DDPM, DDIM and the EDM family) as pure math, a U-Net and a Lightning module.
 
-from ddpm.config import ConfigError, DDPMConfig, EMAConfig, OptimConfig
-from ddpm.module import DiffusionModule
-from ddpm.nets import UNet, UNetConfig
+The names below are imported on first use, so ``import ddpm.config`` (what every pipeline stage does to
+validate params.yaml) loads the schemas only, not torch or Lightning.
+"""
 
-__all__ = ["ConfigError", "DDPMConfig", "DiffusionModule", "EMAConfig", "OptimConfig", "UNet", "UNetConfig"]
+from importlib import import_module
+from typing import Any
+
+_PUBLIC = {
+    "ConfigError": "ddpm.config",
+    "DDPMConfig": "ddpm.config",
+    "OptimConfig": "ddpm.config",
+    "UNetConfig": "ddpm.config",
+    "DiffusionModule": "ddpm.module",
+    "UNet": "ddpm.nets",
+}
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _PUBLIC:
+        return getattr(import_module(_PUBLIC[name]), name)
+    raise AttributeError(f"module 'ddpm' has no attribute {name!r}")

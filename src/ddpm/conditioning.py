@@ -103,3 +103,8 @@ def repaint(
             x = renoise(x, sigmas[end], sigmas[a], generator, vp)
         x, end = run(x, a, b), b
     return x
+
+
+def clipped(denoiser: Fn) -> Fn:
+    """D(x; sigma) clipped to the data range [-1, 1]."""
+    return lambda x, sigma: denoiser(x, sigma).clamp(-1, 1)

@@ -19,24 +19,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from torch import Tensor, nn
 
-from ddpm.config import Config, ConfigError
+from ddpm.config import ConfigError, FeaturizerConfig
 from ddpm.io import atomic_path, load_weights_only
 
 FORMAT = "ddpm.featurizer/1"
-
-
-class FeaturizerConfig(Config):
-    """Training of the classifier whose penultimate layer gives the FID features."""
-
-    epochs: int = Field(4, ge=1, description="passes over the training images")
-    batch_size: int = Field(32, ge=2, description="images per optimizer step (BatchNorm needs 2)")
-    lr: float = Field(2e-3, gt=0, description="Adam learning rate (cosine-decayed to 0 over training)")
-    feature_dim: int = Field(128, ge=2, description="dimension of the penultimate (feature) layer")
-    width: int = Field(32, ge=1, description="channels of the first conv block (doubled per block)")
-    seed: int = Field(0, ge=0, lt=2**64, description="seed of the initial weights and the batch order")
 
 
 def to_float(images: Tensor) -> Tensor:

@@ -22,8 +22,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-MODEL_FORMAT = "ddpm-model/1"
-
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
@@ -95,9 +93,8 @@ def write_csv(path: str | Path, header: list[str], rows: list[list[Any]]) -> Non
         tmp.write_text("\n".join(lines) + "\n")
 
 
-def save_model(path: str | Path, net_config: dict, config: dict, state_dict: dict[str, torch.Tensor]) -> None:
-    """Save a sampling model (network config, DDPMConfig and weights) loadable with weights_only=True."""
-    payload = {"format": MODEL_FORMAT, "net": net_config, "config": config, "state_dict": state_dict}
+def save_payload(path: str | Path, payload: dict[str, Any]) -> None:
+    """``torch.save`` a dict of plain values and tensors atomically (``load_weights_only`` reads it back)."""
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
 

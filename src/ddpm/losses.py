@@ -12,12 +12,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ddpm import predictions
+
+if TYPE_CHECKING:  # the schema only names the fields read here
+    from ddpm.config import DDPMConfig
 
 ELEMENTWISE: dict[str, Callable[[Tensor, Tensor, float], Tensor]] = {
     "mse": lambda a, b, _delta: (a - b) ** 2,
@@ -85,3 +89,10 @@ class DenoiserLoss:
         """Loss per sample [B] of denoised images [B, ...] against x0, times lambda(sigma) = weight [B]."""
         per_sample = per_sample_loss(self.loss, denoised, x0, self.huber_delta)
         return per_sample * weight.to(per_sample.dtype)
+
+
+def for_config(config: DDPMConfig) -> DiffusionLoss | DenoiserLoss:
+    """The per-sample training loss a DDPMConfig names (a denoiser loss for edm, vp and ve)."""
+    if config.preconditioning != "ddpm":
+        return DenoiserLoss(config.loss, config.huber_delta)
+    return DiffusionLoss(config.loss, config.prediction, config.weighting, config.snr_gamma, config.huber_delta)

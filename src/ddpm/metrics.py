@@ -25,39 +25,19 @@ import urllib.request
 import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any
 
 import numpy as np
 import torch
-from pydantic import Field
 from torch import Tensor, nn
 from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
 from torchmetrics.image.kid import KernelInceptionDistance
 
-from ddpm.config import Config
+from ddpm.config import FEATURES, INCEPTION_FILE, EvaluateConfig
 from ddpm.featurizer import FeatureNet, check_images, load_weights_only, to_float, to_nchw, weights_hash
 
-INCEPTION_URL = (
-    "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
-)
-INCEPTION_FILE = INCEPTION_URL.rsplit("/", 1)[1]
+INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
 INCEPTION_EXTRA = "pip install -e .[inception]"
-FeaturesName = Literal["classifier", "inception"]
-FEATURES = get_args(FeaturesName)
-
-
-class EvaluateConfig(Config):
-    """FID/KID protocol of the evaluate stage (sample counts are the sample stage's ``n`` and the split size)."""
-
-    features: FeaturesName = Field("classifier", description="feature network: classifier or inception")
-    inception_weights: str | None = Field(
-        None, description=f"local {INCEPTION_FILE} (features: inception); null: the torch hub cache, fetched if online"
-    )
-    reference: Literal["train", "test"] = Field("train", description="real split the samples are compared to")
-    batch_size: int = Field(250, ge=1, description="images per feature-extraction batch")
-    kid_subset_size: int = Field(1000, ge=2, description="KID subset size (capped at the smaller image count)")
-    kid_subsets: int = Field(100, ge=1, description="number of random KID subsets")
-    seed: int = Field(0, ge=0, lt=2**64, description="seed of the KID subsets")
 
 
 class UInt8Features(nn.Module):

@@ -1,18 +1,17 @@
-"""Lightning module that trains a diffusion network and samples from its EMA weights.
+"""Lightning module that trains a diffusion network and keeps the EMA of its weights for sampling.
 
 Training of a ddpm model follows Ho et al. 2020 (Algorithm 1): uniform timesteps, forward
 noising ``q_sample`` and a weighted per-sample loss on the configured prediction target.
 The edm, vp and ve families follow Karras et al. 2022 (EDM) eq. 2: sigma from the family's
 training distribution and the preconditioned denoiser's loss weighted by lambda(sigma).
 Class labels are dropped to the null class with probability ``p_uncond`` (Ho & Salimans 2022).
-Sampling is delegated to :mod:`ddpm.samplers` and :mod:`ddpm.conditioning`.
+Sampling lives in :mod:`ddpm.generate`; this module trains.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,10 +20,9 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
-from ddpm import conditioning, io, predictions, samplers
-from ddpm.config import ConfigError, DDPMConfig, EMAConfig, OptimConfig
-from ddpm.nets import UNet, UNetConfig
-from ddpm.noise import SampleNoise
+from ddpm import io, losses, preconditioning, predictions, schedules
+from ddpm.config import ConfigError, DDPMConfig, OptimConfig, UNetConfig
+from ddpm.nets import UNet
 from ddpm.preconditioning import Denoiser
 
 
@@ -55,43 +53,19 @@ class NonFiniteLossError(FloatingPointError):
         super().__init__(f"loss is {value} at optimizer step {step}; training stopped{detail}")
 
 
-@dataclass(frozen=True)
-class _Sampling:
-    """What ``sample_batches`` resolved and checked before drawing any chunk."""
-
-    config: DDPMConfig
-    run: Callable[..., Tensor]
-    sigmas: list[float]
-    labels: Tensor | None
-    known: Tensor | None
-    mask: Tensor | None
-    jump_length: int
-    resample: int
-
-
-def _rows(x: Tensor, rows: slice) -> Tensor:
-    """The rows of a per-image tensor [n, ...], or the tensor itself if it has one row shared by all."""
-    return x if len(x) == 1 else x[rows]
-
-
-def _clipped(denoiser: Callable[[Tensor, Tensor], Tensor]) -> Callable[[Tensor, Tensor], Tensor]:
-    return lambda x, sigma: denoiser(x, sigma).clamp(-1, 1)
-
-
 class DiffusionModule(pl.LightningModule):
-    """Trains ``net`` on the diffusion family given by ``config``; samples with the EMA copy."""
+    """Trains ``net`` on the diffusion family given by ``config`` and keeps ``ema``, the EMA of its weights."""
 
     def __init__(
         self,
         net: UNet,
         config: DDPMConfig | None = None,
         optim: OptimConfig | None = None,
-        ema: EMAConfig | None = None,
     ) -> None:
         super().__init__()
         self.config = config or DDPMConfig()
-        self.optim = optim or OptimConfig()
-        self.ema_config = ema or EMAConfig()
+        # a TrainConfig is an OptimConfig: keep the optimizer's fields only
+        self.optim = OptimConfig.from_dict((optim or OptimConfig()).model_dump(include=set(OptimConfig.model_fields)))
         net_shape = (net.config.in_channels, net.config.image_size)
         if net_shape != (self.config.channels, self.config.image_size):
             raise ValueError(
@@ -105,8 +79,8 @@ class DiffusionModule(pl.LightningModule):
             )
         self.net = net
         self.ema = copy.deepcopy(net).requires_grad_(False)
-        self.loss_fn = self.config.loss_fn()
-        self._alphas_cumprod = self.config.alphas_cumprod()
+        self.loss_fn = losses.for_config(self.config)
+        self._alphas_cumprod = schedules.alphas_cumprod(self.config.schedule, self.config.T)
         self.skipped_steps = 0  # optimizer steps skipped for a nan/inf loss (optim.nonfinite='skip')
         self._skipped = False
         self._bad_step: Tensor | None = None  # first step with a nan/inf loss, kept on the device
@@ -116,14 +90,13 @@ class DiffusionModule(pl.LightningModule):
                 "net": net.config.to_dict(),
                 "config": self.config.to_dict(),
                 "optim": self.optim.to_dict(),
-                "ema": self.ema_config.to_dict(),
             }
         )
 
     @classmethod
     def from_hparams(cls, hparams: dict[str, Any], prefix: str = "") -> DiffusionModule:
         """Rebuild an untrained module from the hyperparameters stored in a checkpoint (``prefix`` starts errors)."""
-        missing = {"net", "config", "optim", "ema"} - (hparams.keys() if isinstance(hparams, dict) else set())
+        missing = {"net", "config", "optim"} - (hparams.keys() if isinstance(hparams, dict) else set())
         if missing:
             raise ValueError(f"{prefix}hyper_parameters lack {sorted(missing)}: not a DiffusionModule's")
         try:
@@ -131,7 +104,6 @@ class DiffusionModule(pl.LightningModule):
                 UNet(UNetConfig.from_dict(hparams["net"], f"{prefix}net")),
                 DDPMConfig.from_dict(hparams["config"], f"{prefix}config"),
                 OptimConfig.from_dict(hparams["optim"], f"{prefix}optim"),
-                EMAConfig.from_dict(hparams["ema"], f"{prefix}ema"),
             )
         except ConfigError:
             raise
@@ -188,10 +160,10 @@ class DiffusionModule(pl.LightningModule):
             t = torch.randint(0, self.config.T, (x0.shape[0],), device=x0.device, generator=generator)
             noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
             ab = ab_table[t].to(x0.dtype)
-            x_t = samplers.q_sample(x0, t, ab_table, noise)
+            x_t = predictions.q_sample(x0, t, ab_table, noise)
             target = predictions.target(self.config.prediction, x0, noise, ab.view(-1, *[1] * (x0.ndim - 1)))
             return self.loss_fn(net(x_t, t, self._drop_labels(y, generator)), target, ab)
-        precond = self.config.preconditioner()
+        precond = preconditioning.for_config(self.config)
         sigma = precond.sample_sigma(x0.shape[0], generator=generator, device=x0.device, dtype=x0.dtype)
         noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
         x = x0 + sigma.view(-1, *[1] * (x0.ndim - 1)) * noise
@@ -299,8 +271,8 @@ class DiffusionModule(pl.LightningModule):
 
     def ema_decay(self, step: int) -> float:
         """EMA decay at optimizer step ``step``, with the (1 + n) / (10 + n) warmup if enabled."""
-        decay = self.ema_config.decay
-        return min(decay, (1 + step) / (10 + step)) if self.ema_config.warmup else decay
+        decay = self.optim.ema_decay
+        return min(decay, (1 + step) / (10 + step)) if self.optim.ema_warmup else decay
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         """Take the optimizer step, then update the EMA weights (neither for a skipped nan/inf step)."""
@@ -319,159 +291,3 @@ class DiffusionModule(pl.LightningModule):
         super().train(mode)
         self.ema.eval()
         return self
-
-    def sample_batches(
-        self,
-        n: int,
-        *,
-        sampler: str | None = None,
-        steps: int | None = None,
-        eta: float | None = None,
-        seed: int = 0,
-        batch_size: int | None = None,
-        use_ema: bool = True,
-        callback: Callable[[dict[str, Any]], None] | None = None,
-        labels: int | Tensor | None = None,
-        guidance: float | None = None,
-        known: Tensor | None = None,
-        mask: Tensor | None = None,
-        jump_length: int = 1,
-        resample: int = 1,
-    ) -> Iterator[Tensor]:
-        """Iterate over ``n`` images in CPU chunks of ``batch_size``; image i depends only on (seed, i).
-
-        Arguments are checked at the call. ``use_ema=False`` samples the raw weights, in eval mode
-        while the iteration runs. ``labels`` (one class, or one per image) draws those classes from a
-        class-conditional net with classifier-free ``guidance`` w (default: the config's; 1 is the
-        conditional model); without labels it draws from the null class. ``known`` [n or 1, C, H, W]
-        and ``mask`` (True or 1 where known, broadcastable the same way) inpaint: the output equals
-        ``known`` there. ``jump_length`` and ``resample`` add RePaint resampling.
-        """
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"n={n!r} is invalid; allowed: an integer >= 1")
-        batch_size = n if batch_size is None else batch_size
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size={batch_size!r} is invalid; allowed: an integer >= 1")
-        run = self.config.sampler_fn(sampler, steps, eta)
-        cfg = self.config.replace(sampler=sampler, steps=steps, guidance=guidance)
-        sigmas = cfg.sigmas().tolist()
-        conditioning.repaint_segments(len(sigmas) - 1, jump_length, resample)  # checks both now
-        y = self._check_labels(labels, guidance, n)
-        known, mask = self._check_inpainting(known, mask, n)
-        SampleNoise(seed)  # validates the seed now rather than at the first chunk
-        plan = _Sampling(cfg, run, sigmas, y, known, mask, jump_length, resample)
-        return self._chunks(plan, n, seed, batch_size, self.ema if use_ema else self.net, callback)
-
-    def _check_labels(self, labels: int | Tensor | None, guidance: float | None, n: int) -> Tensor | None:
-        """Labels [n] (LongTensor) of the images to draw, or None for the null class."""
-        num_classes = self.net.config.num_classes
-        if labels is None:
-            if guidance is not None:
-                raise ValueError(f"guidance={guidance!r} needs labels (the classes to draw)")
-            return None
-        if num_classes is None:
-            raise ValueError("labels need a class-conditional net (num_classes)")
-        y = torch.as_tensor(labels)
-        y = y.expand(n) if y.ndim == 0 else y
-        if (
-            y.dtype.is_floating_point
-            or y.dtype == torch.bool
-            or y.shape != (n,)
-            or not bool(((y >= 0) & (y < num_classes)).all())
-        ):
-            raise ValueError(f"labels={labels!r} are invalid; allowed: one or {n} integers in [0, {num_classes})")
-        return y.long()
-
-    def _check_inpainting(self, known: Tensor | None, mask: Tensor | None, n: int) -> tuple[Tensor | None, ...]:
-        """The known images and the boolean mask of known pixels (True = known), or (None, None)."""
-        if known is None and mask is None:
-            return None, None
-        shape = (self.config.channels, self.config.image_size, self.config.image_size)
-        for name, x, full in (("known", known, shape), ("mask", mask, (1, *shape[1:]))):
-            if (
-                not isinstance(x, Tensor)
-                or x.ndim != 4
-                or x.shape[0] not in (1, n)
-                or any(d not in (f, g) for d, f, g in zip(x.shape[1:], full, shape))
-            ):
-                got = list(x.shape) if isinstance(x, Tensor) else x
-                raise ValueError(
-                    f"{name}={got!r} is invalid; allowed: a tensor [{n} or 1, {full[0]}, {shape[1]}, {shape[2]}]"
-                )
-        return known.float(), mask != 0
-
-    def _chunks(
-        self,
-        plan: _Sampling,
-        n: int,
-        seed: int,
-        batch_size: int,
-        net: UNet,
-        callback: Callable[[dict[str, Any]], None] | None,
-    ) -> Iterator[Tensor]:
-        """Draw the chunks of ``sample_batches`` with ``net`` in eval and inference mode (no autograd bookkeeping)."""
-        shape = (self.config.channels, self.config.image_size, self.config.image_size)
-        was_training = net.training
-        net.eval()
-        try:
-            for start in range(0, n, batch_size):
-                rows = slice(start, min(start + batch_size, n))
-                noise = SampleNoise(seed, start)
-                z = noise.randn_like(torch.empty(rows.stop - start, *shape, device=self.device))
-                chunk_callback = None if callback is None else (lambda info, s=start: callback({**info, "start": s}))
-                with torch.inference_mode():
-                    x_0 = self._draw(plan, net, z, rows, noise, chunk_callback)
-                yield x_0.to("cpu", copy=True)  # a normal tensor (the callers may modify it), not an inference one
-        finally:
-            net.train(was_training)
-
-    def _draw(
-        self,
-        plan: _Sampling,
-        net: UNet,
-        z: Tensor,
-        rows: slice,
-        noise: SampleNoise,
-        callback: Callable[[dict[str, Any]], None] | None,
-    ) -> Tensor:
-        """One chunk from noise z: the planned sampler on ``net``, guided, inpainted and resampled as asked."""
-        cfg, sigmas = plan.config, plan.sigmas
-        y = None if plan.labels is None else _rows(plan.labels, rows).to(self.device)
-        known = mask = None
-        if plan.known is not None:
-            known, mask = _rows(plan.known, rows).to(z), _rows(plan.mask, rows).to(self.device)
-        null = self.net.config.num_classes
-        if cfg.sampler in samplers.TIMESTEP_SAMPLERS:
-            ab = self.alphas_cumprod(self.device)
-            model_fn = conditioning.classifier_free(net, y, cfg.guidance, null)
-            if known is not None:
-                model_fn = conditioning.masked_model_fn(model_fn, known, mask, ab, cfg.prediction)
-
-            def segment(x: Tensor, a: int, b: int) -> Tensor:
-                return plan.run(model_fn, x, ab, generator=noise, callback=callback, start=a, stop=b)
-
-            x, vp = z, True
-        else:
-            precond = cfg.preconditioner(self.alphas_cumprod(self.device))
-            denoiser = conditioning.classifier_free(Denoiser(net, precond), y, cfg.guidance, null)
-            denoiser = _clipped(denoiser) if cfg.clip else denoiser
-            if known is not None:
-                denoiser = conditioning.masked_denoiser(denoiser, known, mask)
-            levels = torch.tensor(sigmas, dtype=torch.float64)
-            churn = cfg.sampler in samplers.CHURN_SAMPLERS
-
-            def segment(x: Tensor, a: int, b: int) -> Tensor:
-                # a segment's S_churn keeps gamma_i = S_churn / n of the whole n-step schedule
-                options = {"S_churn": cfg.S_churn * (b - a) / (len(sigmas) - 1)} if churn else {}
-                at = None if callback is None else (lambda info: callback({**info, "i": info["i"] + a}))
-                return plan.run(denoiser, x, levels[a : b + 1], generator=noise, callback=at, **options)
-
-            x, vp = sigmas[0] * z, False
-        x = conditioning.repaint(
-            segment, x, sigmas, jump_length=plan.jump_length, resample=plan.resample, generator=noise, vp=vp
-        )
-        return x if known is None else torch.where(mask, known, x)
-
-    def sample(self, n: int, **kwargs: Any) -> Tensor:
-        """``n`` images [n, C, H, W] (about [-1, 1]) drawn with the EMA weights; see ``sample_batches``."""
-        return torch.cat(list(self.sample_batches(n, **kwargs)))

@@ -19,11 +19,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from ddpm import predictions, schedules
+
+if TYPE_CHECKING:  # the schema only names the fields read here
+    from ddpm.config import DDPMConfig
 
 Scalings = tuple[Tensor, Tensor, Tensor, Tensor]
 Device = torch.device | str | None
@@ -178,3 +182,16 @@ class Denoiser(nn.Module):
 
 
 PRECONDITIONINGS: dict[str, type] = {"edm": EDM, "vp": VP, "ve": VE}
+
+
+def for_config(config: DDPMConfig, alphas_cumprod: Tensor | None = None) -> EDM | VP | VE | DDPM:
+    """The preconditioning a DDPMConfig names; for ddpm, the sigma view of ``alphas_cumprod`` (default: the
+    config's schedule)."""
+    if config.preconditioning == "ddpm":
+        table = schedules.alphas_cumprod(config.schedule, config.T) if alphas_cumprod is None else alphas_cumprod
+        return DDPM(table, config.prediction)
+    if config.preconditioning == "edm":
+        return EDM(config.sigma_data, config.P_mean, config.P_std)
+    if config.preconditioning == "vp":
+        return VP(config.beta_d, config.beta_min, config.epsilon_t)
+    return VE(config.sigma_min, config.sigma_max)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-PREDICTIONS = ("epsilon", "x0", "v")
+from ddpm.config.diffusion import PREDICTIONS
 
 
 def check(prediction: str) -> str:
@@ -50,3 +50,11 @@ def convert(output: Tensor, x_t: Tensor, alpha_bar: Tensor, src: str, dst: str) 
     """Re-express a ``src`` prediction as a ``dst`` prediction."""
     x0, eps = to_x0_eps(src, output, x_t, alpha_bar)
     return target(check(dst), x0, eps, alpha_bar)
+
+
+def q_sample(x0: Tensor, t: Tensor, alphas_cumprod: Tensor, noise: Tensor) -> Tensor:
+    """Forward noising x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) noise (Ho et al. eq. 4)."""
+    if t.shape != x0.shape[:1]:
+        raise ValueError(f"t must have shape [B]={list(x0.shape[:1])}, got {list(t.shape)}")
+    ab = alphas_cumprod.to(x0.device)[t].to(x0.dtype).reshape(-1, *([1] * (x0.ndim - 1)))
+    return ab.sqrt() * x0 + (1 - ab).sqrt() * noise

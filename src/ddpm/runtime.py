@@ -12,10 +12,12 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import sys
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING
 
-from pydantic import BeforeValidator
-from torch import nn
+from ddpm.config import CompileSetting
+
+if TYPE_CHECKING:
+    from torch import nn
 
 M_TRIM_THRESHOLD = -1  # mallopt parameters of glibc's <malloc.h>
 M_MMAP_MAX = -4
@@ -37,23 +39,6 @@ def keep_freed_memory() -> bool:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
-
-
-BACKENDS = ("inductor", "aot_eager", "eager")
-
-
-def _compile_setting(value: Any) -> Any:
-    if isinstance(value, bool) or value in BACKENDS:
-        return value
-    raise ValueError(f"allowed: false, true (inductor) or one of {', '.join(BACKENDS)}")
-
-
-CompileSetting = Annotated[bool | Literal["inductor", "aot_eager", "eager"], BeforeValidator(_compile_setting)]
-"""A ``compile`` params key: false, true (the inductor backend), or a torch.compile backend by name.
-
-``eager`` and ``aot_eager`` trace the network with TorchDynamo (and AOTAutograd) and run the traced graph
-without generating code: they check that a network compiles in seconds, where inductor takes a minute.
-"""
 
 
 def compile_in_place(net: nn.Module, setting: CompileSetting) -> nn.Module:

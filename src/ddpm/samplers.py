@@ -15,15 +15,13 @@ and returns the network output for ``prediction``. After the last step alpha_bar
 Sigma samplers, over a denoiser ``denoiser(x, sigma) -> D(x; sigma)`` (``sigma`` a Tensor [B]) and a
 decreasing noise-level tensor ``sigmas`` [n + 1] (usually ending with 0), starting from
 x = sigmas[0] * noise; Karras et al. 2022, "Elucidating the Design Space of Diffusion-Based
-Generative Models" (EDM):
-
+Generative Models" (EDM); the noise levels come from :mod:`ddpm.schedules`:
 euler:          Euler steps of the probability-flow ODE dx/dsigma = (x - D(x; sigma)) / sigma (EDM eq. 3).
 heun:           EDM Algorithm 1 (2n - 1 denoiser calls: the last step, to sigma = 0, is Euler);
                 S_churn > 0 gives the stochastic sampler of EDM Algorithm 2.
 euler_maruyama: Euler-Maruyama steps of the reverse-time SDE (EDM eq. 6 with beta(t) = 1 / sigma).
 dpmpp_2m:       DPM-Solver++(2M) of Lu et al. 2022, "DPM-Solver++: Fast Solver for Guided Sampling of
                 Diffusion Probabilistic Models", Algorithm 2, in lambda = -ln(sigma).
-
 Per-step noise levels are Python floats, so no step synchronises with the device.
 """
 
@@ -38,16 +36,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ddpm import predictions, schedules
+from ddpm import predictions
+from ddpm.config.diffusion import SPACINGS, VARIANCES
 from ddpm.noise import SampleNoise, randn_like
 
 ModelFn = Callable[[Tensor, Tensor], Tensor]
 DenoiserFn = Callable[[Tensor, Tensor], Tensor]
 Callback = Callable[[dict[str, Any]], None]
 Generator = torch.Generator | SampleNoise | None
-
-SPACINGS = ("leading", "trailing", "linspace")
-VARIANCES = ("beta", "beta_tilde")
 
 
 def _check_table(alphas_cumprod: Tensor) -> Tensor:
@@ -87,14 +83,6 @@ def respaced_timesteps(T: int, steps: int) -> Tensor:
         return torch.tensor([T - 1])
     ts = np.round(np.arange(steps) * ((T - 1) / (steps - 1))).astype(np.int64)
     return torch.from_numpy(ts[::-1].copy())
-
-
-def q_sample(x0: Tensor, t: Tensor, alphas_cumprod: Tensor, noise: Tensor) -> Tensor:
-    """Forward noising x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) noise (Ho et al. eq. 4)."""
-    if t.shape != x0.shape[:1]:
-        raise ValueError(f"t must have shape [B]={list(x0.shape[:1])}, got {list(t.shape)}")
-    ab = alphas_cumprod.to(x0.device)[t].to(x0.dtype).reshape(-1, *([1] * (x0.ndim - 1)))
-    return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
 
 
 @dataclass(frozen=True)
@@ -245,60 +233,6 @@ def ddim_invert(
         if callback is not None:
             callback({"i": i, "t": t, "x": x, "x0": x0})
     return x
-
-
-# ---------------------------------------------------------------- sigma schedules (EDM section 3, Table 1)
-
-
-def _check_schedule(n: int, sigma_min: float, sigma_max: float) -> None:
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n={n!r} is invalid; allowed: an integer >= 1")
-    if not 0 < sigma_min < sigma_max:
-        raise ValueError(
-            f"sigma_min={sigma_min!r}, sigma_max={sigma_max!r} are invalid; allowed: 0 < sigma_min < sigma_max"
-        )
-
-
-def _ramp(n: int) -> Tensor:
-    """i / (n - 1) for i = 0 .. n - 1 (float64; [0] when n = 1)."""
-    return torch.linspace(0.0, 1.0, n, dtype=torch.float64)
-
-
-def _append_zero(sigmas: Tensor) -> Tensor:
-    return torch.cat([sigmas, sigmas.new_zeros(1)])
-
-
-def karras_sigmas(n: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> Tensor:
-    """EDM eq. 5: (sigma_max^(1/rho) + i / (n - 1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho, then 0: [n + 1]."""
-    _check_schedule(n, sigma_min, sigma_max)
-    if not rho > 0:
-        raise ValueError(f"rho={rho!r} is invalid; allowed: a number > 0")
-    hi, lo = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
-    return _append_zero((hi + _ramp(n) * (lo - hi)) ** rho)
-
-
-def exponential_sigmas(n: int, sigma_min: float = 0.002, sigma_max: float = 80.0) -> Tensor:
-    """Geometric sigmas from sigma_max to sigma_min, then 0: [n + 1] (EDM's VE discretisation, Table 1)."""
-    _check_schedule(n, sigma_min, sigma_max)
-    hi, lo = math.log(sigma_max), math.log(sigma_min)
-    return _append_zero(torch.exp(hi + _ramp(n) * (lo - hi)))
-
-
-def vp_sigmas(
-    n: int, sigma_min: float = 0.002, sigma_max: float = 80.0, beta_d: float = 19.9, beta_min: float = 0.1
-) -> Tensor:
-    """EDM Table 1 VP discretisation: sigma(t) at t uniform from t(sigma_max) to t(sigma_min), then 0: [n + 1]."""
-    _check_schedule(n, sigma_min, sigma_max)
-    t_hi, t_lo = schedules.vp_sigma_inv(torch.tensor([sigma_max, sigma_min], dtype=torch.float64), beta_d, beta_min)
-    return _append_zero(schedules.vp_sigma(t_hi + _ramp(n) * (t_lo - t_hi), beta_d, beta_min))
-
-
-SIGMA_SCHEDULES: dict[str, Callable[..., Tensor]] = {
-    "karras": karras_sigmas,
-    "exponential": exponential_sigmas,
-    "vp": vp_sigmas,
-    "ve": exponential_sigmas,  # VE: t_i geometric in sigma^2 = t, hence geometric in sigma
-}
 
 
 # ---------------------------------------------------------------- sigma samplers
@@ -455,5 +389,3 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "euler_maruyama": euler_maruyama,
     "dpmpp_2m": dpmpp_2m,
 }
-TIMESTEP_SAMPLERS = ("ddim", "ddpm")  # model_fn(x, t) over alphas_cumprod; the others take denoiser(x, sigma)
-CHURN_SAMPLERS = ("euler", "heun")  # accept S_churn, S_tmin, S_tmax, S_noise

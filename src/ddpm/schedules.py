@@ -7,6 +7,9 @@ sigmoid: Jabri et al. 2022 / Chen 2023, "On the Importance of Noise Scheduling f
 vp_sigma: the VP-SDE noise level sigma(t) of Song et al. 2021, "Score-Based Generative Modeling through
 Stochastic Differential Equations", as written in Karras et al. 2022 (EDM), Table 1.
 
+The noise levels the sigma samplers visit, sigma_0 > ... > sigma_{n-1} then 0 (Karras et al. 2022, section 3
+and Table 1): karras (eq. 5, rho), exponential (geometric; VE), vp (uniform in the VP-SDE's t).
+
 Element ``t`` (0-based) of ``alphas_cumprod(name, T)`` is alpha_bar after t + 1 noising steps.
 All schedules are float64 and computed without Python loops over T.
 """
@@ -110,3 +113,57 @@ def vp_sigma(t: Tensor, beta_d: float = 19.9, beta_min: float = 0.1) -> Tensor:
 def vp_sigma_inv(sigma: Tensor, beta_d: float = 19.9, beta_min: float = 0.1) -> Tensor:
     """Inverse of ``vp_sigma``: t = (sqrt(beta_min^2 + 2 beta_d ln(1 + sigma^2)) - beta_min) / beta_d."""
     return ((beta_min**2 + 2 * beta_d * torch.log1p(sigma**2)).sqrt() - beta_min) / beta_d
+
+
+# ------------------------------------------ noise levels of the sigma samplers (EDM section 3, Table 1)
+
+
+def _check_schedule(n: int, sigma_min: float, sigma_max: float) -> None:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n={n!r} is invalid; allowed: an integer >= 1")
+    if not 0 < sigma_min < sigma_max:
+        raise ValueError(
+            f"sigma_min={sigma_min!r}, sigma_max={sigma_max!r} are invalid; allowed: 0 < sigma_min < sigma_max"
+        )
+
+
+def _ramp(n: int) -> Tensor:
+    """i / (n - 1) for i = 0 .. n - 1 (float64; [0] when n = 1)."""
+    return torch.linspace(0.0, 1.0, n, dtype=torch.float64)
+
+
+def _append_zero(sigmas: Tensor) -> Tensor:
+    return torch.cat([sigmas, sigmas.new_zeros(1)])
+
+
+def karras_sigmas(n: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> Tensor:
+    """EDM eq. 5: (sigma_max^(1/rho) + i / (n - 1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho, then 0: [n + 1]."""
+    _check_schedule(n, sigma_min, sigma_max)
+    if not rho > 0:
+        raise ValueError(f"rho={rho!r} is invalid; allowed: a number > 0")
+    hi, lo = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+    return _append_zero((hi + _ramp(n) * (lo - hi)) ** rho)
+
+
+def exponential_sigmas(n: int, sigma_min: float = 0.002, sigma_max: float = 80.0) -> Tensor:
+    """Geometric sigmas from sigma_max to sigma_min, then 0: [n + 1] (EDM's VE discretisation, Table 1)."""
+    _check_schedule(n, sigma_min, sigma_max)
+    hi, lo = math.log(sigma_max), math.log(sigma_min)
+    return _append_zero(torch.exp(hi + _ramp(n) * (lo - hi)))
+
+
+def vp_sigmas(
+    n: int, sigma_min: float = 0.002, sigma_max: float = 80.0, beta_d: float = 19.9, beta_min: float = 0.1
+) -> Tensor:
+    """EDM Table 1 VP discretisation: sigma(t) at t uniform from t(sigma_max) to t(sigma_min), then 0: [n + 1]."""
+    _check_schedule(n, sigma_min, sigma_max)
+    t_hi, t_lo = vp_sigma_inv(torch.tensor([sigma_max, sigma_min], dtype=torch.float64), beta_d, beta_min)
+    return _append_zero(vp_sigma(t_hi + _ramp(n) * (t_lo - t_hi), beta_d, beta_min))
+
+
+SIGMA_SCHEDULES: dict[str, Callable[..., Tensor]] = {
+    "karras": karras_sigmas,
+    "exponential": exponential_sigmas,
+    "vp": vp_sigmas,
+    "ve": exponential_sigmas,  # VE: t_i geometric in sigma^2 = t, hence geometric in sigma
+}

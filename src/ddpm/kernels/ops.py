@@ -1,165 +1,25 @@
-"""Native CPU kernels: GroupNorm (optionally fused with the SiLU after it), few-token softmax attention and
-Winograd 3x3 convolutions.
+"""The native kernels' operations, each with PyTorch's ops where the kernel does not apply: GroupNorm (+ SiLU),
+few-token softmax attention and Winograd 3x3 convolutions, forward and backward (autograd functions).
 
-The U-Net normalises every block's input with GroupNorm and most of them go straight into a SiLU. On the
-CPU, PyTorch runs these as separate passes over the activation (and, under bf16 autocast, two casts more),
-and its channels_last GroupNorm walks each image several times; the fused kernel in
-``csrc/group_norm_silu.cpp`` reads an image once for its statistics and once to write the output, while it
-is still in cache, and its backward likewise; it also takes its input as parts along the channels (a decoder
-block's input and skip connection), so their concatenation is never made, and adds a shift per image and
-channel to it (a block's time-embedding bias) in its per-channel constants. The attention of the
-low-resolution levels (49 tokens on a 7x7 map) is mostly overhead for PyTorch's flash kernel;
-``csrc/attention.cpp`` runs one (image, head) at a time in cache, reading q, k and v where the channels_last
-projection leaves them. Most of the net's FLOPs are 3x3 convolutions; ``csrc/winograd.cpp`` computes the
-float32 ones with Winograd's F(4x4, 3x3), 4x fewer multiplications than oneDNN's direct convolution (see
-``benchmarks/results.md`` for what each gains).
-
-The kernels are compiled with :mod:`torch.utils.cpp_extension` the first time they are needed (about 40 s
-with a C++ compiler; :func:`main` builds them ahead, as ``make install`` does) into
-``$DDPM_KERNELS_DIR`` (by default ``~/.cache/ddpm-pipeline/kernels``), once per torch installation, CPU kind and
-revision of the sources.
-Where they cannot be built or do not apply (GPU tensors, NCHW layout, other dtypes, inside
-``torch.compile``, which fuses these ops itself) PyTorch's own ops run instead, with the same results up to
-float rounding. ``DDPM_NATIVE_KERNELS=0`` switches the kernels off.
+Each takes tensors and returns tensors; whether a layer of the net calls them is decided by :mod:`ddpm.kernels`'
+settings (:mod:`ddpm.kernels.conv`, :mod:`ddpm.kernels.layers`). The kernels run on CPU tensors outside
+``torch.compile`` (which fuses these ops itself); elsewhere PyTorch's ops give the same results up to float rounding.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import logging
 import math
-import os
-import platform
-import sys
-import time
-import warnings
-from collections.abc import Iterator, Sequence
-from pathlib import Path
-from types import ModuleType
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-SOURCES = tuple(
-    Path(__file__).with_name("csrc") / name for name in ("group_norm_silu.cpp", "attention.cpp", "winograd.cpp")
-)
+from ddpm.kernels.build import enabled, extension
+
 # A 14x14 map; at 256 tokens PyTorch's flash forward measured faster (the kernel keeps [L, L] scores per head)
 ATTENTION_MAX_TOKENS = 196
-ENV = "DDPM_NATIVE_KERNELS"
-STALE_LOCK_SECONDS = 600  # a build lock older than this was left by a build that was killed
 _DTYPES = (torch.float32, torch.bfloat16)
-
-_extension: ModuleType | None = None
-_error: str | None = None
-
-
-def _cpu_tag() -> str:
-    """A short hash of the CPU model and its instruction-set flags: the kernel is built for the host CPU."""
-    text = platform.machine() + platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("model name", "flags")):
-                text += line
-            if line.strip() == "":
-                break
-    except OSError:
-        pass
-    return hashlib.sha256(text.encode()).hexdigest()[:10]
-
-
-def build_directory(name: str) -> Path:
-    """Where the kernel ``name`` is built: one folder per torch installation (its version and location).
-
-    The module links against that libtorch, and the build commands name its headers' path: two environments
-    sharing one folder would each see the other's commands and rebuild it on every switch.
-    """
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    root = Path(os.environ.get("DDPM_KERNELS_DIR") or cache / "ddpm-pipeline" / "kernels")
-    where = hashlib.sha256(str(Path(torch.__file__).resolve().parent).encode()).hexdigest()[:8]
-    folder = root / f"torch-{torch.__version__}-{where}" / name
-    folder.mkdir(parents=True, exist_ok=True)
-    lock = folder / "lock"  # torch's build lock: another process waits for it to go, forever if it was orphaned
-    with contextlib.suppress(OSError):
-        if time.time() - lock.stat().st_mtime > STALE_LOCK_SECONDS:
-            lock.unlink()
-    return folder
-
-
-@contextlib.contextmanager
-def _one_ninja() -> Iterator[None]:
-    """The ``ninja`` package's build tool first on PATH while torch's builder runs (it calls ``ninja``).
-
-    Always the same one: ninja versions keep their build logs in different formats, so a ninja that finds
-    another version's log (a system ninja in one process, the package's in another) rebuilds everything.
-    Without the package, whatever ``ninja`` is on PATH runs.
-    """
-    try:
-        import ninja
-    except ImportError:
-        yield
-        return
-    path = os.environ.get("PATH")
-    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + (path or "")
-    try:
-        yield
-    finally:
-        if path is None:
-            os.environ.pop("PATH", None)
-        else:
-            os.environ["PATH"] = path
-
-
-def enabled() -> bool:
-    """Whether the native kernel may be used (``DDPM_NATIVE_KERNELS`` is not ``0``)."""
-    return os.environ.get(ENV, "1") != "0"
-
-
-def extension() -> ModuleType | None:
-    """The compiled kernel module, built on first call; None (after one warning) where it cannot be built."""
-    global _extension, _error
-    if _extension is not None or _error is not None:
-        return _extension
-    try:
-        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime is found"
-        from torch.utils import cpp_extension
-
-        flags = ["-O3", "-fno-trapping-math", "-fopenmp"]
-        if platform.machine() in ("x86_64", "AMD64", "aarch64", "arm64"):
-            flags.append("-march=native" if platform.machine() in ("x86_64", "AMD64") else "-mcpu=native")
-        codes = {path.name: path.read_bytes() for path in SOURCES}
-        digest = hashlib.sha256(b"".join(hashlib.sha256(c).digest() for c in codes.values())).hexdigest()[:8]
-        name = f"ddpm_kernels_{_cpu_tag()}_{digest}"
-        folder = build_directory(name)
-        # Built from copies inside its folder: every checkout of the same sources shares one build (ninja would
-        # rebuild for each source path), and other revisions of the sources build beside it.
-        sources = []
-        for file, code in codes.items():
-            source = folder / file
-            if not source.exists() or source.read_bytes() != code:
-                tmp = source.with_suffix(f".{os.getpid()}.tmp")
-                tmp.write_bytes(code)
-                os.replace(tmp, source)
-            sources.append(str(source))
-        with _one_ninja():
-            _extension = cpp_extension.load(
-                name=name,
-                sources=sources,
-                build_directory=str(folder),
-                extra_cflags=flags,
-                extra_ldflags=["-fopenmp"],
-                verbose=False,
-            )
-    except Exception as err:  # no compiler, no Python headers, an unsupported platform
-        _error = f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
-        warnings.warn(
-            f"ddpm: the native kernels could not be built ({_error}); using PyTorch's GroupNorm, SiLU and attention "
-            f"(set {ENV}=0 to skip the attempt)",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-    return _extension
 
 
 def applies(x: Tensor) -> bool:
@@ -182,7 +42,7 @@ class _GroupNormSiLU(torch.autograd.Function):
     def forward(
         ctx, weight: Tensor, bias: Tensor, shift: Tensor | None, groups: int, eps: float, silu: bool, *xs: Tensor
     ) -> Tensor:
-        y, mean, rstd = _extension.forward_parts(list(xs), weight, bias, groups, eps, silu, shift)
+        y, mean, rstd = extension().forward_parts(list(xs), weight, bias, groups, eps, silu, shift)
         ctx.save_for_backward(weight, bias, shift, mean, rstd, *xs)
         ctx.groups, ctx.silu = groups, silu
         return y
@@ -192,7 +52,7 @@ class _GroupNormSiLU(torch.autograd.Function):
     def backward(ctx, dy: Tensor) -> tuple[Tensor | None, ...]:
         weight, bias, shift, mean, rstd, *xs = ctx.saved_tensors
         dy = dy.contiguous(memory_format=torch.channels_last)
-        *dxs, dweight, dbias = _extension.backward_parts(dy, xs, mean, rstd, weight, bias, ctx.groups, ctx.silu, shift)
+        *dxs, dweight, dbias = extension().backward_parts(dy, xs, mean, rstd, weight, bias, ctx.groups, ctx.silu, shift)
         dshift = None
         if ctx.needs_input_grad[2]:  # the shift is added to every pixel: its gradient is dx summed over them
             dshift = torch.cat([dx.sum((2, 3), dtype=torch.float32) for dx in dxs], dim=1)
@@ -235,7 +95,7 @@ def group_norm(
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (weight, bias, shift, *parts)):
             return _GroupNormSiLU.apply(weight, bias, shift, groups, eps, silu, *parts)
         with torch.profiler.record_function("ddpm::group_norm_silu"):  # named in the profiler like an aten op
-            return _extension.forward_parts(list(parts), weight, bias, groups, eps, silu, shift)[0]
+            return extension().forward_parts(list(parts), weight, bias, groups, eps, silu, shift)[0]
     x = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
     if shift is not None:
         x = x + shift[:, :, None, None].to(x.dtype)
@@ -252,7 +112,7 @@ class _Attention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, qkv: Tensor, scale: float) -> Tensor:
-        out, lse = _extension.attention_forward(qkv, scale)
+        out, lse = extension().attention_forward(qkv, scale)
         ctx.save_for_backward(qkv, out, lse)
         ctx.scale = scale
         return out
@@ -261,7 +121,7 @@ class _Attention(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout: Tensor) -> tuple[Tensor | None, ...]:
         qkv, out, lse = ctx.saved_tensors
-        return _extension.attention_backward(dout, qkv, out, lse, ctx.scale), None
+        return extension().attention_backward(dout, qkv, out, lse, ctx.scale), None
 
 
 def attention(qkv: Tensor, native: bool = True) -> Tensor:
@@ -286,7 +146,7 @@ def attention(qkv: Tensor, native: bool = True) -> Tensor:
         if torch.is_grad_enabled() and qkv.requires_grad:
             return _Attention.apply(qkv, d**-0.5)
         with torch.profiler.record_function("ddpm::attention"):
-            return _extension.attention_forward(qkv, d**-0.5)[0]
+            return extension().attention_forward(qkv, d**-0.5)[0]
     q, k, v = qkv.permute(2, 0, 3, 1, 4)
     return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
 
@@ -351,7 +211,7 @@ class _Conv3x3(torch.autograd.Function):
         ctx.m = math.isqrt(u.shape[0]) - 2
         ctx.per_image_bias = bias is not None and bias.dim() == 2
         ctx.upsample = upsample
-        return _extension.winograd_conv3x3(x, u, bias, residual, upsample, weight.shape[0])
+        return extension().winograd_conv3x3(x, u, bias, residual, upsample, weight.shape[0])
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -363,7 +223,7 @@ class _Conv3x3(torch.autograd.Function):
         m = ctx.m
         if need_x:
             flipped = winograd_weights(weight.flip(2, 3).transpose(0, 1), m)
-            dx = _extension.winograd_conv3x3(dy, flipped, out_channels=x.shape[1])
+            dx = extension().winograd_conv3x3(dy, flipped, out_channels=x.shape[1])
             if ctx.upsample:  # each input pixel fed a 2x2 block of the upsampled input
                 dx = F.avg_pool2d(dx, 2).mul_(4.0)
         if need_w or need_b:
@@ -378,7 +238,7 @@ def conv3x3_weight_grad(
     """The weight and bias gradients of :func:`conv3x3` (F(m x m, 3x3)) from its input x and output gradient dy,
     both channels_last: the kernel's gradient with respect to the transformed filters, mapped back to 3x3 filters
     (``G^T dU G``), in weight's layout, and each image's bias gradient [N, Cout]."""
-    du, db = _extension.winograd_conv3x3_weight_grad(x, dy, m, upsample)
+    du, db = extension().winograd_conv3x3_weight_grad(x, dy, m, upsample)
     G = weight.new_tensor(_WINOGRAD_G[m])
     du = du.view(m + 2, m + 2, weight.shape[1], weight.shape[0])
     return torch.empty_like(weight).copy_(torch.einsum("ik,ijco,jl->ockl", G, du, G)), db
@@ -426,13 +286,4 @@ def conv3x3(
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, residual)):
         return _Conv3x3.apply(x, weight, bias, u, residual, upsample)
     with torch.profiler.record_function("ddpm::winograd_conv3x3"):
-        return _extension.winograd_conv3x3(x, u, bias, residual, upsample, weight.shape[0])
-
-
-def main() -> None:
-    """Build the kernels now and say where they are, or why they are not (exit status 1)."""
-    ext = extension()
-    if ext is None:
-        print(f"native kernels: not built ({_error}); PyTorch's ops will run", file=sys.stderr)
-        sys.exit(1)
-    print(f"native kernels: {ext.__file__}")
+        return extension().winograd_conv3x3(x, u, bias, residual, upsample, weight.shape[0])

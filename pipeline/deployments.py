@@ -1,0 +1,91 @@
+"""The ``retrain`` deployment: served on params.yaml's ``schedule``, or declared in ``prefect.yaml`` for a work pool.
+
+``prefect deploy`` cannot read params.yaml, so ``prefect.yaml`` repeats the deployment name, cron, time zone
+and work pool of its ``schedule`` section; ``check`` refuses a ``prefect.yaml`` that disagrees.
+
+    python -m pipeline.deployments serve    # serve `retrain` on params.yaml's schedule (`make serve`)
+    python -m pipeline.deployments check    # prefect.yaml agrees with params.yaml (`make deploy` runs it first)
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import yaml
+from prefect.types.entrypoint import EntrypointType
+
+from ddpm.config import ConfigError
+from pipeline import params
+from pipeline.flows import retrain
+from pipeline.schedule import ScheduleConfig
+
+ENTRYPOINT = f"{retrain.fn.__module__}.{retrain.fn.__name__}"  # a module path: the worker imports it
+PREFECT_YAML = Path("prefect.yaml")
+# Two retrains must never run in one workspace (DVC's repo lock would fail the second one anyway).
+CONCURRENCY_LIMIT = 1
+
+
+def deployment(cfg: ScheduleConfig, **kwargs: Any):
+    """The ``retrain`` deployment on ``cfg``'s cron schedule, at most one run at a time."""
+    from prefect.schedules import Cron
+
+    try:
+        schedule = Cron(cfg.cron, timezone=cfg.timezone)
+    except ValueError as e:
+        raise ConfigError(f"schedule.cron={cfg.cron!r}: {e}") from None
+    return retrain.to_deployment(
+        name=cfg.deployment,
+        entrypoint_type=EntrypointType.MODULE_PATH,
+        schedules=[schedule],
+        concurrency_limit=CONCURRENCY_LIMIT,
+        description="Nightly retraining through DVC; promotes the model when its FID beats the champion's.",
+        tags=["ddpm"],
+        **kwargs,
+    )
+
+
+def prefect_yaml_mismatches(cfg: ScheduleConfig, path: Path = PREFECT_YAML) -> list[str]:
+    """Where prefect.yaml's retrain deployment disagrees with params.yaml's ``schedule`` section."""
+    doc = yaml.safe_load(path.read_text()) or {}
+    found = [d for d in doc.get("deployments") or [] if d.get("name") == cfg.deployment]
+    if not found:
+        return [f"no deployment named {cfg.deployment!r} (schedule.deployment)"]
+    d = found[0]
+    schedules = d.get("schedules") or []
+    expected = {
+        "entrypoint": (d.get("entrypoint"), ENTRYPOINT),
+        "work_pool.name": ((d.get("work_pool") or {}).get("name"), cfg.work_pool),
+        "schedules[0].cron": (schedules[0].get("cron") if schedules else None, cfg.cron),
+        "schedules[0].timezone": (schedules[0].get("timezone") if schedules else None, cfg.timezone),
+        "concurrency_limit": (d.get("concurrency_limit"), CONCURRENCY_LIMIT),
+    }
+    return [f"{key}={got!r}, expected {want!r}" for key, (got, want) in expected.items() if got != want]
+
+
+def main(args: argparse.Namespace) -> None:
+    cfg = params.load(Path(args.project) / params.PARAMS).schedule
+    if args.command == "check":
+        mismatches = prefect_yaml_mismatches(cfg, Path(args.project) / PREFECT_YAML)
+        if mismatches:
+            raise ConfigError(f"prefect.yaml disagrees with params.yaml schedule: {'; '.join(mismatches)}")
+        print(f"prefect.yaml agrees with params.yaml: {cfg.deployment} {cfg.cron!r} {cfg.timezone} on {cfg.work_pool}")
+    else:
+        from prefect import serve
+
+        serve(deployment(cfg))
+
+
+def parser() -> argparse.ArgumentParser:
+    cli = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = cli.add_subparsers(dest="command", required=True)
+    commands.add_parser("serve", help="serve retrain on params.yaml's schedule (against $PREFECT_API_URL)")
+    commands.add_parser("check", help="check that prefect.yaml agrees with params.yaml")
+    for sub in commands.choices.values():
+        sub.add_argument("--project", default=".", help="the DVC project folder (default: here)")
+    return cli
+
+
+if __name__ == "__main__":
+    params.run_stage(main, parser())

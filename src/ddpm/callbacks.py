@@ -1,0 +1,95 @@
+"""Lightning callbacks that watch a training run: the loss curve, the throughput and a progress log."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any, TextIO
+
+import pytorch_lightning as pl
+
+
+class CurveRecorder(pl.Callback):
+    """Record (step, loss, lr) every ``every`` steps and the wall time of training (both carried by checkpoints)."""
+
+    def __init__(self, every: int) -> None:
+        self.every, self.rows, self.started, self.seconds, self.before = every, [], 0.0, 0.0, 0.0
+
+    def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        self.started = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, *args: Any) -> None:
+        step = trainer.global_step
+        if step % self.every == 0 or step == trainer.max_steps:
+            m = trainer.callback_metrics  # one host sync every `every` steps
+            self.rows.append([step, float(m["train/loss"]), float(m["train/lr"])])
+
+    def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        self.seconds = self.before + time.perf_counter() - self.started
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rows": [list(r) for r in self.rows], "seconds": self.before + time.perf_counter() - self.started}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rows, self.before = [list(r) for r in state["rows"]], float(state["seconds"])
+
+
+class ThroughputLogger(pl.Callback):
+    """Log ``train/images_per_second`` (all devices) over each window of ``every`` steps; no extra host sync."""
+
+    def __init__(self, every: int, batch_size: int) -> None:
+        self.every, self.batch_size, self.mark = every, batch_size, (0, 0.0)
+
+    def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        self.mark = (trainer.global_step, time.perf_counter())
+
+    def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, *args: Any) -> None:
+        step, now = trainer.global_step, time.perf_counter()
+        if step - self.mark[0] >= self.every and trainer.logger is not None:
+            images = (step - self.mark[0]) * self.batch_size * trainer.world_size
+            trainer.logger.log_metrics({"train/images_per_second": images / (now - self.mark[1])}, step=step)
+            self.mark = (step, now)
+
+
+def _clock(seconds: float) -> str:
+    """``seconds`` as h:mm:ss, or m:ss under an hour."""
+    minutes, s = divmod(round(seconds), 60)
+    h, m = divmod(minutes, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+class ProgressLog(pl.Callback):
+    """A progress line every ``every_steps`` optimizer steps or ``every_seconds`` seconds, whichever comes first,
+    and at the last step: steps done of ``max_steps``, the loss, images per second (all devices) since the last
+    line, the time elapsed and the time left. Lightning's progress bar suits a terminal; this suits a log file.
+
+    Rank 0 writes, to ``stream`` (default: standard output); one host sync per line (the loss).
+    """
+
+    def __init__(self, batch_size: int, every_steps: int, every_seconds: float = 30.0, stream: TextIO | None = None):
+        self.batch_size, self.every_steps, self.every_seconds = batch_size, every_steps, every_seconds
+        self.stream = stream
+        self.start = self.mark = (0, 0.0)
+
+    def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        self.start = self.mark = (trainer.global_step, time.perf_counter())
+
+    def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, *args: Any) -> None:
+        step, now = trainer.global_step, time.perf_counter()
+        (last, then), (first, began) = self.mark, self.start
+        total = trainer.max_steps
+        due = step - last >= self.every_steps or now - then >= self.every_seconds or step == total
+        if step == last or not due or not trainer.is_global_zero:
+            return
+        self.mark = (step, now)
+        loss = trainer.callback_metrics.get("train/loss")
+        images = (step - last) * self.batch_size * trainer.world_size
+        parts = [
+            f"step {step}/{total}" if total > 0 else f"step {step}",
+            "loss n/a" if loss is None else f"loss {float(loss):.4f}",
+            f"{images / max(now - then, 1e-9):.1f} img/s",
+            f"elapsed {_clock(now - began)}",
+        ]
+        if total > 0:
+            parts.append(f"ETA {_clock((now - began) / (step - first) * (total - step))}")
+        print("train: " + ", ".join(parts), file=self.stream or sys.stdout, flush=True)
