@@ -14,6 +14,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.configs import diffusion_config
+from benchmarks.peer import PeerNet
 from ddpm import generate, kernels
 from ddpm.config import DDPMConfig
 from ddpm.module import DiffusionModule
@@ -47,6 +48,15 @@ def count_flops(fn: Callable[[], Any]) -> int:
 def diffusion_module(cfg: UNetConfig, device: torch.device) -> DiffusionModule:
     """A DiffusionModule of our net at ``cfg`` with the params.yaml diffusion, on ``device``."""
     return DiffusionModule(UNet(cfg), diffusion_config(cfg)).to(device)
+
+
+def compared_nets(cfg: UNetConfig, device: torch.device, peer: bool) -> dict[str, nn.Module]:
+    """Our net at ``cfg`` (seed 0) and, with ``peer``, diffusers' net of the same architecture, on ``device``."""
+    torch.manual_seed(0)
+    nets: dict[str, nn.Module] = {"ours": UNet(cfg).to(device)}
+    if peer:
+        nets["peer"] = PeerNet(cfg).to(device)
+    return nets
 
 
 def training_batch(cfg: UNetConfig, n: int, device: torch.device) -> Tensor:

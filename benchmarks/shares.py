@@ -6,13 +6,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 
-from benchmarks.calls import TrainStep, diffusion_module, sample_call, training_batch
+from benchmarks.calls import TrainStep, compared_nets, diffusion_module, sample_call, training_batch
 from benchmarks.configs import PRECISIONS, Plan, diffusion_config
-from benchmarks.peer import PeerNet
 from benchmarks.report import table
-from ddpm.nets import UNet
 
 SHARES = ("convolutions", "matmuls", "attention", "GroupNorm", "SiLU", "casts and copies", "other")
 
@@ -47,10 +44,7 @@ def time_shares(plan: Plan, device: torch.device, peer: bool, calls: int = 2) ->
     from torch.profiler import ProfilerActivity, profile
 
     _, cfg = plan.first
-    torch.manual_seed(0)
-    nets: dict[str, nn.Module] = {"ours": UNet(cfg).to(device)}
-    if peer:
-        nets["peer"] = PeerNet(cfg).to(device)
+    nets = compared_nets(cfg, device, peer)
     module = diffusion_module(cfg, device)
     batch = training_batch(cfg, plan.train_batch, device)
     out = []

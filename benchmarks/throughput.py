@@ -9,7 +9,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from benchmarks.calls import TrainStep, diffusion_module, nfe, sample_call, sample_step_flops, training_batch
+from benchmarks.calls import (
+    TrainStep,
+    compared_nets,
+    diffusion_module,
+    nfe,
+    sample_call,
+    sample_step_flops,
+    training_batch,
+)
 from benchmarks.configs import PRECISIONS, Plan, diffusion_config
 from benchmarks.peer import PeerNet, peer_kwargs
 from benchmarks.report import check, num, table
@@ -46,10 +54,7 @@ def throughput(plan: Plan, timer: Timer, device: torch.device, peer: bool) -> tu
     info: dict[str, Any] = {}
     for name, cfg in plan.configs.items():
         reps, warmup = plan.reps[name], plan.warmup[name]
-        torch.manual_seed(0)
-        nets: dict[str, nn.Module] = {"ours": UNet(cfg).to(device)}
-        if peer:
-            nets["peer"] = PeerNet(cfg).to(device)
+        nets = compared_nets(cfg, device, peer)
         module = diffusion_module(cfg, device)
         batch = training_batch(cfg, plan.train_batch, device)
         steps = {(n, p): TrainStep(module, net, batch, p) for n, net in nets.items() for p in PRECISIONS}

@@ -109,3 +109,19 @@ def smoke_repro(smoke_params, tmp_path_factory) -> tuple[Path, subprocess.Comple
 
     project = copy_project(tmp_path_factory.mktemp("smoke"), smoke_params)
     return project, run(["dvc", "repro"], project)
+
+
+@pytest.fixture(scope="module")
+def restore_threads():
+    """Restore torch's intra-op thread count after a module whose runs set one thread (``fault_train.run``)."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def digits(tmp_path_factory) -> Path:
+    """train.npz (360) and test.npz (40) of scikit-learn's 8x8 digits (``fault_train.save_digits``)."""
+    import fault_train
+
+    return fault_train.save_digits(tmp_path_factory.mktemp("digits"))

@@ -50,6 +50,15 @@ TRAIN = {
 }
 
 
+class FirstStep(pl.Callback):
+    """The global step at which fit started (0, or the step resumed from)."""
+
+    step: int | None = None
+
+    def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        self.step = trainer.global_step
+
+
 def save_digits(folder: Path) -> Path:
     """Write train.npz (360) and test.npz (40) of scikit-learn's 8x8 digits into ``folder``; return it."""
     train_set, test_set = datasets.split(datasets.load(DataConfig(dataset="digits")), 0.1, seed=0, limit=400)

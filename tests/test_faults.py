@@ -34,18 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = Path(__file__).resolve().parent / "fault_train.py"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def restore_threads():
-    """fault_train.run uses one intra-op thread (deterministic and fastest for this tiny net); restore after."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> Path:
-    """train.npz (360) and test.npz (40) of scikit-learn's 8x8 digits."""
-    return fault_train.save_digits(tmp_path_factory.mktemp("digits"))
+pytestmark = pytest.mark.usefixtures("restore_threads")
 
 
 @pytest.fixture(scope="module")
@@ -93,15 +82,6 @@ class SigtermAt(pl.Callback):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
-class FirstStep(pl.Callback):
-    """The global step at which fit started (0, or the step resumed from)."""
-
-    step: int | None = None
-
-    def on_train_start(self, trainer, module) -> None:
-        self.step = trainer.global_step
-
-
 # --------------------------------------------------------------------------- preemption and exact resume
 
 
@@ -115,7 +95,7 @@ def test_sigterm_checkpoints_then_a_rerun_resumes_bit_identically(digits, refere
     assert sorted(os.listdir(tmp_path)) == ["resume.ckpt"], "no outputs, no temp files"
     assert load(tmp_path / "resume.ckpt")["global_step"] == step
 
-    first = FirstStep()
+    first = fault_train.FirstStep()
     with caplog.at_level(logging.WARNING, logger="ddpm.fit"):
         metrics = fault_train.run(digits, tmp_path, callbacks=(first,))
     assert first.step == step and f"resuming from {tmp_path / 'resume.ckpt'} at step {step}" in caplog.text
@@ -158,7 +138,7 @@ def test_sigkill_mid_run_or_mid_checkpoint_then_resume_is_bit_identical(digits, 
             TrainConfig(**fault_train.TRAIN),
         )
         assert resumed is not None and 5 <= resumed.step < 40
-        first = FirstStep()
+        first = fault_train.FirstStep()
         fault_train.run(digits, out, callbacks=(first,))
         assert first.step == resumed.step
         assert_same_run(reference[1], out)
@@ -182,7 +162,7 @@ def test_a_resume_checkpoint_is_used_only_by_the_run_it_belongs_to(digits, tmp_p
     assert resume(lr=1e-3) is None and resume(max_steps=41) is None and resume(seed=1) is None
     assert resume(train_set=train_set.subset(np.arange(len(train_set) - 1))) is None
 
-    first = FirstStep()
+    first = fault_train.FirstStep()
     with caplog.at_level(logging.WARNING, logger="ddpm.fit"):
         fault_train.run(digits, tmp_path, callbacks=(first,), lr=1e-3, max_steps=6)
     assert first.step == 0 and "ignoring" in caplog.text and "another run's" in caplog.text

@@ -14,31 +14,11 @@ import torch
 import fault_train
 from ddpm.module import DiffusionModule, NonFiniteLossError
 
-
-@pytest.fixture(scope="module", autouse=True)
-def restore_threads():
-    """fault_train.run uses one intra-op thread; restore the count after."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> Path:
-    return fault_train.save_digits(tmp_path_factory.mktemp("digits"))
+pytestmark = pytest.mark.usefixtures("restore_threads")
 
 
 def load(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
-
-
-class FirstStep(pl.Callback):
-    """The global step at which fit started (0, or the step resumed from)."""
-
-    step: int | None = None
-
-    def on_train_start(self, trainer, module) -> None:
-        self.step = trainer.global_step
 
 
 class Poison(pl.Callback):
@@ -70,7 +50,7 @@ def test_a_nan_loss_stops_naming_the_step_and_skip_resumes_from_the_last_good_ch
     assert sorted(os.listdir(tmp_path)) == ["resume.ckpt"] and load(tmp_path / "resume.ckpt")["global_step"] == 5
     assert all(torch.isfinite(v).all() for v in load(tmp_path / "resume.ckpt")["state_dict"].values())
 
-    poison, first = Poison(8), FirstStep()
+    poison, first = Poison(8), fault_train.FirstStep()
     metrics = fault_train.run(digits, tmp_path, callbacks=(poison, first), nonfinite="skip")
     assert first.step == 5 and metrics["steps"] == 40 and metrics["skipped_steps"] == 1
     before, after = poison.before, poison.after
