@@ -14,6 +14,9 @@ SEED ?=
 PRECISION ?=
 MODEL ?= outputs/train/model.pt
 OUT ?= outputs/make_sample
+# the team stack (pipeline.stack): its folder, and e.g. STACK_ARGS="--mlflow-port 5051 --host 0.0.0.0"
+STACK_DIR ?= .stack
+STACK_ARGS ?=
 # Run stages with the project's interpreter (dvc.yaml commands call `python`).
 RUN := PATH="$(CURDIR)/$(VENV)/bin:$$PATH"
 
@@ -24,7 +27,8 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 # which every pipeline process, the tests and the benchmarks run before torch loads.
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-fast lint repro smoke sample metrics plots clean ui prefect-server serve deploy bench
+.PHONY: help install test test-fast lint repro smoke sample metrics plots clean ui prefect-server serve deploy bench \
+	stack-up stack-down stack-status stack-env push pull
 
 help: ## show this list of targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  make %-15s %s\n", $$1, $$2}'
@@ -32,7 +36,7 @@ help: ## show this list of targets
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e ".[dev,inception]"
+	$(PY) -m pip install -q -e ".[dev,inception,team]"
 	touch $@
 
 # The native GroupNorm+SiLU, attention and Winograd convolution kernels (ddpm.kernels), built once per torch
@@ -86,3 +90,21 @@ lint: install ## check the code with ruff
 clean: ## remove caches and build leftovers (keeps .venv)
 	rm -rf .pytest_cache .ruff_cache build src/*.egg-info
 	find . -name __pycache__ -not -path './.venv/*' -prune -exec rm -rf {} +
+
+stack-up: $(VENV)/.installed ## start the team stack here (PostgreSQL, S3 object store, MLflow, Prefect); prints its exports
+	@$(PY) -m pipeline.stack up --root $(STACK_DIR) $(STACK_ARGS)
+
+stack-down: $(VENV)/.installed ## stop the team stack (its data stays in STACK_DIR, .stack/)
+	@$(PY) -m pipeline.stack down --root $(STACK_DIR)
+
+stack-status: $(VENV)/.installed ## which servers of the team stack run and answer
+	@$(PY) -m pipeline.stack status --root $(STACK_DIR)
+
+stack-env: $(VENV)/.installed ## print the team stack's client environment (export lines to eval)
+	@$(PY) -m pipeline.stack env --root $(STACK_DIR)
+
+push: install ## dvc push data, models, metrics and the run cache to the DVC remote (checked first)
+	$(RUN) python -m pipeline.remote push
+
+pull: install ## dvc pull them (remote: .dvc/config.local or DDPM_DVC_REMOTE); then `dvc repro` runs nothing
+	$(RUN) python -m pipeline.remote pull

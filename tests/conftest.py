@@ -16,6 +16,9 @@ from pathlib import Path
 # (pipeline.bound_openmp_spin) before torch loads libgomp below.
 import pipeline  # noqa: F401
 
+# the team stack fixture (tests/teamstack.py), shared by test_stack.py and test_team.py
+pytest_plugins = ["teamstack"]
+
 # No telemetry from any tool the tests (or their subprocesses) may import.
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")

@@ -1,0 +1,145 @@
+"""The team's DVC remote: set it from the environment, check it answers, push and pull through it.
+
+``make push`` / ``make pull`` run ``dvc push --run-cache`` / ``dvc pull --run-cache`` after one check of the
+remote (endpoint reachable, keys accepted, bucket present) that fails with one line naming what is wrong, so
+a stopped object store or a wrong key changes nothing in the workspace. The remote lives in
+``.dvc/config.local`` (git-ignored): ``make stack-up`` writes it, and on another machine ``make pull`` writes
+it from ``DDPM_DVC_REMOTE`` (an ``s3://bucket/path`` URL), ``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID`` and
+``AWS_SECRET_ACCESS_KEY`` (the lines ``make stack-env`` prints).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from urllib.parse import urlparse
+
+REMOTE = "team"
+
+
+class RemoteError(RuntimeError):
+    """The DVC remote is missing, unreachable, refuses the keys, or lacks its bucket; the message is one line."""
+
+
+def configure(project: Path, env: Mapping[str, str] = os.environ) -> None:
+    """Write the ``team`` remote (default) into ``project/.dvc/config.local`` from the client environment."""
+    from dvc.config import Config
+
+    url = env.get("DDPM_DVC_REMOTE")
+    if not url:
+        raise RemoteError("DDPM_DVC_REMOTE is not set: eval the lines `make stack-env` prints, or set it")
+    remote = {"url": url}
+    for key, name in (("endpointurl", "AWS_ENDPOINT_URL"), ("access_key_id", "AWS_ACCESS_KEY_ID"),
+                      ("secret_access_key", "AWS_SECRET_ACCESS_KEY")):  # fmt: skip
+        if env.get(name):
+            remote[key] = env[name]
+    config = Config(dvc_dir=str(Path(project) / ".dvc"))
+    with config.edit("local") as local:
+        local.setdefault("remote", {})[REMOTE] = remote
+        local.setdefault("core", {})["remote"] = REMOTE
+    (Path(project) / ".dvc" / "config.local").chmod(0o600)  # it holds the secret key
+
+
+def settings(project: Path) -> tuple[str, dict]:
+    """(name, config) of the project's default DVC remote."""
+    from dvc.config import Config
+
+    config = Config(dvc_dir=str(Path(project) / ".dvc"))
+    name = config["core"].get("remote")
+    if not name or name not in config["remote"]:
+        raise RemoteError("no default DVC remote: run `make stack-up`, or set DDPM_DVC_REMOTE (see `make stack-env`)")
+    return name, dict(config["remote"][name])
+
+
+def check(project: Path) -> str:
+    """Check that the default remote answers and accepts its keys; return a description of it."""
+    name, remote = settings(project)
+    url = urlparse(remote["url"])
+    if url.scheme != "s3":
+        if not url.scheme and not Path(remote["url"]).is_dir():
+            raise RemoteError(f"DVC remote '{name}': folder {remote['url']} does not exist")
+        return f"{name} ({remote['url']})"
+    import boto3
+    import botocore.exceptions
+    from botocore.config import Config as BotoConfig
+
+    endpoint = remote.get("endpointurl") or os.environ.get("AWS_ENDPOINT_URL") or "the AWS default endpoint"
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=remote.get("endpointurl") or os.environ.get("AWS_ENDPOINT_URL"),
+        aws_access_key_id=remote.get("access_key_id") or os.environ.get("AWS_ACCESS_KEY_ID"),
+        aws_secret_access_key=remote.get("secret_access_key") or os.environ.get("AWS_SECRET_ACCESS_KEY"),
+        region_name=remote.get("region") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+        config=BotoConfig(connect_timeout=3, read_timeout=10, retries={"max_attempts": 1}),
+    )
+    try:
+        s3.head_bucket(Bucket=url.netloc)
+    except (botocore.exceptions.EndpointConnectionError, botocore.exceptions.ConnectTimeoutError) as e:
+        raise RemoteError(f"DVC remote '{name}': object store at {endpoint} is unreachable ({type(e).__name__}); "
+                          "is it running? (`make stack-status`)") from None  # fmt: skip
+    except botocore.exceptions.NoCredentialsError:
+        raise RemoteError(f"DVC remote '{name}': no access key for {endpoint}: set AWS_ACCESS_KEY_ID and "
+                          "AWS_SECRET_ACCESS_KEY (see `make stack-env`)") from None  # fmt: skip
+    except botocore.exceptions.ClientError as e:
+        code = str(e.response.get("Error", {}).get("Code"))
+        if code in ("404", "NoSuchBucket"):
+            raise RemoteError(f"DVC remote '{name}': bucket '{url.netloc}' does not exist at {endpoint}") from None
+        refused = key_refusal(s3)  # a HEAD answer has no body: ask once more to tell the key from the bucket
+        if refused:
+            raise RemoteError(f"DVC remote '{name}': {endpoint} refused the access key ({refused}): check "
+                              "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY") from None  # fmt: skip
+        raise RemoteError(f"DVC remote '{name}': bucket '{url.netloc}' does not exist at {endpoint}, or the "
+                          f"access key may not use it ({code})") from None  # fmt: skip
+    return f"{name} ({remote['url']} at {endpoint})"
+
+
+def key_refusal(s3) -> str | None:
+    """The store's error code when it refuses the key itself (wrong secret, unknown key), else None."""
+    import botocore.exceptions
+
+    try:
+        s3.list_buckets()
+    except botocore.exceptions.ClientError as e:
+        code = str(e.response.get("Error", {}).get("Code"))
+        return code if code in ("SignatureDoesNotMatch", "InvalidAccessKeyId", "InvalidClientTokenId") else None
+    return None
+
+
+def transfer(command: str, project: Path) -> int:
+    """``dvc push`` / ``dvc pull`` with the run cache, after :func:`check`; 0 on success."""
+    if command == "pull" and os.environ.get("DDPM_DVC_REMOTE"):
+        configure(project)
+    where = check(project)
+    print(f"{command}: DVC remote {where}", file=sys.stderr)
+    done = subprocess.run([sys.executable, "-m", "dvc", command, "--run-cache"], cwd=project)
+    if done.returncode != 0:
+        unchanged = "the workspace is unchanged; " if command == "push" else ""
+        raise RemoteError(f"dvc {command} through {where} failed (exit {done.returncode}); {unchanged}"
+                          f"run `make {command}` again once the object store answers")  # fmt: skip
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=("push", "pull", "check", "configure"))
+    parser.add_argument("--project", type=Path, default=Path("."))
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "configure":
+            configure(args.project)
+        elif args.command == "check":
+            print(check(args.project))
+        else:
+            return transfer(args.command, args.project)
+    except RemoteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
