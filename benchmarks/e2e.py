@@ -1,6 +1,7 @@
 """The train and sample stages' own code, timed end to end with the throughput switches on and off.
 
     python -m benchmarks.e2e --steps 300 --out benchmarks/e2e.md
+    python -m benchmarks.e2e --quick --params P   # a tiny run that checks the harness (its test); rates mean nothing
 
 Trains the params.yaml model on the params.yaml data with :func:`ddpm.fit.train` (a Lightning fit,
 ``--steps`` optimizer steps) once per training variant (precision, ``train.compile``), then draws
@@ -37,6 +38,8 @@ from ddpm.runtime import keep_freed_memory
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_VARIANTS = (("bf16-mixed", False), ("bf16-mixed", True), ("32-true", False))
 SAMPLE_VARIANTS = (("32-true", False), ("bf16-mixed", False), ("32-true", True), ("bf16-mixed", True))
+FULL = (("steps", 300), ("warmup-steps", 50), ("compile", "true"), ("at-once", 1))
+QUICK = (("steps", 3), ("warmup-steps", 1), ("n", 16), ("compile", "eager"), ("at-once", 2))
 
 
 class SteadyRate(pl.Callback):
@@ -124,22 +127,34 @@ def run_job(*args: str, threads: int | None = None) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     global PARAMS
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=300, help="optimizer steps per training variant")
-    parser.add_argument("--warmup-steps", type=int, default=50, help="steps before the steady rate is timed")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"a tiny run that checks the harness, not the speed (defaults {' '.join(f'--{k} {v}' for k, v in QUICK)})",
+    )
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per training variant (default 300)")
+    parser.add_argument(
+        "--warmup-steps", type=int, default=None, help="steps before the steady rate is timed (default 50)"
+    )
     parser.add_argument("--n", type=int, default=None, help="images per sampling variant (default: sample.n)")
     parser.add_argument("--out", type=Path, default=None, help="markdown output (also printed)")
     parser.add_argument(
-        "--compile", default="true", help="the compiled variants' setting: true (inductor) or a backend (eager)"
+        "--compile",
+        default=None,
+        help="the compiled variants' setting: true (inductor, the default) or a backend (eager)",
     )
     parser.add_argument("--params", type=Path, default=None, help="params.yaml of the model and data (the project's)")
     parser.add_argument(
         "--at-once",
         type=int,
-        default=1,
-        help="variants run at a time, sharing the cores (more than 1 checks the code, not the speed)",
+        default=None,
+        help="variants run at a time, sharing the cores (default 1; more than 1 checks the code, not the speed)",
     )
     parser.add_argument("--job", nargs=4, metavar=("KIND", "PRECISION", "COMPILE", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    for key, value in QUICK if args.quick else FULL:  # what the command line left unset
+        if getattr(args, key.replace("-", "_")) is None:
+            setattr(args, key.replace("-", "_"), value)
     PARAMS = (args.params or PARAMS).resolve()
     if args.job:
         keep_freed_memory()

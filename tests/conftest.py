@@ -29,10 +29,17 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-# Tests of the native kernels (ddpm.kernels) run where a C++ compiler can build them, and fail if the build fails
+import ci_skips  # noqa: E402
+from ci_skips import pytest_runtest_makereport, pytest_terminal_summary  # noqa: E402, F401 (the CI skip policy)
+
+# Tests of the native kernels (ddpm.kernels) run on Linux where a C++ compiler can build them, and fail if the
+# build fails. Under CI=true only the platform's skip is allowed (tests/ci_skips.py): CI must have the compiler.
+LINUX = sys.platform.startswith("linux")
 needs_native = pytest.mark.skipif(
-    not sys.platform.startswith("linux") or shutil.which("c++") is None, reason="no C++ compiler to build the kernel"
+    not LINUX or shutil.which("c++") is None,
+    reason="no C++ compiler to build the kernel" if LINUX else ci_skips.NOT_LINUX,
 )
+needs_procfs = pytest.mark.skipif(not LINUX or not Path("/proc/self/status").exists(), reason=ci_skips.NO_PROCFS)
 
 TINY_NET_KWARGS = {
     "channels": 16,
@@ -128,3 +135,14 @@ def digits(tmp_path_factory) -> Path:
     import fault_train
 
     return fault_train.save_digits(tmp_path_factory.mktemp("digits"))
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    """A real Prefect server for the session (prefect_test_harness), shared by the flow and deployment tests."""
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    storage = tmp_path_factory.mktemp("prefect-storage")  # failed runs' exceptions, not ~/.prefect/storage
+    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: storage}), prefect_test_harness(server_startup_timeout=120):
+        yield

@@ -79,3 +79,33 @@ def exact_moments(sampler, denoiser, sigmas: Tensor, **kw) -> tuple[float, float
     b = out[0].item()
     slope, gains = out[1].item() - b, out[2:] - b
     return b, (slope**2 * sigmas[0].item() ** 2 + (gains**2).sum().item()) ** 0.5
+
+
+class GaussianPair:
+    """Two correlated pixels x0 ~ N(mu, cov), stored in the last dimension of x: the exact denoiser
+    D(x; sigma) = mu + cov (cov + sigma^2 I)^-1 (x - mu), the exact E[eps | x_t] under ``alphas_cumprod``, and
+    the exact conditional N(mean, std^2) of pixel 1 given pixel 0."""
+
+    def __init__(self, mu: tuple[float, float], cov: list[list[float]], alphas_cumprod: Tensor) -> None:
+        self.mu, self.cov = torch.tensor(mu, dtype=torch.float64), torch.tensor(cov, dtype=torch.float64)
+        self.ab = alphas_cumprod.double()
+
+    def denoiser(self, x: Tensor, sigma: Tensor) -> Tensor:
+        """In the eigenbasis cov = Q diag(lam) Q^T: mu + Q diag(lam / (lam + sigma^2)) Q^T (x - mu)."""
+        lam, q = torch.linalg.eigh(self.cov.to(x))
+        s2 = sigma.to(x.dtype).reshape(-1, *[1] * (x.ndim - 1)) ** 2
+        mu = self.mu.to(x)
+        return mu + (lam / (lam + s2) * ((x - mu) @ q)) @ q.T
+
+    def eps(self, x: Tensor, t: Tensor) -> Tensor:
+        """E[eps | x_t] for x_t = sqrt(ab) x0 + sqrt(1 - ab) eps: the denoiser at sigma^2 = (1 - ab) / ab."""
+        ab = self.ab.to(x.device)[t].to(x.dtype)
+        a = ab.reshape(-1, *[1] * (x.ndim - 1))
+        x0 = self.denoiser(x / a.sqrt(), ((1 - ab) / ab).sqrt())
+        return (x - a.sqrt() * x0) / (1 - a).sqrt()
+
+    def conditional(self, known: float) -> tuple[float, float]:
+        """Mean and std of pixel 1 given pixel 0 = known."""
+        (c00, c01), (_, c11) = self.cov.tolist()
+        mu0, mu1 = self.mu.tolist()
+        return mu1 + c01 / c00 * (known - mu0), (c11 - c01**2 / c00) ** 0.5

@@ -99,12 +99,11 @@ def test_quick_bench_writes_well_formed_tables(tmp_path):
 
 @pytest.mark.slow
 def test_e2e_times_every_variant_of_the_stages_code(tmp_path, smoke_params):
-    """``benchmarks.e2e`` on the smoke configuration (8x8 digits), compiled variants traced with ``eager``, two
-    variants at a time (the rows keep the variants' order)."""
+    """``benchmarks.e2e --quick`` on the smoke configuration (8x8 digits): 3 steps and 16 images per variant,
+    compiled variants traced with ``eager``, two variants at a time (the rows keep the variants' order)."""
     params, out = tmp_path / "params.yaml", tmp_path / "e2e.md"
     params.write_text(smoke_params)
-    command = [sys.executable, "-m", "benchmarks.e2e", "--params", str(params), "--steps", "3", "--warmup-steps"]
-    command += ["1", "--n", "16", "--compile", "eager", "--at-once", "2", "--out", str(out)]
+    command = [sys.executable, "-m", "benchmarks.e2e", "--quick", "--params", str(params), "--out", str(out)]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     text = out.read_text()

@@ -1,28 +1,25 @@
 """Prefect flows against a real Prefect server (prefect_test_harness) and a real DVC project.
 
 The project is a temp git repo copy of this one on a shrunk smoke configuration; its DVC runs are shared
-by the tests of this module (retrain, then nothing to do, a retried failure, a timed-out run, an experiment
-grid, a preempted run). Faults are injected by running the flows' DVC through ``tests/fault_dvc.py``.
+by the tests of this module (retrain, then nothing to do, a retried failure, a stage that always fails, a
+timed-out run, an experiment grid, a preempted run). A transient failure and a preemption are injected by
+running the flows' DVC through ``tests/fault_dvc.py``; the permanent failure is a train stage that diverges.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 from uuid import UUID
 
 import pytest
 import yaml
-from pipeline import deployments, dvc_runner, flows, params
+from pipeline import dvc_runner, flows, params
 from pipeline import overrides as dotted
-from pipeline.schedule import ScheduleConfig
 from prefect import flow
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.client.schemas.filters import (
     ArtifactFilter,
     ArtifactFilterKey,
@@ -32,11 +29,9 @@ from prefect.client.schemas.filters import (
     LogFilterFlowRunId,
 )
 from prefect.logging.handlers import APILogHandler
-from prefect.settings import PREFECT_API_URL, PREFECT_LOCAL_STORAGE_PATH, temporary_settings
-from prefect.testing.utilities import prefect_test_harness
 
 from ddpm.config import ConfigError
-from test_pipeline import ROOT, copy_project, digest, run
+from test_pipeline import copy_project, digest, run
 
 pytestmark = pytest.mark.slow
 
@@ -59,18 +54,17 @@ FAST = {"retry_delay_seconds": 0}
 FAULT_DVC = Path(__file__).resolve().parent / "fault_dvc.py"
 
 
-@pytest.fixture(scope="session")
-def prefect_server(tmp_path_factory):
-    storage = tmp_path_factory.mktemp("prefect-storage")  # failed runs' exceptions, not ~/.prefect/storage
-    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: storage}), prefect_test_harness(server_startup_timeout=120):
-        yield
+@pytest.fixture(scope="module")
+def shrunk_params(smoke_params) -> dict:
+    """The project's params: the smoke configuration with SHRINK applied (what `pipeline.overrides --apply` does)."""
+    shrunk = dotted.merge(yaml.safe_load(smoke_params), SHRINK)
+    params.validate(shrunk)
+    return shrunk
 
 
 @pytest.fixture(scope="module")
-def project(smoke_params, tmp_path_factory) -> Path:
-    shrunk = dotted.merge(yaml.safe_load(smoke_params), SHRINK)  # what `pipeline.overrides --apply` does
-    params.validate(shrunk)
-    return copy_project(tmp_path_factory.mktemp("flows"), yaml.safe_dump(shrunk, sort_keys=False))
+def project(shrunk_params, tmp_path_factory) -> Path:
+    return copy_project(tmp_path_factory.mktemp("flows"), yaml.safe_dump(shrunk_params, sort_keys=False))
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +127,19 @@ def artifact(key: str, state) -> str:
 def workspace_state(root: Path) -> dict[str, str]:
     """Digests of the outputs, params.yaml and dvc.lock."""
     return {**digest(root / "outputs"), **{name: (root / name).read_text() for name in ("params.yaml", "dvc.lock")}}
+
+
+def outputs_but_resume(root: Path) -> dict[str, str]:
+    """Digests of the outputs but a resume checkpoint (a failed or interrupted train stage may leave one)."""
+    return {k: v for k, v in digest(root / "outputs").items() if k != "train/resume.ckpt"}
+
+
+def failed_attempts(state) -> int:
+    """How many times the flow's run-pipeline task ran, checked to have failed every time."""
+    assert state.is_failed()
+    (attempt,) = task_runs(state)["run-pipeline"]
+    assert attempt.state.is_failed()
+    return attempt.run_count
 
 
 def read_params(root: Path) -> dict:
@@ -224,7 +231,24 @@ def test_transient_failure_is_retried(retrained, project, tmp_path, monkeypatch)
 
 
 def test_permanent_failure_fails_the_flow_and_leaves_outputs_whole(retrained, project):
-    outputs, params_text = digest(project / "outputs"), (project / "params.yaml").read_text()
+    """A learning rate that makes the loss diverge: the train stage fails on every attempt (its one-line error in
+    the flow's log); params.yaml and the outputs stay as they were, and DVC has nothing new to record."""
+    outputs, params_text = outputs_but_resume(project), (project / "params.yaml").read_text()
+    overrides = {"train.lr": 1e20, "train.checkpoint_every": 1}
+    state = flows.retrain(project=str(project), overrides=overrides, retries=1, **FAST, return_state=True)
+    assert failed_attempts(state) == 2
+    text = logs(state)
+    stage_errors = re.findall(r"^error: loss is (?:nan|inf) at optimizer step \d+; training stopped", text, re.M)
+    assert len(stage_errors) == 2, text
+    assert "restored params.yaml as it was before the failed run" in text
+    assert (project / "params.yaml").read_text() == params_text
+    assert outputs_but_resume(project) == outputs, "no half outputs: the previous ones stay, no temp files"
+    (project / "outputs/train/resume.ckpt").unlink()  # the failed run's last checkpoint (step 1)
+    assert json.loads(run([sys.executable, "-m", "dvc", "status", "--json"], project).stdout) == {}
+
+
+def test_an_attempt_past_its_timeout_is_interrupted_and_leaves_outputs_whole(retrained, project):
+    outputs, params_text = outputs_but_resume(project), (project / "params.yaml").read_text()
     changed = read_params(project)
     changed["train"]["seed"] = 1
     (project / "params.yaml").write_text(yaml.safe_dump(changed, sort_keys=False))
@@ -233,16 +257,18 @@ def test_permanent_failure_fails_the_flow_and_leaves_outputs_whole(retrained, pr
         status = json.loads(run([sys.executable, "-m", "dvc", "status", "--json"], project).stdout)
     finally:
         (project / "params.yaml").write_text(params_text)
-    assert state.is_failed()
-    (attempt,) = task_runs(state)["run-pipeline"]
-    assert attempt.state.is_failed() and attempt.run_count == 2
-    assert "exceeded timeout of 3" in logs(state)
-    after = {k: v for k, v in digest(project / "outputs").items() if k != "train/resume.ckpt"}
-    assert after == outputs, "no half outputs: the previous ones stay, no temp files (a resume checkpoint may)"
+    assert failed_attempts(state) == 2 and "exceeded timeout of 3" in logs(state)
+    assert outputs_but_resume(project) == outputs, "no half outputs: the previous ones stay, no temp files"
     assert "train" in status, "DVC recorded nothing for the interrupted stage"
 
 
-def test_experiment_grid_runs_dvc_experiments_and_reports_the_best(retrained, project):
+def test_experiment_grid_runs_dvc_experiments_and_reports_the_best(retrained, project, shrunk_params):
+    """From a workspace it sets up itself: the first retrain's params with sample.steps = 5, reproduced (the
+    stages' run cache restores what the first retrain made) and committed."""
+    start = dotted.merge(shrunk_params, {"sample.steps": 5})
+    (project / "params.yaml").write_text(yaml.safe_dump(start, sort_keys=False))
+    (project / "outputs/train/resume.ckpt").unlink(missing_ok=True)
+    run([sys.executable, "-m", "dvc", "repro"], project)
     commit(project, "pipeline outputs")  # experiments start from the last commit: dvc.lock must be in it
     workspace = workspace_state(project)
     state = flows.experiment_grid(grid={"sample.steps": [5, 10]}, project=str(project), **FAST, return_state=True)
@@ -250,7 +276,7 @@ def test_experiment_grid_runs_dvc_experiments_and_reports_the_best(retrained, pr
     result = state.result()
     assert [r["overrides"] for r in result["runs"]] == [{"sample.steps": 5}, {"sample.steps": 10}]
     assert result["best"] == min(result["runs"], key=lambda r: r["fid"]) and not result["failed"]
-    # seeded: each point reproduces the FID the workspace had with the same steps (5 now, 10 in the first retrain)
+    # seeded: each point reproduces the FID of the same steps in the workspace (5, set up above; 10, the first retrain)
     steps5 = json.loads((project / "outputs" / "metrics" / "evaluate.json").read_text())["fid"]
     assert [r["fid"] for r in result["runs"]] == pytest.approx([steps5, retrained[0].result()["fid"]])
     assert set(re.findall(r"Running stage '([^']+)'", logs(state))) == {"sample", "evaluate"}, "only what steps touch"
@@ -303,56 +329,6 @@ def test_promote_applies_the_champion_rule_on_a_real_registry(prefect_server, tm
     assert summary["promoted"] is True
     assert summary["run_url"] == tracking.run_url(server.uri, experiment, first_run)
     assert summary["message"].endswith(f"; FID 2.0000; {name} v{first} -> champion")
-
-
-def test_served_deployment_has_the_schedule_and_concurrency_limit_1(prefect_server):
-    cfg = params.load(ROOT / "params.yaml").schedule
-    deployment_id = deployments.deployment(cfg).apply()
-    with get_client(sync_client=True) as client:
-        deployment = client.read_deployment(deployment_id)
-    (schedule,) = deployment.schedules
-    assert (schedule.schedule.cron, schedule.schedule.timezone) == (cfg.cron, cfg.timezone)
-    assert deployment.name == cfg.deployment and deployment.global_concurrency_limit.limit == 1
-    assert deployment.entrypoint == deployments.ENTRYPOINT
-    with pytest.raises(ConfigError, match=r"^schedule.cron='99 3 \* \* \*': Invalid cron string"):
-        deployments.deployment(ScheduleConfig(cron="99 3 * * *"))
-    with pytest.raises(ConfigError, match=r"^schedule.cron='0 3 \* \*': expected a cron expression of 5 fields"):
-        ScheduleConfig.from_dict({"cron": "0 3 * *"}, "schedule")
-    with pytest.raises(ConfigError, match=r"^schedule.timezone='Mars/Olympus': expected an IANA time zone"):
-        ScheduleConfig.from_dict({"timezone": "Mars/Olympus"}, "schedule")
-
-
-def test_prefect_yaml_agrees_with_params_and_deploys_to_the_pool(prefect_server, project):
-    cfg = params.load(ROOT / "params.yaml").schedule
-    assert deployments.prefect_yaml_mismatches(cfg, ROOT / "prefect.yaml") == []
-    other = cfg.model_copy(update={"cron": "0 4 * * *", "work_pool": "cpu"})
-    assert deployments.prefect_yaml_mismatches(other, ROOT / "prefect.yaml") == [
-        "work_pool.name='gpu', expected 'cpu'",
-        "schedules[0].cron='0 3 * * *', expected '0 4 * * *'",
-    ]
-    (project / "prefect.yaml").write_text((ROOT / "prefect.yaml").read_text())
-    with get_client(sync_client=True) as client:
-        client.create_work_pool(WorkPoolCreate(name=cfg.work_pool, type="process"))
-    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
-    deploy = subprocess.run(
-        [str(Path(sys.executable).parent / "prefect"), "--no-prompt", "deploy", "--all"],
-        cwd=project,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert deploy.returncode == 0, deploy.stdout + deploy.stderr
-    with get_client(sync_client=True) as client:
-        deployment = client.read_deployment_by_name(f"retrain/{cfg.deployment}")
-    (schedule,) = deployment.schedules
-    assert (schedule.schedule.cron, schedule.schedule.timezone) == (cfg.cron, cfg.timezone)
-    assert deployment.global_concurrency_limit.limit == 1 and deployment.work_pool_name == cfg.work_pool
-    assert deployment.job_variables["env"]["CUDA_VISIBLE_DEVICES"] == "0"
-    assert deployment.parameters["overrides"]["train.accelerator"] == "gpu"
-    assert deployment.entrypoint == deployments.ENTRYPOINT
-    (pull,) = deployment.pull_steps
-    assert pull["prefect.deployments.steps.set_working_directory"]["directory"] == str(project.resolve())
 
 
 def test_preempted_attempt_resumes_training_on_retry(retrained, project, tmp_path, monkeypatch):

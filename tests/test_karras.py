@@ -107,8 +107,8 @@ def test_heun_and_dpmpp_2m_are_second_order(name):
 
 def test_heun_std_is_5_percent_off_at_18_steps_and_under_1_percent_at_40():
     slope_18, slope_40 = affine_map(samplers.heun, 18)[1], affine_map(samplers.heun, 40)[1]
-    assert 0.04 < slope_18 * SIGMA_MAX / S - 1 < 0.07  # observed 5.5%
-    assert 0 < slope_40 * SIGMA_MAX / S - 1 < 0.01  # observed 0.98%
+    assert 0.04 < slope_18 * SIGMA_MAX / S - 1 < 0.07  # regression pin: observed 5.5%
+    assert 0 < slope_40 * SIGMA_MAX / S - 1 < 0.01  # regression pin: observed 0.98%
 
 
 def test_euler_maruyama_is_weakly_first_order():
@@ -221,12 +221,20 @@ def test_denoiser_sees_sigma_as_a_batch_tensor_and_callback_the_trajectory():
     assert torch.equal(steps[-1]["x"], out)
 
 
-@pytest.mark.parametrize("name", SIGMA_SAMPLERS)
-def test_partial_schedules_end_at_their_last_sigma(name):
+@pytest.mark.parametrize(
+    ("name", "rel"),
+    [  # observed: heun +0.19%, dpmpp_2m -0.13%, euler -1.4% (first order)
+        ("heun", 0.005),
+        ("dpmpp_2m", 0.005),
+        ("euler", 0.02),
+        ("euler_maruyama", 0.12),  # regression pin: observed +9.7%
+    ],
+)
+def test_partial_schedules_end_at_their_last_sigma(name, rel):
     """A schedule may stop above 0 (RePaint segments); then no step jumps to the clean image."""
     sigmas = schedules.karras_sigmas(64)[:41]  # stops at sigma = 0.67
     std = exact_moments(samplers.SAMPLERS[name], D, sigmas)[1]
-    assert std == pytest.approx(math.sqrt(S**2 + sigmas[-1].item() ** 2), rel=0.12)  # euler_maruyama: 9.7% off
+    assert std == pytest.approx(math.sqrt(S**2 + sigmas[-1].item() ** 2), rel=rel)
 
 
 @pytest.mark.parametrize(

@@ -212,16 +212,26 @@ def test_activation_layout_does_not_change_the_output(memory_format):
 
 
 def test_bf16_autocast_is_as_accurate_as_plain_autocast_and_trains():
-    """GroupNorm and attention in float32 under bf16 autocast lose no accuracy against torch's own bf16 path."""
-    net = perturb(UNet(**TINY))
+    """GroupNorm and attention in float32 under bf16 autocast lose no accuracy against torch's own bf16 path: the
+    output and the weights' gradients, each measured against the float64 net."""
+    net = perturb(UNet(**TINY, dropout=0.0))
     x, t = torch.randn(4, 1, 28, 28), torch.tensor([1, 10, 100, 900])
-    expected = net(x, t).detach()
+    net64 = copy.deepcopy(net).double()
+    out64 = net64(x.double(), t)
+    out64.square().mean().backward()
+    grad64 = torch.cat([p.grad.flatten() for p in net64.parameters()])
+
+    def errors(**settings) -> tuple[float, float]:
+        """Relative errors of the bf16 output and of all the weights' gradients against float64."""
+        net.zero_grad()
+        with kernels.using(**settings), torch.autocast("cpu", dtype=torch.bfloat16):
+            out = net(x, t)
+        out.float().square().mean().backward()
+        grad = torch.cat([p.grad.double().flatten() for p in net.parameters()])
+        return ((out.double() - out64).norm() / out64.norm()).item(), ((grad - grad64).norm() / grad64.norm()).item()
+
     plain = {"memory_format": torch.contiguous_format, "group_norm_float32": False, "attention_float32_on_cpu": False}
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = net(x, t)
-        with kernels.using(**plain):
-            out_plain = net(x, t)
-    error, error_plain = ((o.float() - expected).norm() for o in (out, out_plain))
-    assert error <= 1.05 * error_plain
-    out.float().square().mean().backward()
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())
+    (error, grad_error), (error_plain, grad_error_plain) = errors(), errors(**plain)
+    assert error <= 1.05 * error_plain and grad_error <= 1.05 * grad_error_plain
+    # regression pin: observed 1.1% (output) and 0.54% (gradients), bf16 keeps 8 bits (0.4%)
+    assert error < 0.03 and grad_error < 0.015, (error, grad_error)

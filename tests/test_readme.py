@@ -39,7 +39,7 @@ def assert_bars(images) -> None:
     assert images.shape == (16, 1, 8, 8)
     columns = images.mean(dim=2)[:, 0]  # [16, 8]: one bright column per image
     bar_like = (columns.max(1).values > 0.5) & (columns.median(1).values < -0.5)
-    assert bar_like.sum().item() >= 12, columns
+    assert bar_like.sum().item() >= 12, columns  # regression pin: observed 16 of 16 (DDIM and DDPM)
 
 
 @pytest.mark.parametrize(("page", "code"), SNIPPETS)

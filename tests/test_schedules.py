@@ -48,6 +48,26 @@ def test_exp_closed_form():
         assert ab[t].item() == pytest.approx(math.exp(-0.5 * (19.9 * s**2 + 1e-4)), rel=1e-12)
 
 
+@pytest.mark.parametrize(("start", "end", "tau"), [(-3.0, 3.0, 1.0), (0.0, 3.0, 0.7), (-3.0, 3.0, 0.5)])
+def test_sigmoid_matches_closed_form_and_clips(start, end, tau):
+    """Chen 2023, Algorithm 1: alpha_bar(u) = (v(end) - v(u (end - start) + start)) / (v(end) - v(start)) with
+    v(z) = 1 / (1 + exp(-z / tau)); alpha_bar_t = alpha_bar((t+1)/T) / alpha_bar(0) = alpha_bar((t+1)/T) until the
+    last beta, 1 - alpha_bar(1) / alpha_bar((T-1)/T) = 1, is clipped to 0.999."""
+    T = 1000
+    ab = schedules.alphas_cumprod("sigmoid", T, start=start, end=end, tau=tau)
+
+    def v(z):
+        return 1 / (1 + math.exp(-z / tau))
+
+    def f(u):
+        return (v(end) - v(u * (end - start) + start)) / (v(end) - v(start))
+
+    assert f(0) == 1 and f(1) == 0
+    for t in [0, 1, 10, 500, 900, 998]:
+        assert ab[t].item() == pytest.approx(f((t + 1) / T), rel=1e-9)
+    assert ab[-1].item() == pytest.approx(f((T - 1) / T) * (1 - 0.999), rel=1e-9)
+
+
 def test_sigmoid_endpoints_and_options():
     ab = schedules.alphas_cumprod("sigmoid", 1000)
     steep = schedules.alphas_cumprod("sigmoid", 1000, tau=0.5)

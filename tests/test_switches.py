@@ -20,6 +20,7 @@ from pipeline.sample import write_samples
 from torch._dynamo.utils import counters
 
 import fault_train
+from conftest import needs_procfs
 from ddpm import export, generate, io
 from ddpm.config import ConfigError, SampleConfig, TrainConfig
 from ddpm.fit import train
@@ -156,7 +157,7 @@ STAGE = textwrap.dedent(
 )
 
 
-@pytest.mark.skipif(not Path("/proc/self/status").exists() or sys.platform != "linux", reason="needs Linux procfs")
+@needs_procfs
 @pytest.mark.parametrize("keep", ["1", "0"])
 def test_stages_keep_freed_memory_unless_switched_off(keep):
     env = {**os.environ, "DDPM_KEEP_FREED_MEMORY": keep}

@@ -140,10 +140,21 @@ def extension() -> ModuleType | None:
     return _extension
 
 
+def summary() -> str | None:
+    """One line on this process's kernels: the instruction-set path they run (``avx512`` or ``portable``, chosen
+    when they were compiled for this CPU) and their file, or why they were not built; None before any was asked for.
+    """
+    if _extension is not None:
+        return f"native kernels: {_extension.vector_isa} vector path ({_extension.__file__})"
+    if _error is not None:
+        return f"native kernels: not built ({_error}); PyTorch's ops run"
+    return None
+
+
 def main() -> None:
-    """Build the kernels now and say where they are, or why they are not (exit status 1)."""
+    """Build the kernels now and say which instruction-set path they run and where they are, or why they are not
+    built (exit status 1)."""
     ext = extension()
+    print(summary(), file=sys.stdout if ext is not None else sys.stderr)
     if ext is None:
-        print(f"native kernels: not built ({_error}); PyTorch's ops will run", file=sys.stderr)
         sys.exit(1)
-    print(f"native kernels: {ext.__file__}")
