@@ -27,7 +27,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 # which every pipeline process, the tests and the benchmarks run before torch loads.
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-fast lint repro smoke sample metrics plots clean ui prefect-server serve deploy bench \
+.PHONY: help install test test-fast lint repro smoke sample metrics plots clean ui prefect-server serve deploy bench bench-team \
 	stack-up stack-down stack-status stack-env push pull
 
 help: ## show this list of targets
@@ -82,6 +82,9 @@ deploy: install ## check prefect.yaml against params.yaml, then deploy it to its
 
 bench: install ## throughput and memory side by side with diffusers (~15 min) -> benchmarks/results.md
 	$(PY) -m benchmarks.bench
+
+bench-team: install ## the team stack's costs: stack start, smoke repro embedded vs team (~6 min) -> benchmarks/team.md
+	$(RUN) python -m benchmarks.team --out benchmarks/team.md
 
 lint: install ## check the code with ruff
 	$(PY) -m ruff check src tests pipeline benchmarks

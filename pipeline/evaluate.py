@@ -1,8 +1,9 @@
 """Stage ``evaluate``: FID and KID of the samples against the real reference split, with their protocol.
 
-With tracking on it logs ``fid/<sampler>_<steps>``, KID and the featurizer's accuracy into the pipeline's
-MLflow run, uploads params.yaml and dvc.lock, registers the EMA model as a new version and applies the
-champion rule; the decision goes to ``outputs/evaluate/registry.json``.
+With tracking on it logs ``fid/<sampler>_<steps>`` and KID into the pipeline's MLflow run, linked to the
+run's Logged model (the EMA model) and the reference split's dataset, and the featurizer's accuracy; uploads
+params.yaml and dvc.lock, registers the Logged model as a new version and applies the champion rule; the
+decision goes to ``outputs/evaluate/registry.json``.
 """
 
 import argparse
@@ -14,19 +15,21 @@ from pipeline import tracking as stage_tracking
 
 
 def track(run: tracking.Run, p: params.Params, result: dict, params_file: str) -> dict:
-    """Log the scores into the run, register the EMA model and apply the champion rule; return the decision."""
+    """Log the scores into the run and its Logged model, register that model and apply the champion rule;
+    return the decision."""
     sampler, steps = result.get("sampler"), result.get("steps")
     scores = {tracking.metric_key(name, sampler, steps): result[name] for name in ("fid", "kid")}
+    model_id = run.logged_model_id()
+    run.log_metrics(scores, model_id=model_id, dataset=run.dataset(p.evaluate.reference))
     featurizer_json = paths.metrics_file("featurizer")
     if featurizer_json.is_file():
-        scores["featurizer/test_accuracy"] = json.loads(featurizer_json.read_text())["test_accuracy"]
-    run.log_metrics(scores)
+        run.log_metrics({"featurizer/test_accuracy": json.loads(featurizer_json.read_text())["test_accuracy"]})
     run.log_new_params(tracking.flatten({"evaluate": p.evaluate.to_dict()}))
     run.set_tags({f"protocol.{k}": v for k, v in registry.protocol_of(result).items()})
     run.log_artifacts([paths.metrics_file("evaluate")], "metrics")
     run.log_artifacts([params_file, "dvc.lock"], "config")
     name = registry.model_name(p.tracking, p.data.dataset)
-    version = registry.register(run, name, result)
+    version = registry.register(run, name, result, model_id)
     return registry.promote(run.uri, name, version)
 
 

@@ -23,7 +23,8 @@ from pipeline import tracking as stage_tracking
 
 
 def resolve_model(model: str, p: params.Params, tmp: str) -> Path:
-    """A local model.pt for a path, ``champion`` or an MLflow ``models:/`` / ``runs:/`` URI."""
+    """A local model.pt for a path, ``champion`` or an MLflow ``models:/`` / ``runs:/`` URI (the file of the
+    registered version's Logged model, which the caller reads with ``weights_only=True``)."""
     name = registry.model_name(p.tracking, p.data.dataset)
     if model == "champion":
         model = f"models:/{name}@{registry.CHAMPION}"

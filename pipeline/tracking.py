@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ddpm import tracking
 from pipeline import params, paths
+
+if TYPE_CHECKING:
+    from ddpm.data import ImageSet
 
 OFF = {"enabled": False}
 
@@ -25,3 +28,14 @@ def reopen(p: params.Params, record_path: Path = paths.RUN_RECORD) -> tracking.R
 def sections(raw: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
     """The named params.yaml sections (empty ones included, so defaults are visible as such)."""
     return {name: raw.get(name) or {} for name in names}
+
+
+def dataset_inputs(dataset: str, splits: dict[str, ImageSet], hashes: dict[str, str]) -> list:
+    """The splits as the run's MLflow dataset inputs: ``<dataset>-<split>``, context the split, digest the
+    split's content hash, source its file under ``outputs/data``."""
+    return [
+        tracking.dataset_input(
+            f"{dataset}-{name}", name, split.images, split.labels, hashes[name], paths.split(name).resolve()
+        )
+        for name, split in splits.items()
+    ]

@@ -1,8 +1,9 @@
 """Stage ``train``: fit the diffusion model; write the resumable checkpoint, the EMA model and the curves.
 
-With tracking on, the stage opens the pipeline execution's MLflow run (params, tags), streams Lightning's
-metrics into it, uploads the checkpoint, the EMA model, the curves and the loss plot, and records the run
-in ``outputs/train/run.json`` for the later stages.
+With tracking on, the stage opens the pipeline execution's MLflow run (params, source tags, the data splits
+as dataset inputs), streams Lightning's metrics into it, logs the EMA model as the run's Logged model,
+uploads the checkpoint, the curves and the loss plot, and records the run in ``outputs/train/run.json`` for
+the later stages.
 """
 
 import argparse
@@ -19,10 +20,13 @@ from pipeline import params, paths
 from pipeline import tracking as stage_tracking
 
 TRACKED_SECTIONS = ("data", "featurizer", "model", "diffusion", "train", "sample", "evaluate")
+ENTRY_POINT = "pipeline.train"  # the run's source in MLflow
 
 
-def open_run(p: params.Params, raw: dict, train_set: data.ImageSet, resume: checkpoints.Resume | None):
-    """(run.json record, logger or None); fails before training if the server is unreachable.
+def open_run(
+    p: params.Params, raw: dict, splits: dict[str, data.ImageSet], resume: checkpoints.Resume | None
+) -> tuple[dict, BufferedMLFlowLogger | None]:
+    """(run.json record, logger or None); fails before training if the server is unreachable or refuses us.
 
     A training that resumes an interrupted one continues the interrupted run (same run id, metrics from the
     resumed step on) instead of forking a new run.
@@ -31,8 +35,10 @@ def open_run(p: params.Params, raw: dict, train_set: data.ImageSet, resume: chec
         return stage_tracking.OFF, None
     record = continued_run(p, resume)
     if record is None:
-        tags = tracking.run_tags(p.data.dataset, data.content_hash(train_set))
-        record = tracking.start_run(p.tracking, stage_tracking.sections(raw, TRACKED_SECTIONS), tags)
+        hashes = {name: data.content_hash(split) for name, split in splits.items()}
+        tags = tracking.run_tags(p.data.dataset, hashes["train"], ENTRY_POINT)
+        inputs = stage_tracking.dataset_inputs(p.data.dataset, splits, hashes)
+        record = tracking.start_run(p.tracking, stage_tracking.sections(raw, TRACKED_SECTIONS), tags, datasets=inputs)
     logger = BufferedMLFlowLogger(tracking_uri=record["tracking_uri"], run_id=record["run_id"])
     return record, logger
 
@@ -52,10 +58,12 @@ def continued_run(p: params.Params, resume: checkpoints.Resume | None) -> dict |
 
 
 def upload(record: dict, p: params.Params, out: Path, metrics: dict, params_file: str) -> None:
-    """Final metrics and the artifacts: EMA model (the registry's source), checkpoint, curves, loss plot."""
+    """Final metrics; the EMA model as the run's Logged model (the registry's source), linked to the final
+    metrics; the checkpoint, curves and loss plot as artifacts."""
     run = tracking.Run(record)
-    run.log_metrics({f"final/{k}": v for k, v in metrics.items()}, step=int(metrics["steps"]))
-    run.log_artifacts([out / "model.pt"], "model")
+    step = int(metrics["steps"])
+    run.log_metrics({f"final/{k}": v for k, v in metrics.items()}, step=step)
+    run.log_model(out / "model.pt", step=step)
     if p.tracking.log_checkpoint:
         run.log_artifacts([out / "last.ckpt"], "checkpoints")
     with tempfile.TemporaryDirectory() as tmp:
@@ -78,7 +86,7 @@ def main(args: argparse.Namespace) -> None:
     p = params.validate(raw)
     train_set, test_set = paths.load_splits()
     resume = fit.resume_checkpoint(paths.TRAIN, train_set, test_set, p.model, p.diffusion, p.train)
-    record, logger = open_run(p, raw, train_set, resume)
+    record, logger = open_run(p, raw, {"train": train_set, "test": test_set}, resume)
     metrics = fit.train(
         train_set,
         test_set,

@@ -21,6 +21,7 @@ import urllib.request
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -39,13 +40,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(root: Path, port: int) -> tuple[subprocess.Popen, str]:
-    """`mlflow server` with a SQLite backend and an artifact root under ``root``, answering /health."""
+def start_server(
+    root: Path, port: int, app: str | None = None, env: dict | None = None
+) -> tuple[subprocess.Popen, str]:
+    """`mlflow server` with a SQLite backend and an artifact root under ``root`` (and ``--app-name app``, its
+    settings in ``env``), answering /health."""
     root.mkdir(parents=True, exist_ok=True)
     log = open(root / "server.log", "a")  # noqa: SIM115 (open while the server runs)
     cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     cmd += ["--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "art")]
-    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1"}
+    cmd += ["--app-name", app] if app else []
+    env = {**os.environ, **(env or {}), "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1"}
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root, start_new_session=True)
     log.close()
     uri = f"http://127.0.0.1:{port}"
@@ -76,15 +81,15 @@ def stop_server(proc: subprocess.Popen) -> None:
 class Server:
     """A real tracking server (``start_server``) on a free port; ``stop``, then ``start`` keeps its port and store."""
 
-    def __init__(self, root: Path) -> None:
-        self.root, self.port = root, free_port()
-        self.proc, self.uri = start_server(root, self.port)
+    def __init__(self, root: Path, app: str | None = None, env: dict | None = None) -> None:
+        self.root, self.port, self.app, self.env = root, free_port(), app, env
+        self.proc, self.uri = start_server(root, self.port, app, env)
 
     def stop(self) -> None:
         stop_server(self.proc)
 
     def start(self) -> None:
-        self.proc, _ = start_server(self.root, self.port)
+        self.proc, _ = start_server(self.root, self.port, self.app, self.env)
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +110,17 @@ def only_run(client: MlflowClient, experiment: str) -> list[str]:
     """The run ids of an experiment (empty while it does not exist)."""
     found = client.get_experiment_by_name(experiment)
     return [r.info.run_id for r in client.search_runs([found.experiment_id])] if found else []
+
+
+def logged_model_files(client: MlflowClient, run_id: str) -> set[str]:
+    """The files of the run's Logged model (its one model output)."""
+    (output,) = client.get_run(run_id).outputs.model_outputs
+    listed = client.list_logged_model_artifacts(output.model_id)
+    return {
+        f.path
+        for d in listed
+        for f in (client.list_logged_model_artifacts(output.model_id, d.path) if d.is_dir else [d])
+    }
 
 
 def set_params(project: Path, **sections) -> None:
@@ -198,9 +214,10 @@ def test_the_run_record_has_params_curves_fid_and_artifacts(server, runs):
     assert run.data.metrics[f"fid/{key}"] == pytest.approx(scores["fid"])
     assert 0 < run.data.metrics["featurizer/test_accuracy"] <= 1
     assert run.data.metrics[f"sample/nfe/{key}"] == scores["nfe"]
-    folders = ("model", "checkpoints", "plots", "config", f"samples/{key}")
+    folders = ("checkpoints", "plots", "config", f"samples/{key}")
     artifacts = {a.path for folder in folders for a in client.list_artifacts(record["run_id"], folder)}
-    assert {"model/model.pt", "checkpoints/last.ckpt", "plots/loss.png", f"samples/{key}/grid.png"} <= artifacts
+    assert {"checkpoints/last.ckpt", "plots/loss.png", f"samples/{key}/grid.png"} <= artifacts
+    assert "data/model.pt" in logged_model_files(client, record["run_id"])  # the EMA model: the run's Logged model
     assert {"config/params.yaml", "config/dvc.lock"} <= artifacts
     assert record["run_url"].startswith(server) and record["run_id"] in record["run_url"]
     assert "dvc.experiment" not in run.data.tags
@@ -208,11 +225,46 @@ def test_the_run_record_has_params_curves_fid_and_artifacts(server, runs):
     assert longer.data.tags["dvc.experiment"] == "longer" and longer.info.run_name == "longer"
 
 
+def test_the_ui_shows_a_model_training_run_with_its_data_source_and_logged_model(server, runs):
+    """MLflow 3's conventions, read as the UI reads them: the experiment's kind, the run's dataset inputs and
+    source tags, the EMA model as the run's Logged model with the evaluation metrics, and the registered
+    version made from that model."""
+    _, results, _ = runs
+    _, record, decision, scores = results[0]
+    client = MlflowClient(server)
+    run = client.get_run(record["run_id"])
+    assert client.get_experiment(record["experiment_id"]).tags["mlflow.experimentKind"] == "custom_model_development"
+    tags = run.data.tags
+    assert tags["mlflow.source.name"] == "pipeline.train" and tags["mlflow.source.type"] == "LOCAL"
+    assert tags["mlflow.source.git.commit"] == tags["git.commit"] and len(tags["git.commit"]) == 40
+    assert tags["mlflow.user"]
+    inputs = {t.value: i.dataset for i in run.inputs.dataset_inputs for t in i.tags if t.key == "mlflow.data.context"}
+    assert set(inputs) == {"train", "test"}
+    assert inputs["train"].name == "digits-train" and inputs["train"].digest == tags["dataset.sha256"][:16]
+    assert inputs["test"].name == "digits-test" and len(inputs["test"].digest) == 16
+    assert json.loads(inputs["train"].source)["uri"].endswith("outputs/data/train.npz")
+
+    (output,) = run.outputs.model_outputs
+    model = client.get_logged_model(output.model_id)
+    assert model.name == "model" and model.source_run_id == run.info.run_id and str(model.status) == "READY"
+    assert output.step == int(run.data.params["train.max_steps"])
+    assert {"MLmodel", "data/model.pt", "requirements.txt"} <= logged_model_files(client, run.info.run_id)
+    linked = {m.key: m for m in model.metrics}
+    key = f"{scores['sampler']}_{scores['steps']}"
+    assert linked[f"fid/{key}"].value == pytest.approx(scores["fid"]) and f"kid/{key}" in linked
+    assert linked[f"fid/{key}"].dataset_name == f"digits-{scores['reference']}"
+    assert "final/train_loss" in linked, "the final training metrics are the model's too"
+    version = client.get_model_version("ddpm-smoke", decision["version"])
+    assert version.source == f"models:/{model.model_id}" and version.run_id == run.info.run_id
+    registered = json.loads(model.tags["mlflow.modelVersions"])
+    assert [(v["name"], str(v["version"])) for v in registered] == [("ddpm-smoke", decision["version"])]
+
+
 def test_checkpoint_artifact_loads_and_samples(server, runs, tmp_path):
     _, results, _ = runs
     record = results[0][1]
-    mlflow.set_tracking_uri(server)
-    path = mlflow.artifacts.download_artifacts(f"runs:/{record['run_id']}/checkpoints/last.ckpt", dst_path=tmp_path)
+    uri = f"runs:/{record['run_id']}/checkpoints/last.ckpt"
+    path = mlflow.artifacts.download_artifacts(uri, dst_path=tmp_path, tracking_uri=server)
     module = DiffusionModule.from_checkpoint(path)
     images = generate.sample(module.ema, generate.plan(module.config, "ddim", 5), 4, seed=0)
     assert images.shape == (4, 1, 8, 8) and torch.isfinite(images).all()
@@ -253,6 +305,21 @@ def test_make_sample_draws_from_the_champion(server, runs):
     assert "models:/ddpm-smoke@champion" in result.stdout
     assert (out / "samples.npz").is_file() and json.loads((out / "meta.json").read_text())["n"] == 9
 
+    def draw(model: str, name: str) -> np.ndarray:
+        folder = project / "outputs" / name
+        tracked([sys.executable, "-m", "pipeline.sample", "--model", model, "--out", str(folder), "--n", "9",
+                 "--seed", "3", "--quiet"], project, server)  # fmt: skip
+        with np.load(folder / "samples.npz") as f:
+            return f["arr_0"]
+
+    client = MlflowClient(server)
+    champion = client.get_model_version_by_alias("ddpm-smoke", "champion").version
+    others = [v.version for v in client.search_model_versions("name='ddpm-smoke'") if v.version != champion]
+    assert others, "the runs registered a non-champion version too"
+    by_alias = draw("champion", "by_alias")
+    assert np.array_equal(by_alias, draw(f"models:/ddpm-smoke/{champion}", "by_version")), "the champion's images"
+    assert not np.array_equal(by_alias, draw(f"models:/ddpm-smoke/{others[0]}", "other")), "another model's differ"
+
 
 def test_rerunning_only_evaluate_updates_the_same_run(server, runs):
     project, results, _ = runs
@@ -290,7 +357,7 @@ def test_server_outage_during_training_buffers_and_sends_the_metrics(server, run
     steps = sorted({m.step for m in client.get_metric_history(run_id, "train/loss")})
     assert steps[-1] >= 145 and all(b - a == 5 for a, b in zip(steps, steps[1:])), steps
     assert client.get_run(run_id).info.status == "FINISHED"
-    assert "model/model.pt" in {a.path for a in client.list_artifacts(run_id, "model")}
+    assert "data/model.pt" in logged_model_files(client, run_id)
 
 
 def test_ddp_training_logs_one_run_from_rank_zero(smoke_repro, tmp_path):
@@ -299,7 +366,9 @@ def test_ddp_training_logs_one_run_from_rank_zero(smoke_repro, tmp_path):
     set_params(project, tracking={"experiment": "ddp"})
     ddp = {"accelerator": "cpu", "devices": 2, "strategy": "ddp", "precision": "32-true"}
     set_params(project, train={"max_steps": 6, "log_every": 2, "val_every": 6, "warmup_steps": 2, **ddp})
-    run([sys.executable, "-m", "pipeline.train"], project)
+    trained = run([sys.executable, "-m", "pipeline.train"], project)
+    log = trained.stdout + trained.stderr
+    assert "MEMBER: 2/2" in log and "Starting with 2 processes" in log, "two ranks trained"
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("ddp")
     runs = client.search_runs([experiment.experiment_id])
