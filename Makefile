@@ -18,7 +18,7 @@ OUT ?= outputs/make_sample
 STACK_DIR ?= .stack
 STACK_ARGS ?=
 # Run stages with the project's interpreter (dvc.yaml commands call `python`).
-RUN := PATH="$(CURDIR)/$(VENV)/bin:$$PATH"
+RUN := PATH="$(abspath $(VENV))/bin:$$PATH"
 
 export DO_NOT_TRACK := 1
 export MLFLOW_DISABLE_TELEMETRY := true
@@ -65,6 +65,7 @@ metrics: install ## show the pipeline's metrics (dvc metrics show)
 	$(RUN) dvc metrics show
 
 ui: install ## MLflow UI over the local store (mlflow.db, mlartifacts/) on http://127.0.0.1:5000
+	@echo "MLflow UI: http://127.0.0.1:5000/#/experiments?workflowType=machine_learning (its Model training view)"
 	$(PY) -m mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
 
 plots: install ## render the loss and lr curves to dvc_plots/index.html (dvc plots show)
