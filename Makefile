@@ -17,6 +17,10 @@ OUT ?= outputs/make_sample
 # the team stack (pipeline.stack): its folder, and e.g. STACK_ARGS="--mlflow-port 5051 --host 0.0.0.0"
 STACK_DIR ?= .stack
 STACK_ARGS ?=
+# `make train-node`: this host's rank among train.num_nodes, and node 0's address and rendezvous port
+NODE_RANK ?= 0
+MASTER_ADDR ?= 127.0.0.1
+MASTER_PORT ?= 29500
 # Run stages with the project's interpreter (dvc.yaml commands call `python`).
 RUN := PATH="$(abspath $(VENV))/bin:$$PATH"
 
@@ -28,7 +32,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
 .DEFAULT_GOAL := help
 .PHONY: help install test test-fast lint repro smoke sample metrics plots clean ui prefect-server serve deploy bench bench-team \
-	stack-up stack-down stack-status stack-env push pull
+	stack-up stack-down stack-status stack-env push pull train-node
 
 help: ## show this list of targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  make %-15s %s\n", $$1, $$2}'
@@ -60,6 +64,10 @@ sample: install ## draw new images: make sample SAMPLER=ddim STEPS=50 N=64 SEED=
 	$(RUN) python -m pipeline.sample --model $(MODEL) --out $(OUT) \
 	  $(if $(SAMPLER),--sampler $(SAMPLER)) $(if $(STEPS),--steps $(STEPS)) $(if $(ETA),--eta $(ETA)) \
 	  $(if $(N),--n $(N)) $(if $(SEED),--seed $(SEED)) $(if $(PRECISION),--precision $(PRECISION))
+
+train-node: install ## one node of a multi-node training (train.num_nodes > 1): make train-node NODE_RANK=1 MASTER_ADDR=host0 [MASTER_PORT=29500]
+	$(if $(filter 0,$(NODE_RANK)),,$(RUN) dvc repro prepare &&) $(RUN) DDPM_NODE_RANK=$(NODE_RANK) DDPM_MASTER_ADDR=$(MASTER_ADDR) \
+	  DDPM_MASTER_PORT=$(MASTER_PORT) $(if $(filter 0,$(NODE_RANK)),dvc repro train,python -m pipeline.train)
 
 metrics: install ## show the pipeline's metrics (dvc metrics show)
 	$(RUN) dvc metrics show

@@ -4,17 +4,24 @@ With tracking on, the stage opens the pipeline execution's MLflow run (params, s
 as dataset inputs), streams Lightning's metrics into it, logs the EMA model as the run's Logged model,
 uploads the checkpoint, the curves and the loss plot, and records the run in ``outputs/train/run.json`` for
 the later stages.
+
+With ``train.num_nodes`` > 1 the stage runs under ``torchrun`` (static rendezvous), one process per device on
+each node: started by DVC (``dvc repro``) or by hand it execs ``torchrun --nnodes N --node-rank R ...`` on
+itself, with the node's rank and the rendezvous address from ``DDPM_NODE_RANK``, ``DDPM_MASTER_ADDR`` and
+``DDPM_MASTER_PORT`` (``make train-node``). Node 0 writes the outputs; the other nodes only train.
 """
 
 import argparse
 import os
 import signal
+import sys
 import tempfile
 from pathlib import Path
 
 from pytorch_lightning.utilities import rank_zero_only
 
 from ddpm import checkpoints, data, fit, io, tracking
+from ddpm.config import ConfigError
 from ddpm.logger import BufferedMLFlowLogger
 from pipeline import params, paths
 from pipeline import tracking as stage_tracking
@@ -80,10 +87,39 @@ def interrupt_as_preemption() -> None:
     signal.signal(signal.SIGINT, lambda signum, frame: os.kill(os.getpid(), signal.SIGTERM))
 
 
+def torchrun_command(p: params.Params, params_file: str, env: dict[str, str]) -> list[str]:
+    """The ``torchrun`` command that runs this stage as one node of ``train.num_nodes`` (static rendezvous)."""
+
+    def setting(name: str, default: str, valid, allowed: str) -> str:
+        value = env.get(name, default)
+        if not valid(value):
+            raise ConfigError(f"{name}={value!r}: expected {allowed}")
+        return value
+
+    nodes = p.train.num_nodes
+    rank = setting("DDPM_NODE_RANK", "0", lambda v: v.isdigit() and int(v) < nodes, f"a node rank in [0, {nodes})")
+    port = setting("DDPM_MASTER_PORT", "29500", lambda v: v.isdigit() and 0 < int(v) < 65536, "a TCP port")
+    addr = setting("DDPM_MASTER_ADDR", "127.0.0.1", bool, "node 0's host name or address")
+    return [
+        sys.executable, "-m", "torch.distributed.run",
+        f"--nnodes={nodes}", f"--node-rank={rank}", f"--nproc-per-node={p.train.devices}",
+        f"--master-addr={addr}", f"--master-port={port}",
+        "-m", ENTRY_POINT, "--params", params_file,
+    ]  # fmt: skip
+
+
+def under_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ
+
+
 def main(args: argparse.Namespace) -> None:
-    interrupt_as_preemption()
     raw = params.read_yaml(args.params)
     p = params.validate(raw)
+    if p.train.num_nodes > 1 and not under_torchrun():
+        command = torchrun_command(p, args.params, dict(os.environ))
+        print("train: $ " + " ".join(command[1:]), flush=True)
+        os.execv(command[0], command)  # torchrun forwards SIGTERM/SIGINT to this node's processes
+    interrupt_as_preemption()
     train_set, test_set = paths.load_splits()
     resume = fit.resume_checkpoint(paths.TRAIN, train_set, test_set, p.model, p.diffusion, p.train)
     record, logger = open_run(p, raw, {"train": train_set, "test": test_set}, resume)

@@ -11,13 +11,17 @@ import contextlib
 import hashlib
 import json
 import logging
+import re
 import sys
 import warnings
 from collections.abc import Iterator, Sequence
+from datetime import timedelta
 from pathlib import Path
 
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.loggers import Logger
+from pytorch_lightning.strategies import DDPStrategy
 from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
 from pytorch_lightning.utilities.rank_zero import rank_zero_module
 
@@ -32,7 +36,7 @@ from ddpm.runtime import compile_in_place
 log = logging.getLogger(__name__)
 
 # Train settings that do not change the weights a run ends with: a checkpoint stays valid across them.
-NOT_FINGERPRINTED = frozenset({"checkpoint_every", "nonfinite", "num_workers"})
+NOT_FINGERPRINTED = frozenset({"checkpoint_every", "nonfinite", "num_workers", "ddp_timeout"})
 # A run without a terminal logs a progress line at every tenth of its steps, or this often if sooner.
 PROGRESS_SECONDS = 30.0
 
@@ -104,6 +108,33 @@ def _lightning_quiet() -> Iterator[None]:
         logger.removeFilter(tips)
 
 
+class PeerLostError(ConnectionError):
+    """A DDP collective failed: another process of the run (on this node or another) died or stopped answering."""
+
+
+def _peer_failure(error: BaseException, world_size: int) -> bool:
+    """Whether ``error`` is a collective that failed because a peer is gone (a dead or hung node)."""
+    if world_size < 2:
+        return False
+    if isinstance(error, torch.distributed.DistError):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and any(
+        sign in text for sign in ("gloo", "Gloo", "NCCL", "Connection reset", "Connection closed", "Timed out")
+    )
+
+
+def strategy_for(cfg: TrainConfig) -> str | DDPStrategy:
+    """Lightning's strategy: DDP with ``cfg.ddp_timeout`` for ``ddp`` and for several nodes, else the name.
+
+    The timeout bounds every collective, so a node that dies ends the others with an error within it instead
+    of torch's default 30 minutes of waiting.
+    """
+    if cfg.strategy == "ddp" or (cfg.strategy == "auto" and cfg.num_nodes > 1):
+        return DDPStrategy(timeout=timedelta(seconds=cfg.ddp_timeout))
+    return cfg.strategy
+
+
 def trainer_for(
     cfg: TrainConfig, callbacks: Sequence[pl.Callback], logger: Logger | None, progress_bar: bool, out_dir: Path
 ) -> pl.Trainer:
@@ -113,7 +144,7 @@ def trainer_for(
             max_steps=cfg.max_steps,
             accelerator=cfg.accelerator,
             devices=cfg.devices,
-            strategy=cfg.strategy,
+            strategy=strategy_for(cfg),
             num_nodes=cfg.num_nodes,
             precision=cfg.precision,
             val_check_interval=min(cfg.val_every, cfg.max_steps),
@@ -197,6 +228,17 @@ def train(
         )
         hint = "; lower train.lr, or set train.nonfinite: skip to skip such steps, and run again"
         raise NonFiniteLossError(e.step, e.loss, kept + hint) from None
+    except (RuntimeError, torch.distributed.DistError) as e:
+        if not _peer_failure(e, trainer.world_size):
+            raise
+        held = f"{resume_path} holds step {checkpointer.saved_step}" if checkpointer.saved_step else "no checkpoint"
+        reason = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        reason = re.sub(r"^\[[^\]]*\]\s*", "", reason).split(". ")[0]  # gloo's "[file.cc:123] Read error ..."
+        raise PeerLostError(
+            f"train: rank {trainer.global_rank} lost a DDP peer at step {trainer.global_step}: another process or node "
+            f"died, or did not answer within train.ddp_timeout={cfg.ddp_timeout:g} s ({reason[:300]}); {held}; start "
+            "every node again to resume"
+        ) from None
     with _lightning_quiet():
         final = trainer.validate(module, val_loader, verbose=False)[0]
 

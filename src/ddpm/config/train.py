@@ -74,7 +74,10 @@ class TrainConfig(OptimConfig):
     accelerator: str = Field("auto", min_length=1, description="Lightning accelerator: cpu, gpu, auto, ...")
     devices: int | str | list[int] = Field(1, description="Lightning devices: 1, 2, -1 (all), 'auto', [0, 1]")
     strategy: str = Field("auto", min_length=1, description="Lightning strategy: auto, ddp, ...")
-    num_nodes: int = Field(1, ge=1, description="machines for multi-node DDP")
+    num_nodes: int = Field(1, ge=1, description="machines for multi-node DDP (strategy ddp; one torchrun per node)")
+    ddp_timeout: float = Field(
+        300.0, gt=0, description="seconds a DDP collective waits for the other processes before the run fails"
+    )
     precision: PrecisionName = Field("32-true", description="Lightning precision: 32-true, bf16-mixed, 16-mixed, ...")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
     compile: CompileSetting = Field(
@@ -94,3 +97,14 @@ class TrainConfig(OptimConfig):
         if isinstance(v, list) and v and all(index(d) for d in v) and len(set(v)) == len(v):
             return v
         raise ValueError("expected a count >= 1, -1 (all), 'auto', or distinct device indices such as [0, 1]")
+
+    @model_validator(mode="after")
+    def _multi_node(self) -> TrainConfig:
+        if self.num_nodes > 1:
+            if self.strategy not in ("ddp", "auto"):
+                raise ValueError(f"num_nodes={self.num_nodes} needs strategy ddp (or auto), not {self.strategy!r}")
+            if not isinstance(self.devices, int) or self.devices < 1:
+                raise ValueError(
+                    f"num_nodes={self.num_nodes} needs devices as a count of processes per node, not {self.devices!r}"
+                )
+        return self
