@@ -21,6 +21,9 @@ STACK_ARGS ?=
 NODE_RANK ?= 0
 MASTER_ADDR ?= 127.0.0.1
 MASTER_PORT ?= 29500
+# `make deploy`: the repository and branch the workers clone (default: this clone's origin and branch)
+DDPM_GIT_URL ?= $(shell git remote get-url origin 2>/dev/null)
+DDPM_GIT_BRANCH ?= $(shell git rev-parse --abbrev-ref HEAD 2>/dev/null)
 # Run stages with the project's interpreter (dvc.yaml commands call `python`).
 RUN := PATH="$(abspath $(VENV))/bin:$$PATH"
 
@@ -85,9 +88,9 @@ prefect-server: install ## a local Prefect server (API and UI) on http://127.0.0
 serve: install ## serve the retrain flow on params.yaml's schedule.cron (against $PREFECT_API_URL)
 	$(RUN) python -m pipeline.deployments serve
 
-deploy: install ## check prefect.yaml against params.yaml, then deploy it to its work pool
-	$(RUN) python -m pipeline.deployments check
-	$(RUN) prefect deploy --all
+deploy: install ## check prefect.yaml against params.yaml, then deploy it to its work pool (workers clone DDPM_GIT_URL)
+	$(RUN) DDPM_GIT_URL="$(DDPM_GIT_URL)" python -m pipeline.deployments check
+	$(RUN) DDPM_GIT_URL="$(DDPM_GIT_URL)" DDPM_GIT_BRANCH="$(DDPM_GIT_BRANCH)" prefect --no-prompt deploy --all
 
 bench: install ## throughput and memory side by side with diffusers (~15 min) -> benchmarks/results.md
 	$(PY) -m benchmarks.bench

@@ -10,6 +10,7 @@ and work pool of its ``schedule`` section; ``check`` refuses a ``prefect.yaml`` 
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,9 @@ def main(args: argparse.Namespace) -> None:
         if mismatches:
             raise ConfigError(f"prefect.yaml disagrees with params.yaml schedule: {'; '.join(mismatches)}")
         print(f"prefect.yaml agrees with params.yaml: {cfg.deployment} {cfg.cron!r} {cfg.timezone} on {cfg.work_pool}")
+        if not os.environ.get("DDPM_GIT_URL"):
+            raise ConfigError("DDPM_GIT_URL is empty: this clone has no git remote `origin`; set DDPM_GIT_URL to the "
+                              "repository the workers clone (make deploy DDPM_GIT_URL=...)")  # fmt: skip
     else:
         from prefect import serve
 

@@ -35,10 +35,13 @@ class PipelineError(RuntimeError):
     """A DVC command failed; the message ends with its last error line."""
 
 
-def dvc_env() -> dict[str, str]:
+def dvc_env(root: Path | None = None) -> dict[str, str]:
     """The environment of DVC and its stages: this interpreter first on PATH (dvc.yaml runs ``python``), no
-    telemetry."""
+    telemetry, and the project's own ``src/`` first on PYTHONPATH, so the stages run the library of the commit
+    DVC hashes (a worker's installed package may be another version)."""
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    if root is not None and (Path(root) / "src" / "ddpm").is_dir():
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(root).resolve() / "src"), env.get("PYTHONPATH")]))
     for key, value in {"DVC_NO_ANALYTICS": "1", "DO_NOT_TRACK": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}.items():
         env.setdefault(key, value)
     return env
@@ -46,7 +49,7 @@ def dvc_env() -> dict[str, str]:
 
 def dvc(root: Path, *args: str) -> str:
     """Run a short DVC command; its stdout, or PipelineError with its last error line."""
-    result = subprocess.run([*DVC, *args], cwd=root, env=dvc_env(), capture_output=True, text=True)
+    result = subprocess.run([*DVC, *args], cwd=root, env=dvc_env(root), capture_output=True, text=True)
     if result.returncode != 0:
         raise PipelineError(f"dvc {' '.join(args)} failed ({result.returncode}): {last_line(result.stderr)}")
     return result.stdout
@@ -65,7 +68,7 @@ def stream(root: Path, args: list[str], log: Callable[[str], None]) -> list[str]
     proc = subprocess.Popen(
         [*DVC, *args],
         cwd=root,
-        env=dvc_env(),
+        env=dvc_env(root),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -139,12 +142,15 @@ def changes(root: Path, overrides: dict[str, Any]) -> list[str]:
     return [f"stage {name}" for name in status] + dotted.differences(params.read_yaml(root / params.PARAMS), overrides)
 
 
-def repro(root: Path, overrides: dict[str, Any], force: bool, logger: Logger) -> dict[str, Any]:
-    """``dvc repro`` (``dvc exp run -S ...`` with overrides): the command, the stages it ran, the experiment.
+def repro(
+    root: Path, overrides: dict[str, Any], force: bool, logger: Logger, as_experiment: bool = False
+) -> dict[str, Any]:
+    """``dvc repro`` (``dvc exp run -S ...`` with overrides, or ``as_experiment``): the command, the stages it
+    ran, the experiment.
 
     A failed or interrupted run leaves params.yaml as it was (``dvc exp run -S`` writes the overrides first).
     """
-    args = ["exp", "run", *dotted.set_flags(overrides)] if overrides else ["repro"]
+    args = ["exp", "run", *dotted.set_flags(overrides)] if overrides or as_experiment else ["repro"]
     args += ["--force"] if force else []
     params_file = root / params.PARAMS
     before = params_file.read_bytes()
@@ -172,6 +178,20 @@ def experiment(root: Path, overrides: dict[str, Any], logger: Logger) -> str:
     if name is None:
         raise PipelineError(f"dvc {' '.join(args)} did not name its experiment")
     return name.group(1)
+
+
+def push_experiment(root: Path, name: str, logger: Logger) -> str:
+    """``dvc exp push --run-cache origin NAME``: the experiment's commit to git's ``origin``, its outputs and the
+    run cache to the default DVC remote; a teammate then runs ``dvc exp pull origin NAME``."""
+    args = ["exp", "push", "--run-cache", "origin", name]
+    logger.info("$ dvc %s", " ".join(args))
+    dvc(root, *args)
+    return "dvc " + " ".join(args)
+
+
+def pull_experiments(root: Path, names: list[str]) -> None:
+    """``dvc exp pull origin NAMES``: the experiments' commits and outputs, from git's origin and the DVC remote."""
+    dvc(root, "exp", "pull", "origin", *names)
 
 
 def experiment_metrics(root: Path, names: list[str], metrics_file: Path) -> dict[str, dict[str, Any]]:

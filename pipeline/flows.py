@@ -9,9 +9,15 @@ the record and unchanged stages are never recomputed; no task uses Prefect's res
 champion rule, through ``ddpm.registry.promote`` when tracking is on) and a summary: logged, returned and
 published as the markdown artifact ``retrain-summary``.
 
-``experiment-grid`` runs every combination of a grid of params as a DVC experiment in a temp copy of the
-workspace (``run-experiment``), then reads their metrics (``experiment-metrics``) and reports the best FID
-as the markdown artifact ``experiment-grid-summary``.
+``experiment-grid`` runs every combination of a grid of params as a DVC experiment, then reads their metrics
+(``experiment-metrics``) and reports the best FID as the markdown artifact ``experiment-grid-summary``. On one
+machine each point runs in a temp copy of the workspace (``run-experiment``), one after the other; with
+``deployment`` (e.g. ``sweep-point/sweep-point``) each point is a run of that deployment on its work pool, so
+the pool's workers run them side by side, and the grid gathers their experiments from git and the DVC remote.
+
+``sweep-point`` is the worker's side of that: one point as ``dvc exp run -S ...`` in the worker's workspace
+(prefect.yaml's pull step fetched it), the experiment pushed (``dvc exp push origin``), and its result
+published as the table artifact ``sweep-point``. ``retrain`` with ``publish`` runs and pushes the same way.
 
     python -m pipeline.flows retrain [--force] [-S train.lr=3e-4 ...]               # one run now
     python -m pipeline.flows experiment-grid -G 'sample.steps=[10, 25]' [-G ...]    # a grid of DVC experiments
@@ -24,12 +30,14 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import socket
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from pydantic import Field, field_validator
 
@@ -82,9 +90,20 @@ class RetrainOptions(RunOptions):
         default_factory=dict, description="section.key: value overrides, run as `dvc exp run -S`"
     )
 
+    publish: bool = Field(
+        False, description="run as a DVC experiment and push it: git's origin and the DVC remote (what a worker does)"
+    )
+
     def points(self) -> list[dict[str, Any]]:
         """The one set of overrides the flow runs."""
         return [self.overrides]
+
+
+class PointOptions(RetrainOptions):
+    """Parameters of the ``sweep_point`` flow: one grid point, run and pushed as a DVC experiment."""
+
+    retries: int = Field(0, ge=0, description="retries of a failed experiment")
+    publish: bool = Field(True, description="push the experiment: git's origin and the DVC remote")
 
 
 class GridOptions(RunOptions):
@@ -92,6 +111,9 @@ class GridOptions(RunOptions):
 
     retries: int = Field(1, ge=0, description="retries of a failed experiment")
     grid: dict[str, list[Any]] = Field(description="section.key: [values]; every combination is one experiment")
+    deployment: str | None = Field(
+        None, description="run each point as a run of this deployment (flow/deployment) on its work pool; null = here"
+    )
 
     @field_validator("grid")
     @classmethod
@@ -108,7 +130,7 @@ class GridOptions(RunOptions):
         return [dict(zip(self.grid, values)) for values in itertools.product(*self.grid.values())]
 
 
-def options(cls: type[RetrainOptions | GridOptions], name: str, values: dict[str, Any]) -> RetrainOptions | GridOptions:
+def options(cls: type[RunOptions], name: str, values: dict[str, Any]) -> Any:
     """Validate flow parameters, including the overrides against the project's params.yaml (one-line errors).
 
     ``values`` are the flow's arguments (its ``locals()`` before anything else is assigned).
@@ -143,9 +165,16 @@ def check_changes(root: Path, overrides: dict[str, Any]) -> list[str]:
 
 
 @task(name="run-pipeline", **NO_RESULT_CACHE)
-def run_pipeline(root: Path, overrides: dict[str, Any], force: bool) -> dict[str, Any]:
-    """``dvc repro`` (``dvc exp run -S ...`` with overrides); a failed attempt leaves params.yaml as it was."""
-    return dvc_runner.repro(root, overrides, force, get_run_logger())
+def run_pipeline(root: Path, overrides: dict[str, Any], force: bool, as_experiment: bool = False) -> dict[str, Any]:
+    """``dvc repro`` (``dvc exp run -S ...`` with overrides or ``as_experiment``); a failed attempt leaves
+    params.yaml as it was."""
+    return dvc_runner.repro(root, overrides, force, get_run_logger(), as_experiment)
+
+
+@task(name="push-experiment", **NO_RESULT_CACHE)
+def push_experiment(root: Path, name: str) -> str:
+    """``dvc exp push --run-cache origin NAME``: the experiment for every teammate (``dvc exp pull origin NAME``)."""
+    return dvc_runner.push_experiment(root, name, get_run_logger())
 
 
 @task(name="read-metrics", **NO_RESULT_CACHE)
@@ -182,6 +211,7 @@ def summarize(changes: list[str], run: dict[str, Any] | None, metrics: dict, dec
         "command": run["command"] if run else None,
         "stages": run["stages"] if run else [],
         "experiment": run["experiment"] if run else None,
+        "pushed": run.get("pushed") if run else None,
         "fid": evaluation["fid"],
         "kid": evaluation.get("kid"),
         "promoted": decision["promoted"],
@@ -208,14 +238,18 @@ def retrain(
     retries: int = 2,
     retry_delay_seconds: float = 60.0,
     timeout_seconds: float | None = 6 * 3600.0,
+    publish: bool = False,
 ) -> dict[str, Any]:
     """Retrain when data or params changed (or when forced) through DVC, then promote the better model."""
     opts = options(RetrainOptions, "retrain", {**locals(), "overrides": overrides or {}})
     logger = get_run_logger()
+    logger.info("workspace %s", opts.root)
     changes = check_changes(opts.root, opts.overrides)
     run = None
     if changes or opts.force:
-        run = run_pipeline.with_options(**opts.retry_options())(opts.root, opts.overrides, opts.force)
+        run = run_pipeline.with_options(**opts.retry_options())(opts.root, opts.overrides, opts.force, opts.publish)
+        if opts.publish and run["experiment"]:
+            run["pushed"] = push_experiment(opts.root, run["experiment"])
     metrics = read_metrics(opts.root)
     decision = promote(opts.root)
     summary = summarize(changes, run, metrics, decision)
@@ -226,6 +260,7 @@ def retrain(
         ("changes", "<br>".join(changes) or "none"),
         ("DVC", summary["command"] or "nothing to run"),
         ("stages run", ", ".join(summary["stages"]) or "none"),
+        ("pushed", summary["pushed"] and f"{summary['pushed']} (`dvc exp pull origin {summary['experiment']}`)"),
         ("FID", f"{summary['fid']:.4f}"),
         ("KID", summary["kid"]),
         ("promoted", summary["promotion"] if summary["promoted"] is None else summary["promoted"]),
@@ -253,6 +288,92 @@ def experiment_metrics(root: Path, names: list[str]) -> dict[str, dict[str, Any]
     return dvc_runner.experiment_metrics(root, names, METRICS / "evaluate.json")
 
 
+POINT_ARTIFACT = "sweep-point"  # the table artifact of a sweep-point run: its experiment and metrics
+
+
+@flow(name="sweep-point", validate_parameters=False, persist_result=False)
+def sweep_point(
+    overrides: dict[str, Any],
+    project: str = ".",
+    publish: bool = True,
+    retries: int = 0,
+    retry_delay_seconds: float = 60.0,
+    timeout_seconds: float | None = 6 * 3600.0,
+) -> dict[str, Any]:
+    """One grid point on a worker: ``dvc exp run -S ...`` in its workspace, pushed, its metrics published."""
+    opts = options(PointOptions, "sweep_point", locals())
+    get_run_logger().info("workspace %s", opts.root)
+    run = run_pipeline.with_options(**opts.retry_options())(opts.root, opts.overrides, False, True)
+    if not run["experiment"]:
+        raise PipelineError(f"{run['command']} did not name its experiment")
+    evaluation = read_metrics(opts.root)["evaluate"]
+    pushed = push_experiment(opts.root, run["experiment"]) if opts.publish else None
+    result = {
+        "experiment": run["experiment"],
+        "overrides": json.dumps(opts.overrides, sort_keys=True),
+        "fid": evaluation["fid"],
+        "kid": evaluation.get("kid"),
+        "stages": ", ".join(run["stages"]),
+        "pushed": pushed,
+        "host": socket.gethostname(),
+        "workspace": str(opts.root),
+    }
+    message = f"sweep point {opts.overrides}: {run['experiment']}, FID {evaluation['fid']:.4f}"
+    get_run_logger().info("%s (%s)", message, opts.root)
+    create_table_artifact(table=[result], key=POINT_ARTIFACT, description=message)
+    return result
+
+
+@task(name="fan-out", **NO_RESULT_CACHE)
+def fan_out(deployment: str, points: list[dict[str, Any]], wait_seconds: float | None) -> list[dict[str, Any]]:
+    """Each point as a run of ``deployment`` (its work pool's workers take them); wait for all of them.
+
+    One entry per point, in order: ``{"overrides", "flow_run", "state", "experiment"}`` for a completed run
+    (the experiment from its ``sweep-point`` artifact), ``{"overrides", "flow_run", "state", "error"}`` else.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId
+    from prefect.deployments import run_deployment
+
+    logger = get_run_logger()
+    runs = [
+        run_deployment(name=deployment, parameters={"overrides": point}, timeout=0, as_subflow=True) for point in points
+    ]
+    logger.info("submitted %d run(s) of %s: %s", len(runs), deployment, ", ".join(r.name for r in runs))
+    deadline = None if wait_seconds is None else time.monotonic() + wait_seconds
+    with get_client(sync_client=True) as client:
+        while True:
+            current = [client.read_flow_run(r.id) for r in runs]
+            if all(r.state and r.state.is_final() for r in current):
+                break
+            if deadline is not None and time.monotonic() > deadline:
+                break
+            time.sleep(2.0)
+        entries = []
+        for point, run in zip(points, current):
+            entry = {"overrides": point, "flow_run": run.name, "state": run.state.name if run.state else "unknown"}
+            if run.state and run.state.is_completed():
+                (artifact,) = client.read_artifacts(
+                    flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])),
+                    artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[POINT_ARTIFACT])),
+                )
+                table = json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
+                entry.update(experiment=table[0]["experiment"], workspace=table[0]["workspace"], host=table[0]["host"])
+                entry["flow_run_id"] = str(run.id)
+            else:
+                final = run.state and run.state.is_final()
+                entry["error"] = (run.state.message if final else None) or f"not finished ({entry['state']})"
+                logger.error("point %s (%s) failed: %s", point, run.name, entry["error"])
+            entries.append(entry)
+    return entries
+
+
+@task(name="pull-experiments", **NO_RESULT_CACHE)
+def pull_experiments(root: Path, names: list[str]) -> None:
+    """``dvc exp pull origin NAMES``: the workers' experiments into this project (git refs and outputs)."""
+    dvc_runner.pull_experiments(root, names)
+
+
 @flow(name="experiment-grid", validate_parameters=False, persist_result=False)
 def experiment_grid(
     grid: dict[str, list[Any]],
@@ -260,26 +381,46 @@ def experiment_grid(
     retries: int = 1,
     retry_delay_seconds: float = 60.0,
     timeout_seconds: float | None = 6 * 3600.0,
+    deployment: str | None = None,
 ) -> dict[str, Any]:
-    """Run every combination of ``grid`` as a DVC experiment (workspace untouched) and report the best FID."""
+    """Run every combination of ``grid`` as a DVC experiment (workspace untouched) and report the best FID.
+
+    Without ``deployment`` the points run here one after the other; with it, as runs of that deployment on
+    its work pool, side by side on its workers.
+    """
     opts = options(GridOptions, "experiment_grid", locals())
     logger = get_run_logger()
     points = opts.points()
-    logger.info("experiment grid: %d experiment(s) over %s", len(points), ", ".join(opts.grid))
-    run_one = run_experiment.with_options(**opts.retry_options())
-    names, failed = {}, []
-    for point in points:
-        state = run_one(opts.root, point, return_state=True)
-        if state.is_completed():
-            names[state.result()] = point
-        else:
-            failed.append(point)
-            logger.error("experiment %s failed: %s", point, state.message)
+    where = f"on the workers of {opts.deployment}" if opts.deployment else "here"
+    logger.info("experiment grid: %d experiment(s) over %s, %s", len(points), ", ".join(opts.grid), where)
+    names: dict[str, dict[str, Any]] = {}
+    where: dict[str, dict[str, Any]] = {}  # fanned out: the flow run, host and workspace of each experiment
+    failed: list[dict[str, Any]] = []
+    if opts.deployment:
+        for entry in fan_out(opts.deployment, points, opts.timeout_seconds):
+            if "experiment" in entry:
+                names[entry["experiment"]] = entry["overrides"]
+                where[entry["experiment"]] = {k: entry[k] for k in ("flow_run", "flow_run_id", "host", "workspace")}
+            else:
+                failed.append({"overrides": entry["overrides"], "error": entry["error"], "flow_run": entry["flow_run"]})
+        if names:
+            pull_experiments(opts.root, list(names))
+    else:
+        run_one = run_experiment.with_options(**opts.retry_options())
+        for point in points:
+            state = run_one(opts.root, point, return_state=True)
+            if state.is_completed():
+                names[state.result()] = point
+            else:
+                failed.append({"overrides": point, "error": state.message})
+                logger.error("experiment %s failed: %s", point, state.message)
     if not names:
-        raise PipelineError(f"every experiment of the grid failed ({len(failed)})")
+        errors = "; ".join(f"{f['overrides']}: {f['error']}" for f in failed)
+        raise PipelineError(f"every experiment of the grid failed ({len(failed)}): {errors}")
     metrics = experiment_metrics(opts.root, list(names))
     runs = [
         {"experiment": name, "overrides": point, "fid": metrics[name]["fid"], "kid": metrics[name].get("kid")}
+        | where.get(name, {})
         for name, point in names.items()
     ]
     best = min(runs, key=lambda r: r["fid"])
@@ -288,13 +429,18 @@ def experiment_grid(
     for r in sorted(runs, key=lambda r: r["fid"]):
         cells = [r["experiment"], *(json.dumps(r["overrides"][k]) for k in opts.grid), f"{r['fid']:.4f}", r["kid"]]
         table.append("| " + " | ".join(str(c) for c in cells) + " |")
+    for f in failed:
+        cells = ["failed", *(json.dumps(f["overrides"][k]) for k in opts.grid), f["error"].replace("|", "/"), ""]
+        table.append("| " + " | ".join(str(c) for c in cells) + " |")
     message = f"experiment grid: best FID {best['fid']:.4f} with {best['overrides']} ({best['experiment']})"
+    if failed:
+        message += f"; {len(failed)} failed: " + "; ".join(f"{f['overrides']}: {f['error']}" for f in failed)
     apply = f"apply it to the workspace with `dvc exp apply {best['experiment']}`"
     logger.info("%s; %s", message, apply)
     create_markdown_artifact(
         markdown="## Experiment grid\n\n" + "\n".join(table) + f"\n\n{message}; {apply}.\n",
         key="experiment-grid-summary",
-        description=message,
+        description=message[:500],
     )
     return {"best": best, "runs": runs, "failed": failed, "message": message}
 
@@ -306,7 +452,7 @@ def main(args: argparse.Namespace) -> None:
     if args.command == "retrain":
         retrain(project=args.project, force=args.force, overrides=dict(args.set))
     else:
-        experiment_grid(grid=dict(args.grid), project=args.project)
+        experiment_grid(grid=dict(args.grid), project=args.project, deployment=args.deployment)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -318,6 +464,9 @@ def parser() -> argparse.ArgumentParser:
     grid_parser = commands.add_parser("experiment-grid", help="run a grid of DVC experiments, report the best FID")
     grid_parser.add_argument(
         "-G", "--grid", type=dotted.assignment, action="append", required=True, metavar="KEY=[V,..]"
+    )
+    grid_parser.add_argument(
+        "--deployment", help="run each point as a run of this deployment (e.g. sweep-point/sweep-point) on its pool"
     )
     for sub in commands.choices.values():
         sub.add_argument("--project", default=".", help="the DVC project folder (default: here)")

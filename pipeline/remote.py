@@ -109,13 +109,15 @@ def key_refusal(s3) -> str | None:
     return None
 
 
-def transfer(command: str, project: Path) -> int:
-    """``dvc push`` / ``dvc pull`` with the run cache, after :func:`check`; 0 on success."""
+def transfer(command: str, project: Path, allow_missing: bool = False) -> int:
+    """``dvc push`` / ``dvc pull`` with the run cache, after :func:`check`; 0 on success. ``allow_missing``: a
+    pull skips outputs the remote does not have (the pipeline recomputes them)."""
     if command == "pull" and os.environ.get("DDPM_DVC_REMOTE"):
         configure(project)
     where = check(project)
     print(f"{command}: DVC remote {where}", file=sys.stderr)
-    done = subprocess.run([sys.executable, "-m", "dvc", command, "--run-cache"], cwd=project)
+    extra = ["--allow-missing"] if allow_missing and command == "pull" else []
+    done = subprocess.run([sys.executable, "-m", "dvc", command, "--run-cache", *extra], cwd=project)
     if done.returncode != 0:
         unchanged = "the workspace is unchanged; " if command == "push" else ""
         raise RemoteError(f"dvc {command} through {where} failed (exit {done.returncode}); {unchanged}"
@@ -127,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=("push", "pull", "check", "configure"))
     parser.add_argument("--project", type=Path, default=Path("."))
+    parser.add_argument("--allow-missing", action="store_true", help="pull: skip what the remote does not have")
     args = parser.parse_args(argv)
     try:
         if args.command == "configure":
@@ -134,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "check":
             print(check(args.project))
         else:
-            return transfer(args.command, args.project)
+            return transfer(args.command, args.project, args.allow_missing)
     except RemoteError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -49,8 +49,13 @@ def test_prefect_yaml_agrees_with_params_and_deploys_to_the_pool(prefect_server,
     ]
     (project / "prefect.yaml").write_text((ROOT / "prefect.yaml").read_text())
     with get_client(sync_client=True) as client:
-        client.create_work_pool(WorkPoolCreate(name=cfg.work_pool, type="process"))
-    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+        client.create_work_pool(WorkPoolCreate(name=cfg.work_pool, type="process"), overwrite=True)
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": PREFECT_API_URL.value(),
+        "DDPM_GIT_URL": "https://git.example/team/ddpm.git",
+    }
+    env.pop("DDPM_GIT_BRANCH", None)
     deploy = subprocess.run(
         [str(Path(sys.executable).parent / "prefect"), "--no-prompt", "deploy", "--all"],
         cwd=project,
@@ -68,5 +73,25 @@ def test_prefect_yaml_agrees_with_params_and_deploys_to_the_pool(prefect_server,
     assert deployment.job_variables["env"]["CUDA_VISIBLE_DEVICES"] == "0"
     assert deployment.parameters["overrides"]["train.accelerator"] == "gpu"
     assert deployment.entrypoint == deployments.ENTRYPOINT
-    (pull,) = deployment.pull_steps
-    assert pull["prefect.deployments.steps.set_working_directory"]["directory"] == str(project.resolve())
+    # the worker fetches the project: the pull step of the installed package, the repository as a job variable
+    assert deployment.pull_steps == [{"ddpm.worker.checkout": {"id": "checkout"}}]
+    assert deployment.job_variables["env"]["DDPM_GIT_URL"] == "https://git.example/team/ddpm.git"
+    assert deployment.job_variables["env"]["DDPM_GIT_BRANCH"] == ""  # unset when deployed: the checkout takes main
+    assert deployment.parameters["publish"] is True
+    with get_client(sync_client=True) as client:
+        point = client.read_deployment_by_name("sweep-point/sweep-point")
+    assert point.entrypoint == "pipeline.flows.sweep_point" and point.work_pool_name == cfg.work_pool
+    assert point.pull_steps == deployment.pull_steps
+
+
+def test_deploy_check_needs_the_repository_the_workers_clone():
+    """`make deploy` first runs the check: prefect.yaml agrees with params.yaml and DDPM_GIT_URL names a repository."""
+    env = {k: v for k, v in os.environ.items() if k != "DDPM_GIT_URL"}
+    cmd = [sys.executable, "-m", "pipeline.deployments", "check"]
+    missing = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2
+    assert missing.stderr.strip().splitlines()[-1].startswith("error: DDPM_GIT_URL is empty")
+    given = subprocess.run(cmd, cwd=ROOT, env={**env, "DDPM_GIT_URL": "https://git.example/ddpm.git"},
+                           capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert given.returncode == 0, given.stderr
+    assert given.stdout.startswith("prefect.yaml agrees with params.yaml: nightly-retrain")
