@@ -55,6 +55,14 @@ def dvc(root: Path, *args: str) -> str:
     return result.stdout
 
 
+def git_commit(root: Path) -> str:
+    """The commit checked out in ``root``."""
+    result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise PipelineError(f"git rev-parse HEAD failed in {root}: {last_line(result.stderr)}")
+    return result.stdout.strip()
+
+
 def last_line(text: str) -> str:
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return lines[-1] if lines else "no output"

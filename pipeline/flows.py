@@ -28,9 +28,11 @@ Deployments (the schedule, ``prefect.yaml``) are in :mod:`pipeline.deployments`.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import json
 import socket
+import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -43,10 +45,10 @@ from pydantic import Field, field_validator
 
 from ddpm import registry
 from ddpm.config import Config
-from pipeline import dvc_runner, params
+from pipeline import dvc_runner, params, remote
 from pipeline import overrides as dotted
 from pipeline.dvc_runner import PipelineError
-from pipeline.paths import METRICS, REGISTRY_RECORD, RUN_RECORD
+from pipeline.paths import METRICS, REGISTRY_RECORD, RESUME, RUN_RECORD
 
 NO_RESULT_CACHE = {"cache_policy": NO_CACHE, "persist_result": False}
 
@@ -164,11 +166,75 @@ def check_changes(root: Path, overrides: dict[str, Any]) -> list[str]:
     return changes
 
 
+def resume_key(root: Path, overrides: dict[str, Any]) -> str:
+    """The shared store's name for the resume checkpoint of a run: its commit and overrides."""
+    commit = dvc_runner.git_commit(root)
+    return hashlib.sha256(json.dumps({"commit": commit, "overrides": overrides}, sort_keys=True).encode()).hexdigest()[
+        :20
+    ]
+
+
+class ResumeSync:
+    """While a run trains, copy its resume checkpoint to the shared store each time the train stage writes one
+    (every ``train.checkpoint_every`` steps, atomically), so a run on any worker can continue it."""
+
+    def __init__(self, root: Path, key: str, logger, interval: float = 1.0) -> None:
+        self.root, self.key, self.logger, self.interval = root, key, logger, interval
+        self.path = root / RESUME
+        self.stop = threading.Event()
+        self.seen: tuple[int, int] | None = self.state()
+        self.thread = threading.Thread(target=self.loop, name="resume-sync", daemon=True)
+
+    def state(self) -> tuple[int, int] | None:
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            return None
+        return st.st_mtime_ns, st.st_size
+
+    def sync(self) -> None:
+        now = self.state()
+        if now is not None and now != self.seen:
+            remote.push_resume(self.root, self.path, self.key)
+            self.seen = now
+            self.logger.info("resume checkpoint pushed to the shared store (%s)", self.key)
+
+    def loop(self) -> None:
+        while not self.stop.wait(self.interval):
+            try:
+                self.sync()
+            except Exception as e:  # a store outage: keep training, try again at the next checkpoint
+                self.logger.warning("resume checkpoint not pushed: %s", e)
+
+    def __enter__(self) -> ResumeSync:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
 @task(name="run-pipeline", **NO_RESULT_CACHE)
-def run_pipeline(root: Path, overrides: dict[str, Any], force: bool, as_experiment: bool = False) -> dict[str, Any]:
+def run_pipeline(
+    root: Path, overrides: dict[str, Any], force: bool, as_experiment: bool = False, share_resume: bool = False
+) -> dict[str, Any]:
     """``dvc repro`` (``dvc exp run -S ...`` with overrides or ``as_experiment``); a failed attempt leaves
-    params.yaml as it was."""
-    return dvc_runner.repro(root, overrides, force, get_run_logger(), as_experiment)
+    params.yaml as it was.
+
+    ``share_resume`` (a worker's run): the resume checkpoint goes to the shared store as training writes it, and
+    a run that finds one there for its commit and overrides continues from it (the train stage checks that it
+    belongs to the same params and data; another run's is ignored)."""
+    logger = get_run_logger()
+    if not share_resume:
+        return dvc_runner.repro(root, overrides, force, logger, as_experiment)
+    key = resume_key(root, overrides)
+    if not (root / RESUME).exists() and remote.pull_resume(root, key, root / RESUME):
+        logger.info("resume checkpoint fetched from the shared store (%s): training continues from it", key)
+    with ResumeSync(root, key, logger):
+        result = dvc_runner.repro(root, overrides, force, logger, as_experiment)
+    remote.drop_resume(root, key)
+    return result
 
 
 @task(name="push-experiment", **NO_RESULT_CACHE)
@@ -247,7 +313,8 @@ def retrain(
     changes = check_changes(opts.root, opts.overrides)
     run = None
     if changes or opts.force:
-        run = run_pipeline.with_options(**opts.retry_options())(opts.root, opts.overrides, opts.force, opts.publish)
+        run_one = run_pipeline.with_options(**opts.retry_options())
+        run = run_one(opts.root, opts.overrides, opts.force, opts.publish, opts.publish)
         if opts.publish and run["experiment"]:
             run["pushed"] = push_experiment(opts.root, run["experiment"])
     metrics = read_metrics(opts.root)
@@ -303,7 +370,7 @@ def sweep_point(
     """One grid point on a worker: ``dvc exp run -S ...`` in its workspace, pushed, its metrics published."""
     opts = options(PointOptions, "sweep_point", locals())
     get_run_logger().info("workspace %s", opts.root)
-    run = run_pipeline.with_options(**opts.retry_options())(opts.root, opts.overrides, False, True)
+    run = run_pipeline.with_options(**opts.retry_options())(opts.root, opts.overrides, False, True, opts.publish)
     if not run["experiment"]:
         raise PipelineError(f"{run['command']} did not name its experiment")
     evaluation = read_metrics(opts.root)["evaluate"]

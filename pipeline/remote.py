@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 REMOTE = "team"
@@ -63,19 +65,11 @@ def check(project: Path) -> str:
         if not url.scheme and not Path(remote["url"]).is_dir():
             raise RemoteError(f"DVC remote '{name}': folder {remote['url']} does not exist")
         return f"{name} ({remote['url']})"
-    import boto3
     import botocore.exceptions
     from botocore.config import Config as BotoConfig
 
     endpoint = remote.get("endpointurl") or os.environ.get("AWS_ENDPOINT_URL") or "the AWS default endpoint"
-    s3 = boto3.client(
-        "s3",
-        endpoint_url=remote.get("endpointurl") or os.environ.get("AWS_ENDPOINT_URL"),
-        aws_access_key_id=remote.get("access_key_id") or os.environ.get("AWS_ACCESS_KEY_ID"),
-        aws_secret_access_key=remote.get("secret_access_key") or os.environ.get("AWS_SECRET_ACCESS_KEY"),
-        region_name=remote.get("region") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
-        config=BotoConfig(connect_timeout=3, read_timeout=10, retries={"max_attempts": 1}),
-    )
+    s3 = s3_client(remote, BotoConfig(connect_timeout=3, read_timeout=10, retries={"max_attempts": 1}))
     try:
         s3.head_bucket(Bucket=url.netloc)
     except (botocore.exceptions.EndpointConnectionError, botocore.exceptions.ConnectTimeoutError) as e:
@@ -95,6 +89,83 @@ def check(project: Path) -> str:
         raise RemoteError(f"DVC remote '{name}': bucket '{url.netloc}' does not exist at {endpoint}, or the "
                           f"access key may not use it ({code})") from None  # fmt: skip
     return f"{name} ({remote['url']} at {endpoint})"
+
+
+def s3_client(remote: dict, config=None):
+    """A boto3 S3 client for a DVC remote's settings (its endpoint and keys, else the AWS_* environment)."""
+    import boto3
+
+    return boto3.client(
+        "s3",
+        endpoint_url=remote.get("endpointurl") or os.environ.get("AWS_ENDPOINT_URL"),
+        aws_access_key_id=remote.get("access_key_id") or os.environ.get("AWS_ACCESS_KEY_ID"),
+        aws_secret_access_key=remote.get("secret_access_key") or os.environ.get("AWS_SECRET_ACCESS_KEY"),
+        region_name=remote.get("region") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+        config=config,
+    )
+
+
+# Resume checkpoints of runs in progress, beside the DVC remote's objects: ``<remote url>/resume/<key>.ckpt``.
+# They are not DVC data (no stage declares them); a run on another worker continues from them.
+RESUME_PREFIX = "resume"
+
+
+def _resume_object(project: Path, key: str) -> tuple[Any, str, str]:
+    """(S3 client or None for a folder remote, bucket or folder, object key or file name) of a resume key."""
+    _, remote = settings(project)
+    url = urlparse(remote["url"])
+    if url.scheme == "s3":
+        return (
+            s3_client(remote),
+            url.netloc,
+            "/".join(filter(None, [url.path.strip("/"), RESUME_PREFIX, f"{key}.ckpt"])),
+        )
+    return None, str(Path(project) / remote["url"]), f"{RESUME_PREFIX}/{key}.ckpt"
+
+
+def push_resume(project: Path, path: Path, key: str) -> None:
+    """Copy a resume checkpoint to the shared store under ``key``."""
+    s3, bucket, name = _resume_object(project, key)
+    if s3 is not None:
+        s3.upload_file(str(path), bucket, name)
+        return
+    dest = Path(bucket) / name
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    shutil.copyfile(path, tmp)
+    tmp.replace(dest)
+
+
+def pull_resume(project: Path, key: str, dest: Path) -> bool:
+    """Fetch the resume checkpoint stored under ``key`` into ``dest`` (atomically); False if there is none."""
+    s3, bucket, name = _resume_object(project, key)
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if s3 is not None:
+        import botocore.exceptions
+
+        try:
+            s3.download_file(bucket, name, str(tmp))
+        except botocore.exceptions.ClientError as e:
+            tmp.unlink(missing_ok=True)
+            if str(e.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey"):
+                return False
+            raise
+    elif (Path(bucket) / name).is_file():
+        shutil.copyfile(Path(bucket) / name, tmp)
+    else:
+        return False
+    tmp.replace(dest)
+    return True
+
+
+def drop_resume(project: Path, key: str) -> None:
+    """Delete the resume checkpoint stored under ``key`` (the run it belonged to finished)."""
+    s3, bucket, name = _resume_object(project, key)
+    if s3 is not None:
+        s3.delete_object(Bucket=bucket, Key=name)
+    else:
+        (Path(bucket) / name).unlink(missing_ok=True)
 
 
 def key_refusal(s3) -> str | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -19,12 +20,13 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
 import yaml
 from pipeline import flows, params
 from pipeline import overrides as dotted
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
-from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName, LogFilter, LogFilterFlowRunId
 from prefect.deployments import run_deployment
 from prefect.settings import PREFECT_API_URL
 
@@ -63,22 +65,28 @@ class Team:
     def start_worker(self, name: str) -> None:
         home = self.home(name)
         home.mkdir(exist_ok=True)
-        env = {**self.env, "DDPM_WORKER_HOME": str(home), "OMP_NUM_THREADS": "1"}
+        # one thread per worker, as on two machines; polling every 2 s instead of Prefect's 10 s
+        env = {**self.env, "DDPM_WORKER_HOME": str(home), "OMP_NUM_THREADS": "1", "PREFECT_WORKER_QUERY_SECONDS": "2"}
         cmd = [str(Path(sys.executable).parent / "prefect"), "worker", "start", "--pool", POOL, "--type", "process",
                "--limit", "1", "--name", name]  # fmt: skip
         # cwd: the worker's own folder, where no clone of the project exists
         self.workers[name] = subprocess.Popen(cmd, cwd=home, env=env, stdout=(home / "worker.log").open("w"),
                                               stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
 
+    def kill(self, name: str, worker_too: bool = True) -> None:
+        """SIGKILL the worker's flow runs (and the worker itself): a lost job, or a lost machine."""
+        try:
+            node = psutil.Process(self.workers[name].pid)
+            for p in [*node.children(recursive=True), *([node] if worker_too else [])]:
+                p.kill()
+        except psutil.NoSuchProcess:
+            pass
+        if worker_too:
+            self.workers.pop(name).wait()
+
     def stop_workers(self) -> None:
-        for proc in self.workers.values():
-            try:
-                node = psutil.Process(proc.pid)
-                for p in [*node.children(recursive=True), node]:
-                    p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        self.workers.clear()
+        for name in list(self.workers):
+            self.kill(name)
 
     def workspaces(self, worker: str) -> list[Path]:
         root = self.home(worker) / "workspaces"
@@ -179,33 +187,36 @@ def test_worker_clones_runs_and_pushes_what_a_teammate_pulls(team, tmp_path):
     assert json.loads(status.stdout or "{}") == {}, status.stdout
 
 
-def test_fan_out_runs_the_grid_on_both_workers_side_by_side(team, tmp_path):
-    scheduler = team.clone(tmp_path / "scheduler")
-    grid = {"sample.steps": [3, 5, 6, 7]}
-    result = flows.experiment_grid(grid=grid, project=str(scheduler), deployment="sweep-point/sweep-point")
-    assert not result["failed"] and len(result["runs"]) == 4
-    assert sorted(r["overrides"]["sample.steps"] for r in result["runs"]) == [3, 5, 6, 7]
-    assert result["best"] == min(result["runs"], key=lambda r: r["fid"])
-    homes = {Path(r["workspace"]).parents[1] for r in result["runs"]}
-    assert homes == {team.home(w) for w in WORKERS}, homes  # both workers took points, each in its own folder
+def worker_of(flow_run_id) -> str:
+    """The worker that ran a flow run (Prefect logs "Worker 'name' submitting flow run ...")."""
     with get_client(sync_client=True) as client:
-        spans = sorted(
-            (r.start_time, r.end_time) for r in (client.read_flow_run(x["flow_run_id"]) for x in result["runs"])
-        )
+        run = client.read_flow_run(flow_run_id)
+    return re.search(r"Worker '(\w+)' submitting flow run", flow_logs(run)).group(1)
+
+
+def test_fan_out_runs_the_grid_on_both_workers_side_by_side_and_names_a_failed_point(team, tmp_path):
+    scheduler = team.clone(tmp_path / "scheduler")
+    lr = yaml.safe_load((scheduler / "params.yaml").read_text())["train"]["lr"]
+    grid = {"train.lr": [lr, 1e20], "sample.steps": [3, 5]}  # lr 1e20: the loss diverges, train fails
+    result = flows.experiment_grid(grid=grid, project=str(scheduler), deployment="sweep-point/sweep-point")
+    assert sorted(r["overrides"]["sample.steps"] for r in result["runs"]) == [3, 5]
+    assert all(r["overrides"]["train.lr"] == lr for r in result["runs"])
+    assert result["best"] == min(result["runs"], key=lambda r: r["fid"])
+    assert sorted(f["overrides"]["sample.steps"] for f in result["failed"]) == [3, 5]
+    for f in result["failed"]:  # named, with its error, in the report
+        assert f["overrides"]["train.lr"] == 1e20 and f["error"] and f["error"] in result["message"]
+    names = [r["flow_run"] for r in result["runs"]] + [f["flow_run"] for f in result["failed"]]
+    with get_client(sync_client=True) as client:
+        points = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=names)))
+    assert len(points) == 4
+    assert {worker_of(r.id) for r in points} == set(WORKERS)  # both workers took points
+    spans = sorted((r.start_time, r.end_time) for r in points)
     assert any(b[0] < a[1] for a, b in zip(spans, spans[1:])), spans  # two points ran at the same time
+    for r in result["runs"]:  # each in the workspace of the worker that ran it
+        assert Path(r["workspace"]).parents[1] == team.home(worker_of(r["flow_run_id"]))
     # the metrics came through git and the DVC remote: the scheduler's clone has the experiments
     shown = in_project(["dvc", "exp", "show", "--json", "--no-pager"], scheduler, team.env).stdout
     assert all(r["experiment"] in shown for r in result["runs"])
-
-
-def test_a_failed_point_is_named_and_the_others_finish(team, tmp_path):
-    scheduler = team.clone(tmp_path / "scheduler")
-    grid = {"train.lr": [SHRINK.get("train.lr", 1e-3), 1e20], "train.checkpoint_every": [1]}
-    result = flows.experiment_grid(grid=grid, project=str(scheduler), deployment="sweep-point/sweep-point")
-    assert len(result["runs"]) == 1 and len(result["failed"]) == 1
-    (failed,) = result["failed"]
-    assert failed["overrides"]["train.lr"] == 1e20 and failed["error"]
-    assert "train.lr" in result["message"] and failed["error"] in result["message"]
 
 
 @pytest.mark.parametrize(
@@ -235,3 +246,53 @@ def test_a_bad_origin_or_remote_fails_in_the_pull_step_in_one_line(team, job_env
         root = team.home(w) / "workspaces"
         assert not [p for p in root.glob(".*.tmp")] if root.is_dir() else True
     assert os.environ.get("DDPM_GIT_URL") is None
+
+
+def resume_objects(team_stack) -> list[str]:
+    """The resume checkpoints in the shared store (pipeline.remote: <remote>/resume/<key>.ckpt)."""
+    import boto3
+
+    env = team_stack.env
+    bucket, _, prefix = env["DDPM_DVC_REMOTE"].removeprefix("s3://").partition("/")
+    s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                      aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1")  # fmt: skip
+    listing = s3.list_objects_v2(Bucket=bucket, Prefix="/".join(filter(None, [prefix, "resume/"])))
+    return [o["Key"] for o in listing.get("Contents", [])]
+
+
+def test_a_killed_run_resumes_on_the_other_worker_from_the_shared_checkpoint(team, team_stack, tmp_path):
+    overrides = {"train.max_steps": 800, "train.checkpoint_every": 50, "train.val_every": 400, "train.seed": 3}
+    assert resume_objects(team_stack) == []
+    first = run_deployment("retrain/nightly-retrain", parameters={"overrides": overrides}, timeout=0)
+    deadline = time.monotonic() + 300
+    while not (resume_objects(team_stack) and "resume checkpoint pushed" in flow_logs(first)):
+        assert time.monotonic() < deadline, flow_logs(first)
+        time.sleep(0.5)
+    workspace = Path(re.search(r"^workspace (\S+)$", flow_logs(first), re.M).group(1))
+    lost = workspace.parents[1].name  # the worker that runs it
+    team.kill(lost, worker_too=False)  # its flow run's processes die mid-train; the worker reports the crash
+    crashed = wait(first)
+    assert crashed.state.is_crashed(), crashed.state
+    team.kill(lost)  # and the machine stays gone: the other worker takes the next run
+    try:
+        second = wait(run_deployment("retrain/nightly-retrain", parameters={"overrides": overrides}, timeout=0))
+        text = flow_logs(second)
+        assert second.state.is_completed(), f"{second.state.message}\n{text}"
+        other = Path(re.search(r"^workspace (\S+)$", text, re.M).group(1))
+        assert other.parents[1].name != lost
+        assert "resume checkpoint fetched from the shared store" in text
+        step = int(re.search(r"resuming from outputs/train/resume.ckpt at step (\d+)", text).group(1))
+        assert 0 < step < 800
+        assert resume_objects(team_stack) == []  # the finished run removed it
+
+        # the same run uninterrupted, here, one thread as on the workers
+        reference = team.clone(tmp_path / "reference")
+        in_project([sys.executable, "-m", "pipeline.remote", "pull"], reference, team.env)
+        env = {**team.env, "OMP_NUM_THREADS": "1"}
+        in_project(["dvc", "exp", "run", *dotted.set_flags(overrides)], reference, env)
+        resumed = torch.load(other / "outputs/train/model.pt", weights_only=True)["state_dict"]
+        uninterrupted = torch.load(reference / "outputs/train/model.pt", weights_only=True)["state_dict"]
+        assert resumed.keys() == uninterrupted.keys()
+        assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
+    finally:
+        team.start_worker(lost)
