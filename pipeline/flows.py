@@ -48,9 +48,10 @@ from ddpm.config import Config
 from pipeline import dvc_runner, params, remote
 from pipeline import overrides as dotted
 from pipeline.dvc_runner import PipelineError
-from pipeline.paths import METRICS, REGISTRY_RECORD, RESUME, RUN_RECORD
+from pipeline.paths import METRICS, REGISTRY_RECORD, RUN_RECORD, TRAIN
 
 NO_RESULT_CACHE = {"cache_policy": NO_CACHE, "persist_result": False}
+RESUME = TRAIN / "resume.ckpt"  # an interrupted training's checkpoint (ddpm.checkpoints.RESUME; not a DVC output)
 
 
 # ---------------------------------------------------------------- flow options

@@ -18,7 +18,6 @@ DATA = OUT / "data"  # prepare: train.npz, test.npz (uint8 splits) and info.json
 DATA_INFO = DATA / "info.json"
 FEATURIZER = OUT / "featurizer" / "featurizer.pt"  # featurizer: the classifier of "classifier FID"
 TRAIN = OUT / "train"  # train: last.ckpt (resumable), model.pt, curves.csv and run.json
-RESUME = TRAIN / "resume.ckpt"  # the checkpoint of an interrupted training (ddpm.checkpoints.RESUME)
 MODEL = TRAIN / "model.pt"  # the exported EMA model that sample and sweep draw from
 RUN_RECORD = TRAIN / "run.json"  # the pipeline execution's MLflow run; the later stages log into it
 SAMPLES = OUT / "samples"  # sample: samples.npz, grid.png, trajectory.png, meta.json
