@@ -34,7 +34,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 # which every pipeline process, the tests and the benchmarks run before torch loads.
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-fast lint repro smoke sample metrics plots clean ui prefect-server serve deploy bench bench-team \
+.PHONY: help install test test-fast lint repro smoke sample metrics plots clean ui prefect-server serve deploy bench bench-team bench-workers \
 	stack-up stack-down stack-status stack-env push pull train-node
 
 help: ## show this list of targets
@@ -94,6 +94,9 @@ deploy: install ## check prefect.yaml against params.yaml, then deploy it to its
 
 bench: install ## throughput and memory side by side with diffusers (~15 min) -> benchmarks/results.md
 	$(PY) -m benchmarks.bench
+
+bench-workers: install ## Prefect workers and nodes: a 4-point grid on 1 vs 2 workers, pick-up time, 2-node training (~8 min) -> benchmarks/workers.md
+	$(RUN) python -m benchmarks.workers --out benchmarks/workers.md
 
 bench-team: install ## the team stack's costs: stack start, smoke repro embedded vs team (~6 min) -> benchmarks/team.md
 	$(RUN) python -m benchmarks.team --out benchmarks/team.md
