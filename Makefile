@@ -91,6 +91,7 @@ serve: install ## serve the retrain flow on params.yaml's schedule.cron (against
 deploy: install ## check prefect.yaml against params.yaml, then deploy it to its work pool (workers clone DDPM_GIT_URL)
 	$(RUN) DDPM_GIT_URL="$(DDPM_GIT_URL)" python -m pipeline.deployments check
 	$(RUN) DDPM_GIT_URL="$(DDPM_GIT_URL)" DDPM_GIT_BRANCH="$(DDPM_GIT_BRANCH)" prefect --no-prompt deploy --all
+	$(RUN) python -m pipeline.deployments zombies
 
 bench: install ## throughput and memory side by side with diffusers (~15 min) -> benchmarks/results.md
 	$(PY) -m benchmarks.bench

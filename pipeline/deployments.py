@@ -5,11 +5,18 @@ and work pool of its ``schedule`` section; ``check`` refuses a ``prefect.yaml`` 
 
     python -m pipeline.deployments serve    # serve `retrain` on params.yaml's schedule (`make serve`)
     python -m pipeline.deployments check    # prefect.yaml agrees with params.yaml (`make deploy` runs it first)
+    python -m pipeline.deployments zombies  # the automation that marks runs of lost workers Crashed (`make deploy`)
+
+A flow run whose worker machine dies stops sending heartbeats (``PREFECT_FLOWS_HEARTBEAT_FREQUENCY``, a job
+variable in ``prefect.yaml``) but stays Running on the server; the ``zombies`` automation (Prefect's documented
+recipe) marks it Crashed once no heartbeat came for ``--within`` seconds, which frees the deployment's
+concurrency slot, so the next run (on any worker) starts and resumes from the shared checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 from pathlib import Path
 from typing import Any
@@ -65,7 +72,54 @@ def prefect_yaml_mismatches(cfg: ScheduleConfig, path: Path = PREFECT_YAML) -> l
     return [f"{key}={got!r}, expected {want!r}" for key, (got, want) in expected.items() if got != want]
 
 
+ZOMBIE_AUTOMATION = "ddpm: crash flow runs of lost workers"
+
+
+def zombie_automation(within_seconds: float):
+    """Prefect's automation that marks a flow run Crashed when its heartbeats stop (created or replaced)."""
+    from datetime import timedelta
+
+    from prefect.automations import Automation
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import EventTrigger, Posture
+    from prefect.events.schemas.events import ResourceSpecification
+
+    automation = Automation(
+        name=ZOMBIE_AUTOMATION,
+        description="A flow run that sent no heartbeat for a while lost its worker: mark it Crashed.",
+        trigger=EventTrigger(
+            after={"prefect.flow-run.heartbeat"},
+            expect={
+                "prefect.flow-run.heartbeat",
+                "prefect.flow-run.Completed",
+                "prefect.flow-run.Failed",
+                "prefect.flow-run.Cancelled",
+                "prefect.flow-run.Crashed",
+            },  # fmt: skip
+            match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
+            for_each={"prefect.resource.id"},
+            posture=Posture.Proactive,
+            threshold=1,
+            within=timedelta(seconds=within_seconds),
+        ),
+        actions=[
+            ChangeFlowRunState(
+                state=StateType.CRASHED,
+                message=f"no heartbeat for {within_seconds:g} s: the worker running this flow run was lost",
+            )
+        ],
+    )
+    with contextlib.suppress(ValueError):  # ValueError: none yet
+        Automation.read(name=ZOMBIE_AUTOMATION).delete()
+    return automation.create()
+
+
 def main(args: argparse.Namespace) -> None:
+    if args.command == "zombies":
+        automation = zombie_automation(args.within)
+        print(f"automation {automation.name!r}: a flow run without a heartbeat for {args.within:g} s is Crashed")
+        return
     cfg = params.load(Path(args.project) / params.PARAMS).schedule
     if args.command == "check":
         mismatches = prefect_yaml_mismatches(cfg, Path(args.project) / PREFECT_YAML)
@@ -86,6 +140,8 @@ def parser() -> argparse.ArgumentParser:
     commands = cli.add_subparsers(dest="command", required=True)
     commands.add_parser("serve", help="serve retrain on params.yaml's schedule (against $PREFECT_API_URL)")
     commands.add_parser("check", help="check that prefect.yaml agrees with params.yaml")
+    zombies = commands.add_parser("zombies", help="create the automation that crashes flow runs of lost workers")
+    zombies.add_argument("--within", type=float, default=120.0, help="seconds without a heartbeat (default 120)")
     for sub in commands.choices.values():
         sub.add_argument("--project", default=".", help="the DVC project folder (default: here)")
     return cli

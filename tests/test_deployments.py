@@ -95,3 +95,23 @@ def test_deploy_check_needs_the_repository_the_workers_clone():
                            capture_output=True, text=True, timeout=120)  # fmt: skip
     assert given.returncode == 0, given.stderr
     assert given.stdout.startswith("prefect.yaml agrees with params.yaml: nightly-retrain")
+
+
+def test_the_zombie_automation_is_created_once(prefect_server):
+    """`make deploy` installs Prefect's automation that marks a flow run Crashed once its heartbeats stop."""
+    from prefect.automations import Automation
+
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+    cmd = [sys.executable, "-m", "pipeline.deployments", "zombies", "--within", "45"]
+    for _ in range(2):  # a second deploy replaces it
+        done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+    with get_client(sync_client=True) as client:
+        found = [a for a in client.read_automations() if a.name == deployments.ZOMBIE_AUTOMATION]
+    assert len(found) == 1
+    (automation,) = found
+    assert automation.trigger.within.total_seconds() == 45 and automation.trigger.posture == "Proactive"
+    assert automation.trigger.after == {"prefect.flow-run.heartbeat"}
+    (action,) = automation.actions
+    assert action.type == "change-flow-run-state" and action.state == "CRASHED"
+    assert Automation.read(name=deployments.ZOMBIE_AUTOMATION).id == automation.id
