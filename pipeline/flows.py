@@ -409,14 +409,18 @@ def fan_out(deployment: str, points: list[dict[str, Any]], wait_seconds: float |
     ]
     logger.info("submitted %d run(s) of %s: %s", len(runs), deployment, ", ".join(r.name for r in runs))
     deadline = None if wait_seconds is None else time.monotonic() + wait_seconds
+    ids = [r.id for r in runs]
     with get_client(sync_client=True) as client:
         while True:
-            current = [client.read_flow_run(r.id) for r in runs]
+            found = {
+                r.id: r for r in client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)))
+            }
+            current = [found.get(i) or client.read_flow_run(i) for i in ids]
             if all(r.state and r.state.is_final() for r in current):
                 break
             if deadline is not None and time.monotonic() > deadline:
                 break
-            time.sleep(2.0)
+            time.sleep(0.5)
         entries = []
         for point, run in zip(points, current):
             entry = {"overrides": point, "flow_run": run.name, "state": run.state.name if run.state else "unknown"}
