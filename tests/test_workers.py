@@ -125,6 +125,8 @@ def team(team_stack, prefect_server, smoke_params, tmp_path_factory):
         client.update_work_pool(POOL, WorkPoolUpdate(concurrency_limit=len(WORKERS)))
     deploy_env = {**env, "DDPM_GIT_URL": str(origin), "DDPM_GIT_BRANCH": branch}
     in_project([str(Path(sys.executable).parent / "prefect"), "--no-prompt", "deploy", "--all"], seed, deploy_env)
+    # `make deploy`'s automation: a run without a heartbeat (every 30 s, prefect.yaml) for 45 s is Crashed
+    in_project([sys.executable, "-m", "pipeline.deployments", "zombies", "--within", "45"], seed, env)
     the_team = Team(base, env, origin, seed, branch)
     for name in WORKERS:
         the_team.start_worker(name)
@@ -260,7 +262,9 @@ def resume_objects(team_stack) -> list[str]:
     return [o["Key"] for o in listing.get("Contents", [])]
 
 
-def test_a_killed_run_resumes_on_the_other_worker_from_the_shared_checkpoint(team, team_stack, tmp_path):
+def test_a_killed_worker_crashes_its_run_and_the_other_resumes_it(
+    team, team_stack, tmp_path
+):
     overrides = {"train.max_steps": 800, "train.checkpoint_every": 50, "train.val_every": 400, "train.seed": 3}
     assert resume_objects(team_stack) == []
     first = run_deployment("retrain/nightly-retrain", parameters={"overrides": overrides}, timeout=0)
@@ -270,10 +274,9 @@ def test_a_killed_run_resumes_on_the_other_worker_from_the_shared_checkpoint(tea
         time.sleep(0.5)
     workspace = Path(re.search(r"^workspace (\S+)$", flow_logs(first), re.M).group(1))
     lost = workspace.parents[1].name  # the worker that runs it
-    team.kill(lost, worker_too=False)  # its flow run's processes die mid-train; the worker reports the crash
-    crashed = wait(first)
-    assert crashed.state.is_crashed(), crashed.state
-    team.kill(lost)  # and the machine stays gone: the other worker takes the next run
+    team.kill(lost)  # the whole machine: the worker and its flow run's processes, mid-train
+    crashed = wait(first)  # nobody reports it: its heartbeats stop and the automation marks it Crashed
+    assert crashed.state.is_crashed() and "no heartbeat for 45 s" in crashed.state.message, crashed.state
     try:
         second = wait(run_deployment("retrain/nightly-retrain", parameters={"overrides": overrides}, timeout=0))
         text = flow_logs(second)
