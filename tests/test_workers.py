@@ -262,9 +262,7 @@ def resume_objects(team_stack) -> list[str]:
     return [o["Key"] for o in listing.get("Contents", [])]
 
 
-def test_a_killed_worker_crashes_its_run_and_the_other_resumes_it(
-    team, team_stack, tmp_path
-):
+def test_a_killed_worker_crashes_its_run_and_the_other_resumes_it(team, team_stack, tmp_path):
     overrides = {"train.max_steps": 800, "train.checkpoint_every": 50, "train.val_every": 400, "train.seed": 3}
     assert resume_objects(team_stack) == []
     first = run_deployment("retrain/nightly-retrain", parameters={"overrides": overrides}, timeout=0)
