@@ -12,6 +12,8 @@ ETA ?=
 N ?=
 SEED ?=
 PRECISION ?=
+LABELS ?=
+GUIDANCE ?=
 MODEL ?= outputs/train/model.pt
 OUT ?= outputs/make_sample
 # the team stack (pipeline.stack): its folder, and e.g. STACK_ARGS="--mlflow-port 5051 --host 0.0.0.0"
@@ -63,10 +65,11 @@ repro: install ## run the whole DVC pipeline (prepare -> featurizer -> train -> 
 smoke: install ## the pipeline on the smoke configuration (8x8 digits, ~1 min) as a DVC experiment
 	$(RUN) dvc exp run $$($(PY) -m pipeline.overrides configs/smoke.yaml)
 
-sample: install ## draw new images: make sample SAMPLER=ddim STEPS=50 N=64 SEED=1 [PRECISION=bf16-mixed] [MODEL=champion|models:/..|runs:/..]
+sample: install ## draw new images: make sample SAMPLER=ddim STEPS=50 N=64 SEED=1 [PRECISION=bf16-mixed] [LABELS=7|3,5|balanced GUIDANCE=2] [MODEL=champion|models:/..|runs:/..]
 	$(RUN) python -m pipeline.sample --model $(MODEL) --out $(OUT) \
 	  $(if $(SAMPLER),--sampler $(SAMPLER)) $(if $(STEPS),--steps $(STEPS)) $(if $(ETA),--eta $(ETA)) \
-	  $(if $(N),--n $(N)) $(if $(SEED),--seed $(SEED)) $(if $(PRECISION),--precision $(PRECISION))
+	  $(if $(N),--n $(N)) $(if $(SEED),--seed $(SEED)) $(if $(PRECISION),--precision $(PRECISION)) \
+	  $(if $(LABELS),--labels $(LABELS)) $(if $(GUIDANCE),--guidance $(GUIDANCE))
 
 train-node: install ## one node of a multi-node training (train.num_nodes > 1): make train-node NODE_RANK=1 MASTER_ADDR=host0 [MASTER_PORT=29500]
 	$(if $(filter 0,$(NODE_RANK)),,$(RUN) dvc repro prepare &&) $(RUN) DDPM_NODE_RANK=$(NODE_RANK) DDPM_MASTER_ADDR=$(MASTER_ADDR) \

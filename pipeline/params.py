@@ -84,6 +84,39 @@ def section(raw: dict[str, Any], name: str) -> dict[str, Any]:
     return value
 
 
+AUTO = "auto"  # model.num_classes: the number of classes of the prepared data
+
+
+def check_conditioning(
+    sample: SampleConfig, ddpm_cfg: DDPMConfig, num_classes: int | None, conditional: bool, train: TrainConfig
+) -> None:
+    """The sample section's labels and guidance suit the model (``num_classes`` None: not known yet)."""
+    guidance = ddpm_cfg.guidance if sample.guidance is None else sample.guidance
+    key = "diffusion.guidance" if sample.guidance is None else "sample.guidance"
+    if sample.labels is not None:
+        if not conditional:
+            raise ConfigError(
+                f"sample.labels={short_repr(sample.labels)}: the model is unconditional (model.num_classes: null); "
+                "allowed: null"
+            )
+        if num_classes is not None:
+            try:
+                sample.label_array(1, num_classes)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+    elif guidance != 1:
+        raise ConfigError(
+            f"{key}={guidance}: guidance needs the classes to draw; allowed: 1 with sample.labels null, "
+            "or set sample.labels"
+        )
+    if conditional and train.label_dropout == 0 and (sample.labels is None or guidance != 1):
+        what = "sample.labels=null draws" if sample.labels is None else f"{key}={guidance} draws"
+        raise ConfigError(
+            f"{what} from the null class, which train.label_dropout=0 never trains; allowed: "
+            "train.label_dropout > 0 (e.g. 0.1), or sample.labels with sample.guidance 1"
+        )
+
+
 def validate(raw: dict[str, Any], sample_overrides: dict[str, Any] | None = None) -> Params:
     """Validate every section; raise one-line ConfigError on the first problem found."""
     if not isinstance(raw, dict):
@@ -99,10 +132,28 @@ def validate(raw: dict[str, Any], sample_overrides: dict[str, Any] | None = None
         shaped = {"in_channels", "image_size"} if name == "model" else {"channels", "image_size"}
         if shaped & values.keys():
             raise ConfigError(f"{name}: {sorted(shaped & values.keys())} come from the data; remove them")
-    UNetConfig.from_dict({**model, "in_channels": channels, "image_size": size}, "model")  # a buildable net
+    if "p_uncond" in diffusion:
+        raise ConfigError(
+            f"diffusion.p_uncond={short_repr(diffusion['p_uncond'])}: the share of dropped labels is "
+            "train.label_dropout; remove diffusion.p_uncond"
+        )
+    num_classes = model.get("num_classes")
+    net = UNetConfig.from_dict(
+        {**model, "in_channels": channels, "image_size": size, **({"num_classes": 2} if num_classes == AUTO else {})},
+        "model",
+    )
+    train = TrainConfig.from_dict(sections["train"], "train")
+    conditional = net.num_classes is not None
+    if train.label_dropout and not conditional:
+        raise ConfigError(
+            f"train.label_dropout={train.label_dropout}: the model is unconditional (model.num_classes: null); "
+            "allowed: 0, or set model.num_classes (auto = the data's classes)"
+        )
+    diffusion = {**diffusion, "p_uncond": train.label_dropout}  # DDPMConfig's name for it
     ddpm_cfg = DDPMConfig.from_dict({**diffusion, "channels": channels, "image_size": size}, "diffusion")
     sample = SampleConfig.from_dict({**sections["sample"], **(sample_overrides or {})}, "sample")
-    ddpm_cfg.with_sampler(sample.sampler, sample.steps, sample.eta)  # the sampler suits the model
+    ddpm_cfg.with_sampler(sample.sampler, sample.steps, sample.eta, sample.guidance)  # the sampler suits the model
+    check_conditioning(sample, ddpm_cfg, None if num_classes == AUTO else net.num_classes, conditional, train)
     sweep = SweepConfig.from_dict(sections["sweep"], "sweep")
     for run in sweep.runs:
         try:
@@ -114,13 +165,18 @@ def validate(raw: dict[str, Any], sample_overrides: dict[str, Any] | None = None
         featurizer=FeaturizerConfig.from_dict(sections["featurizer"], "featurizer"),
         model=model,
         diffusion=diffusion,
-        train=TrainConfig.from_dict(sections["train"], "train"),
+        train=train,
         sample=sample,
         evaluate=EvaluateConfig.from_dict(sections["evaluate"], "evaluate"),
         sweep=sweep,
         tracking=TrackingConfig.from_dict(sections["tracking"], "tracking"),
         schedule=ScheduleConfig.from_dict(sections["schedule"], "schedule"),
     )
+
+
+def resolved_model(model: dict[str, Any], classes: int) -> dict[str, Any]:
+    """The ``model`` section with ``num_classes: auto`` replaced by the prepared data's number of classes."""
+    return {**model, "num_classes": classes} if model.get("num_classes") == AUTO else model
 
 
 def load(path: str | Path = PARAMS, sample_overrides: dict[str, Any] | None = None) -> Params:

@@ -1,9 +1,13 @@
-"""Stage ``sweep``: FID against NFE for one sampler run (``RUN`` = sampler-steps); ``sweep_report`` tabulates them."""
+"""Stage ``sweep``: FID against NFE for one sampler run (``RUN`` = sampler-steps); ``sweep_report`` tabulates them.
+
+A class-conditional model is drawn with the sample section's ``labels`` and ``guidance``, as the sample stage.
+"""
 
 import argparse
 import time
 
 import numpy as np
+import torch
 
 from ddpm import data, export, generate, io, tracking
 from pipeline import params, paths, scoring
@@ -16,9 +20,17 @@ def run_one(p: params.Params, run: str) -> None:
     sampler, steps = p.sweep.parse(run)
     run_log = stage_tracking.reopen(p)
     model = export.load_model(paths.MODEL)
-    plan = generate.plan(model.config, sampler, steps)
+    plan = generate.plan(model.config, sampler, steps, guidance=p.sample.guidance)
+    labels = p.sample.label_array(p.sweep.n, model.net.config.num_classes)  # the sample stage's classes
     started = time.perf_counter()
-    chunks = generate.sample_batches(model.net, plan, p.sweep.n, seed=p.sweep.seed, batch_size=p.sweep.batch_size)
+    chunks = generate.sample_batches(
+        model.net,
+        plan,
+        p.sweep.n,
+        seed=p.sweep.seed,
+        batch_size=p.sweep.batch_size,
+        labels=None if labels is None else torch.tensor(labels),
+    )
     fake = np.concatenate([data.from_tensor(chunk) for chunk in chunks])
     seconds = time.perf_counter() - started
     result = scoring.score(fake, p.evaluate)

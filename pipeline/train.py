@@ -12,6 +12,7 @@ itself, with the node's rank and the rendezvous address from ``DDPM_NODE_RANK``,
 """
 
 import argparse
+import dataclasses
 import os
 import signal
 import sys
@@ -120,13 +121,18 @@ def main(args: argparse.Namespace) -> None:
         print("train: $ " + " ".join(command[1:]), flush=True)
         os.execv(command[0], command)  # torchrun forwards SIGTERM/SIGINT to this node's processes
     interrupt_as_preemption()
+    if p.train.precision == "auto":
+        p = dataclasses.replace(p, train=fit.resolve_precision(p.train))
+        raw = {**raw, "train": {**(raw.get("train") or {}), "precision": p.train.precision}}  # tracked as run
+        print(f"train: precision auto -> {p.train.precision}", flush=True)
     train_set, test_set = paths.load_splits()
-    resume = fit.resume_checkpoint(paths.TRAIN, train_set, test_set, p.model, p.diffusion, p.train)
+    model = params.resolved_model(p.model, len(train_set.classes))
+    resume = fit.resume_checkpoint(paths.TRAIN, train_set, test_set, model, p.diffusion, p.train)
     record, logger = open_run(p, raw, {"train": train_set, "test": test_set}, resume)
     metrics = fit.train(
         train_set,
         test_set,
-        p.model,
+        model,
         p.diffusion,
         p.train,
         paths.TRAIN,

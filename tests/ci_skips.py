@@ -16,10 +16,12 @@ import pytest
 
 NOT_LINUX = "the native kernels are built on Linux only"
 NO_PROCFS = "needs Linux procfs"
+NO_BF16_CPU = "this CPU has no oneDNN bf16 path (it needs AVX-512 or AVX-NE-CONVERT)"
 
 ALLOWED = {
     NOT_LINUX: "the platform: the kernels' build (torch.utils.cpp_extension with GCC's flags) targets Linux",
     NO_PROCFS: "the platform: the test reads a process's resident memory from /proc/self/status",
+    NO_BF16_CPU: "the machine: oneDNN runs bf16 convolutions with post-ops on AVX-512 or AVX-NE-CONVERT CPUs only",
 }
 
 

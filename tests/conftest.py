@@ -39,6 +39,16 @@ needs_native = pytest.mark.skipif(
     not LINUX or shutil.which("c++") is None,
     reason="no C++ compiler to build the kernel" if LINUX else ci_skips.NOT_LINUX,
 )
+
+
+@pytest.fixture(autouse=True)
+def _kernel_tests_use_the_kernels(request, monkeypatch):
+    """The kernel and benchmark tests run the kernels whatever their vector path (``DDPM_NATIVE_KERNELS=1``): by
+    default a CPU without AVX-512 runs PyTorch's ops instead of their slower portable loops (``kernels.enabled``)."""
+    if request.module.__name__.startswith(("test_kernels", "test_bench")):
+        monkeypatch.setenv("DDPM_NATIVE_KERNELS", "1")
+
+
 needs_procfs = pytest.mark.skipif(not LINUX or not Path("/proc/self/status").exists(), reason=ci_skips.NO_PROCFS)
 
 TINY_NET_KWARGS = {

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ci_skips import NO_BF16_CPU
 from conftest import needs_native
 from ddpm import kernels, nets
 from ddpm.nets import Conv2d, GroupNorm, UNet
@@ -167,7 +168,11 @@ def test_conv_is_nn_conv2d_under_autocast_and_without_gradients():
         assert not type(conv(x).grad_fn).__name__.startswith("_Conv2d")
 
 
-@pytest.mark.skipif(kernels.conv.POINTWISE is None, reason="this torch build has no oneDNN convolution post-ops")
+@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason=NO_BF16_CPU)
+@pytest.mark.skipif(
+    torch.ops.mkldnn._is_mkldnn_bf16_supported() and kernels.conv.POINTWISE is None,
+    reason="this torch build has no oneDNN convolution post-ops",
+)
 @pytest.mark.parametrize("kernel", [1, 3])
 def test_bf16_conv_adds_the_residual_and_the_other_parts_as_onednn_writes_the_output(kernel):
     """Under CPU bf16 autocast a residual (and a 1x1 convolution's second part) is added by oneDNN's post-op, with

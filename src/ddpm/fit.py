@@ -124,6 +124,28 @@ def _peer_failure(error: BaseException, world_size: int) -> bool:
     )
 
 
+def bf16_hardware(accelerator: str) -> bool:
+    """Whether the run's device computes in bf16 natively: a CUDA GPU with bf16, or a CPU with bf16 dot products
+    (AVX512-BF16 or AMX). Elsewhere bf16 autocast emulates it: a default training step took 15 s against fp32's
+    1.4 s on an AVX2 CPU."""
+    if accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = next(
+            (line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), ""
+        ).split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with ``precision: auto`` made bf16-mixed where the hardware computes in bf16, else 32-true."""
+    if cfg.precision != "auto":
+        return cfg
+    return cfg.replace(precision="bf16-mixed" if bf16_hardware(cfg.accelerator) else "32-true")
+
+
 def strategy_for(cfg: TrainConfig) -> str | DDPStrategy:
     """Lightning's strategy: DDP with ``cfg.ddp_timeout`` for ``ddp`` and for several nodes, else the name.
 
@@ -190,6 +212,7 @@ def train(
     records (a stage killed between the two then resumes at the checkpoint instead of starting over).
     """
     out_dir = Path(out_dir)
+    cfg = resolve_precision(cfg)
     resume_path = out_dir / RESUME
     key = fingerprint(train_set, val_set, model, diffusion, cfg)
     start = read_resume(resume_path, key) if resume else None

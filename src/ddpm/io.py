@@ -161,10 +161,14 @@ def load_payload(path: str | Path, what: str, required: set[str]) -> dict[str, A
 
 
 class NpzWriter:
-    """Stream a uint8 array ``arr_0`` [N, ...] into an ``.npz`` chunk by chunk (bounded memory), atomically."""
+    """Stream a uint8 array ``arr_0`` [N, ...] into an ``.npz`` chunk by chunk (bounded memory), atomically.
 
-    def __init__(self, path: str | Path, shape: tuple[int, ...]) -> None:
+    ``extra`` arrays (e.g. ``labels`` [N]) are stored beside it under their names.
+    """
+
+    def __init__(self, path: str | Path, shape: tuple[int, ...], extra: dict[str, np.ndarray] | None = None) -> None:
         self.path, self.shape, self.written = Path(path), tuple(shape), 0
+        self.extra = dict(extra or {})
         self._atomic = atomic_path(self.path)
         self._zip: zipfile.ZipFile | None = None
         self._entry: IO[bytes] | None = None
@@ -192,6 +196,10 @@ class NpzWriter:
 
     def __exit__(self, *exc: Any) -> None:
         self._entry.close()
+        if exc[0] is None:
+            for name, array in self.extra.items():
+                with self._zip.open(f"{name}.npy", "w", force_zip64=True) as entry:
+                    np.lib.format.write_array(entry, np.asarray(array), allow_pickle=False)
         self._zip.close()
         if exc[0] is None and self.written != self.shape[0]:
             exc = (ValueError, ValueError(f"wrote {self.written} of {self.shape[0]} rows"), None)
@@ -213,6 +221,23 @@ def load_samples(path: str | Path) -> np.ndarray:
     if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] not in (1, 3):
         raise ValueError(f"{path}: arr_0 must be uint8 [N, H, W, C] with C in (1, 3), got {arr.dtype} {arr.shape}")
     return arr
+
+
+def load_labels(path: str | Path) -> np.ndarray | None:
+    """The ``labels`` [N] (int64) a class-conditional draw stored beside ``arr_0``, or None for an unconditional one."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if "labels" not in f.files:
+                return None
+            labels = f["labels"]
+    except FileNotFoundError:
+        raise FileNotFoundError(f"samples not found: {path}") from None
+    except Exception as e:
+        raise ValueError(f"cannot read samples {path}: {type(e).__name__}: {e}") from None
+    if labels.ndim != 1 or labels.dtype.kind not in "iu":
+        raise ValueError(f"{path}: labels must be integers [N], got {labels.dtype} {labels.shape}")
+    return labels.astype(np.int64)
 
 
 def grid(images: np.ndarray, ncol: int, pad: int = 2) -> np.ndarray:

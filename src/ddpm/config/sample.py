@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
@@ -16,6 +16,17 @@ class SampleConfig(Config):
     sampler: str | None = Field(None, description="sampler name; null = the diffusion section's default")
     steps: int | None = Field(None, ge=1, description="sampling steps; null = the diffusion section's default")
     eta: float | None = Field(None, ge=0, le=1, description="DDIM eta; null = the diffusion section's default")
+    labels: str | list[int] | None = Field(
+        None,
+        description="classes to draw (class-conditional models): null = unconditional (the null class); a list "
+        "of classes, image i drawing labels[i % len(labels)]; balanced = every class in turn",
+    )
+    guidance: float | None = Field(
+        None,
+        ge=0,
+        description="classifier-free guidance scale w of uncond + w (cond - uncond): 1 = the conditional model, "
+        "0 = the unconditional one, > 1 sharper classes; null = the diffusion section's default",
+    )
     seed: int = Field(0, ge=0, lt=2**64, description="noise seed; image i depends only on (seed, i)")
     batch_size: int = Field(250, ge=1, description="images per chunk (bounds memory)")
     grid_size: int = Field(8, ge=1, description="the grid PNG shows grid_size x grid_size images")
@@ -27,6 +38,36 @@ class SampleConfig(Config):
     compile: CompileSetting = Field(
         False, description="torch.compile the sampling network: false, true (inductor), or a backend name (eager, ...)"
     )
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _labels(cls, v: Any) -> Any:
+        ok = v is None or v == "balanced"
+        if isinstance(v, list):
+            ok = bool(v) and all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in v)
+        if not ok:
+            raise ValueError("allowed: null, balanced, or a non-empty list of class indices >= 0")
+        return v
+
+    def label_array(self, n: int, num_classes: int | None) -> list[int] | None:
+        """The label of each of ``n`` images (None: unconditional); checked against the model's ``num_classes``.
+
+        Raises ValueError naming ``sample.labels`` when the model cannot draw them.
+        """
+        if self.labels is None:
+            return None
+        if num_classes is None:
+            raise ValueError(
+                f"sample.labels={self.labels!r}: the model is unconditional (model.num_classes: null); allowed: null"
+            )
+        classes = list(range(num_classes)) if self.labels == "balanced" else self.labels
+        bad = [c for c in classes if c >= num_classes]
+        if bad:
+            raise ValueError(
+                f"sample.labels={self.labels!r}: {bad} outside the model's classes; allowed: integers in "
+                f"[0, {num_classes}), balanced or null"
+            )
+        return [classes[i % len(classes)] for i in range(n)]
 
 
 class SweepConfig(Config):

@@ -34,8 +34,9 @@ class OptimConfig(Config):
         return self
 
 
-# Lightning's precision names (lightning_fabric.plugins.precision.precision).
+# Lightning's precision names (lightning_fabric.plugins.precision.precision), and auto (ddpm.fit.resolve_precision).
 PrecisionName = Literal[
+    "auto",
     "32-true",
     "bf16-mixed",
     "16-mixed",
@@ -66,6 +67,13 @@ class TrainConfig(OptimConfig):
     warmup_steps: int = Field(100, ge=0, description="linear lr warmup in optimizer steps")
     min_lr_ratio: float = Field(0.05, ge=0, le=1, description="final lr of the cosine decay, as a fraction of lr")
     ema_decay: float = Field(0.999, ge=0, lt=1, description="decay per optimizer step of the EMA used for sampling")
+    label_dropout: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="share of training labels replaced by the null class (class-conditional nets), so one model "
+        "also draws unconditionally and classifier-free guidance works; 0.1 is usual",
+    )
     val_every: int = Field(500, ge=1, description="validation loss every this many steps")
     log_every: int = Field(25, ge=1, description="record loss and lr every this many steps")
     checkpoint_every: int | None = Field(
@@ -78,7 +86,11 @@ class TrainConfig(OptimConfig):
     ddp_timeout: float = Field(
         300.0, gt=0, description="seconds a DDP collective waits for the other processes before the run fails"
     )
-    precision: PrecisionName = Field("32-true", description="Lightning precision: 32-true, bf16-mixed, 16-mixed, ...")
+    precision: PrecisionName = Field(
+        "32-true",
+        description="Lightning precision: 32-true, bf16-mixed, 16-mixed, ...; auto = bf16-mixed where the hardware "
+        "computes in bf16 (a GPU with bf16, a CPU with AVX512-BF16 or AMX), else 32-true",
+    )
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
     compile: CompileSetting = Field(
         False, description="torch.compile the trained net: false, true (inductor), or a backend name (eager, ...)"

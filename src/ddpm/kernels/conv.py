@@ -64,9 +64,12 @@ class _Conv2dBackwardWithBiasSum(torch.autograd.Function):
 
 
 def _pointwise_op():
-    """oneDNN's convolution with a binary post-op (what inductor's CPU fusions call), if this build has it."""
+    """oneDNN's convolution with a binary post-op (what inductor's CPU fusions call), if this build has it and
+    this CPU runs oneDNN's bf16 path (AVX-512 or AVX-NE-CONVERT; an AVX2 CPU has no such path)."""
     try:
-        return torch.ops.mkldnn._convolution_pointwise.binary if torch.backends.mkldnn.is_available() else None
+        if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+            return None
+        return torch.ops.mkldnn._convolution_pointwise.binary
     except (AttributeError, RuntimeError):
         return None
 

@@ -323,8 +323,10 @@ static void dx_row(const T* x, const T* dy, const float* a, const float* b, cons
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 using Best = Avx512;
+constexpr const char* kVectorIsa = "avx512";
 #else
 using Best = Portable;
+constexpr const char* kVectorIsa = "portable";
 #endif
 
 // Per-channel scale a and shift b of one image (z = a x + b), and each channel's group mean m.
@@ -652,5 +654,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   }, bwd_args);
   register_attention(m);
   register_winograd(m);
-  m.attr("vector_isa") = pybind11::str(std::is_same_v<Best, Avx512> ? "avx512" : "portable");
+  m.attr("vector_isa") = pybind11::str(kVectorIsa);
 }
