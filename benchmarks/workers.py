@@ -87,16 +87,36 @@ def pickup_seconds(env: dict[str, str], flow_run_names: list[str]) -> list[tuple
     return [row[1:] for row in sorted(found, key=lambda row: row[0])]
 
 
+def points_span(env: dict[str, str], flow_run_names: list[str]) -> float:
+    """Seconds from the first sweep-point run's start to the last one's end (the grid's share on the workers)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
+
+    settings = {PREFECT_API_URL: env["PREFECT_API_URL"], PREFECT_API_AUTH_STRING: env.get("PREFECT_API_AUTH_STRING")}
+    with temporary_settings(settings), get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=flow_run_names)))
+    return (max(r.end_time for r in runs) - min(r.start_time for r in runs)).total_seconds()
+
+
+def busy_cores(before, after) -> float:
+    """Cores kept busy on average between two ``psutil.cpu_times()`` (all processes of the machine)."""
+    idle = (after.idle + getattr(after, "iowait", 0)) - (before.idle + getattr(before, "iowait", 0))
+    total = sum(after) - sum(before)
+    return (total - idle) / total * (os.cpu_count() or 1)
+
+
 def grid(scheduler: Path, env: dict[str, str], seed: int) -> tuple[float, dict]:
     cmd = [sys.executable, "-m", "pipeline.flows", "experiment-grid", "-G", f"sample.steps={POINTS}", "-G",
            f"sample.seed=[{seed}]", "--deployment", "sweep-point/sweep-point", "--project", str(scheduler)]  # fmt: skip
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), psutil.cpu_times()
     result = subprocess.run(cmd, cwd=scheduler, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - start
+    cores = busy_cores(cpu, psutil.cpu_times())
     if result.returncode != 0:
         raise SystemExit(f"experiment-grid failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     names = re.findall(r"submitted \d+ run\(s\) of [^:]+: (.+)", result.stdout + result.stderr)
-    return seconds, {"flow_runs": names[-1].split(", ") if names else []}
+    return seconds, {"flow_runs": names[-1].split(", ") if names else [], "cores": cores}
 
 
 def train_nodes(seed_project: Path, base: Path, env: dict[str, str]) -> dict[str, float]:
@@ -165,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
 
         sweeps: dict[int, list[float]] = {1: [], 2: []}
         pickups: dict[int, list] = {1: [], 2: []}
+        spans: dict[int, list[float]] = {1: [], 2: []}
+        cores: dict[int, list[float]] = {1: [], 2: []}
         # two rounds, the order alternating, so machine drift touches both counts alike; a new seed per grid
         for count, sample_seed in ((1, 11), (2, 12), (2, 13), (1, 14)):
             run(prefect("work-pool", "set-concurrency-limit", "gpu", str(count)), seed, env)
@@ -175,7 +197,10 @@ def main(argv: list[str] | None = None) -> int:
             seconds, info = grid(scheduler, env, sample_seed)
             sweeps[count].append(seconds)
             pickups[count].append(pickup_seconds(env, info["flow_runs"]))
-            print(f"{count} worker(s): 4-point grid {seconds:.1f} s; pick-up {pickups[count][-1]}", flush=True)
+            spans[count].append(points_span(env, info["flow_runs"]))
+            cores[count].append(info["cores"])
+            print(f"{count} worker(s): 4-point grid {seconds:.1f} s, points {spans[count][-1]:.1f} s, "
+                  f"{info['cores']:.2f} cores busy; pick-up {pickups[count][-1]}", flush=True)  # fmt: skip
             stop(workers)
             workers = []
     finally:
@@ -208,6 +233,20 @@ def main(argv: list[str] | None = None) -> int:
         ),  # fmt: skip
         "",
         f"2 workers take {statistics.median(sweeps[2]) / statistics.median(sweeps[1]):.2f}x the time of 1 (medians).",
+        "",
+        "| medians | whole grid | sweep-point runs (first start to last end) | rest (scheduler: submit, "
+        "`dvc exp pull`, `dvc exp show`) | cores busy (machine) |",
+        "|---|---|---|---|---|",
+        *(
+            f"| {n} worker{'s' if n > 1 else ''} | {statistics.median(sweeps[n]):.1f} s | "
+            f"{statistics.median(spans[n]):.1f} s | "
+            f"{statistics.median(t - s for t, s in zip(sweeps[n], spans[n])):.1f} s | "
+            f"{statistics.median(cores[n]):.2f} of {os.cpu_count()} |"
+            for n in (1, 2)
+        ),  # fmt: skip
+        "",
+        f"The sweep-point runs alone: 2 workers take "
+        f"{statistics.median(spans[2]) / statistics.median(spans[1]):.2f}x the time of 1.",
         "",
         "| sweep-point run: time to its first `dvc exp run` | median | runs |",
         "|---|---|---|",
