@@ -8,8 +8,15 @@ from typing import Any
 
 import yaml
 
-from ddpm.config import DDPMConfig
+from ddpm.config import DDPMConfig, TrainConfig
 from ddpm.nets import UNetConfig
+
+
+def train_precision(p: dict[str, Any]) -> str:
+    """params.yaml's training precision as this machine runs it (``auto`` resolved by ``ddpm.fit``)."""
+    from ddpm.fit import resolve_precision
+
+    return resolve_precision(TrainConfig.from_dict(p.get("train") or {})).precision
 
 ROOT = Path(__file__).resolve().parents[1]
 PRECISIONS = ("32-true", "bf16-mixed")  # Lightning's names: fp32, and bf16 autocast with fp32 weights
@@ -96,7 +103,7 @@ def plan(quick: bool, reps: int | None, compile: bool | None) -> Plan:
             sampler=sampler,
             memory_n=(16, 64),
             memory_chunk=16,
-            memory_precisions=(p["train"]["precision"],),
+            memory_precisions=(train_precision(p),),
             memory_kept=0,
             memory_repeats=1,
             eval_batch=16,
