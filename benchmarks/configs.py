@@ -18,6 +18,7 @@ def train_precision(p: dict[str, Any]) -> str:
 
     return resolve_precision(TrainConfig.from_dict(p.get("train") or {})).precision
 
+
 ROOT = Path(__file__).resolve().parents[1]
 PRECISIONS = ("32-true", "bf16-mixed")  # Lightning's names: fp32, and bf16 autocast with fp32 weights
 
