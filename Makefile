@@ -16,6 +16,12 @@ LABELS ?=
 GUIDANCE ?=
 MODEL ?= outputs/train/model.pt
 OUT ?= outputs/make_sample
+# `make inpaint`: the region to generate (left|right|top|bottom|center or a black-and-white PNG, white generated),
+# an npz of images to complete (default: the test split) and RePaint's jumps and passes (default: params.yaml)
+MASK ?=
+IMAGES ?=
+JUMPS ?=
+RESAMPLE ?=
 # the team stack (pipeline.stack): its folder, and e.g. STACK_ARGS="--mlflow-port 5051 --host 0.0.0.0"
 STACK_DIR ?= .stack
 STACK_ARGS ?=
@@ -36,7 +42,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 # which every pipeline process, the tests and the benchmarks run before torch loads.
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-fast lint repro smoke sample metrics plots clean ui prefect-server serve deploy bench bench-team bench-workers \
+.PHONY: help install test test-fast lint repro smoke sample inpaint metrics plots clean ui prefect-server serve deploy bench bench-team bench-workers \
 	stack-up stack-down stack-status stack-env push pull train-node
 
 help: ## show this list of targets
@@ -70,6 +76,13 @@ sample: install ## draw new images: make sample SAMPLER=ddim STEPS=50 N=64 SEED=
 	  $(if $(SAMPLER),--sampler $(SAMPLER)) $(if $(STEPS),--steps $(STEPS)) $(if $(ETA),--eta $(ETA)) \
 	  $(if $(N),--n $(N)) $(if $(SEED),--seed $(SEED)) $(if $(PRECISION),--precision $(PRECISION)) \
 	  $(if $(LABELS),--labels $(LABELS)) $(if $(GUIDANCE),--guidance $(GUIDANCE))
+
+inpaint: install ## complete test images under a mask: make inpaint MASK=left|right|top|bottom|center|mask.png [N=8] [JUMPS=5 RESAMPLE=5] [GUIDANCE=2] [IMAGES=x.npz] -> outputs/inpaint
+	@test -n "$(MASK)" || { echo "error: MASK is required: left, right, top, bottom, center or a PNG file" >&2; exit 2; }
+	$(RUN) python -m pipeline.inpaint --mask $(MASK) --model $(MODEL) $(if $(filter outputs/train/model.pt,$(MODEL)),--track) \
+	  $(if $(N),--n $(N)) $(if $(SEED),--seed $(SEED)) $(if $(SAMPLER),--sampler $(SAMPLER)) $(if $(STEPS),--steps $(STEPS)) \
+	  $(if $(PRECISION),--precision $(PRECISION)) $(if $(GUIDANCE),--guidance $(GUIDANCE)) $(if $(IMAGES),--images $(IMAGES)) \
+	  $(if $(JUMPS),--repaint-jumps $(JUMPS)) $(if $(RESAMPLE),--resample $(RESAMPLE))
 
 train-node: install ## one node of a multi-node training (train.num_nodes > 1): make train-node NODE_RANK=1 MASTER_ADDR=host0 [MASTER_PORT=29500]
 	$(if $(filter 0,$(NODE_RANK)),,$(RUN) dvc repro prepare &&) $(RUN) DDPM_NODE_RANK=$(NODE_RANK) DDPM_MASTER_ADDR=$(MASTER_ADDR) \

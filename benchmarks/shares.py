@@ -16,8 +16,11 @@ SHARES = ("convolutions", "matmuls", "attention", "GroupNorm", "SiLU", "casts an
 
 def op_kind(name: str) -> str:
     """The kind of an aten operator, for the time shares (:data:`SHARES`)."""
-    if "convolution" in name or "winograd" in name or name in ("_Conv3x3", "_Conv3x3Backward"):
-        return "convolutions"  # oneDNN's, or the Winograd kernel (forward without autograd, forward, backward)
+    if any(k in name for k in ("convolution", "conv2d", "conv_transpose", "winograd")) or name in (
+        "_Conv3x3",
+        "_Conv3x3Backward",
+    ):  # oneDNN's; ATen's im2col path (aten::_slow_conv2d_*: bf16 on CPUs without oneDNN's bf16 path); the Winograd
+        return "convolutions"  # kernel (forward without autograd, forward, backward)
     if name in ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"):
         return "matmuls"
     if "scaled_dot_product" in name or name in ("ddpm::attention", "_Attention", "_AttentionBackward"):

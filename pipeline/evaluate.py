@@ -1,7 +1,9 @@
 """Stage ``evaluate``: FID and KID of the samples against the real reference split, with their protocol.
 
 With tracking on it logs ``fid/<sampler>_<steps>`` and KID into the pipeline's MLflow run, linked to the
-run's Logged model (the EMA model) and the reference split's dataset, and the featurizer's accuracy; uploads
+run's Logged model (the EMA model) and the reference split's dataset, the featurizer's confidence on the samples
+and, for samples drawn for requested classes, the label accuracy (both ``<name>/<sampler>_<steps>``), and the
+featurizer's test accuracy; uploads
 params.yaml and dvc.lock, registers the Logged model as a new version and applies the champion rule; the
 decision goes to ``outputs/evaluate/registry.json``.
 """
@@ -18,7 +20,8 @@ def track(run: tracking.Run, p: params.Params, result: dict, params_file: str) -
     """Log the scores into the run and its Logged model, register that model and apply the champion rule;
     return the decision."""
     sampler, steps = result.get("sampler"), result.get("steps")
-    scores = {tracking.metric_key(name, sampler, steps): result[name] for name in ("fid", "kid")}
+    names = [name for name in ("fid", "kid", "confidence", "label_accuracy") if name in result]
+    scores = {tracking.metric_key(name, sampler, steps): result[name] for name in names}
     model_id = run.logged_model_id()
     run.log_metrics(scores, model_id=model_id, dataset=run.dataset(p.evaluate.reference))
     featurizer_json = paths.metrics_file("featurizer")
@@ -36,15 +39,18 @@ def track(run: tracking.Run, p: params.Params, result: dict, params_file: str) -
 def main(args: argparse.Namespace) -> None:
     p = params.load(args.params)
     run = stage_tracking.reopen(p)
-    result = scoring.score(io.load_samples(paths.SAMPLES_NPZ), p.evaluate)
+    samples = io.load_samples(paths.SAMPLES_NPZ)
+    result = scoring.score(samples, p.evaluate, labels=io.load_labels(paths.SAMPLES_NPZ))
     if paths.SAMPLES_META.is_file():
         meta = json.loads(paths.SAMPLES_META.read_text())
-        result.update({key: meta[key] for key in ("sampler", "steps", "nfe", "seed")})
+        result.update({key: meta.get(key) for key in ("sampler", "steps", "nfe", "seed", "labels", "guidance")})
     io.write_json(paths.metrics_file("evaluate"), result)
     decision = track(run, p, result, args.params) if run is not None else stage_tracking.OFF
     io.write_json(paths.REGISTRY_RECORD, decision)
+    accuracy = f"  label accuracy {result['label_accuracy']:.1%}" if "label_accuracy" in result else ""
     print(
-        f"evaluate: FID {result['fid']:.3f}  KID {result['kid']:.5f}  ({result['n_gen']} vs {result['n_ref']} images)"
+        f"evaluate: FID {result['fid']:.3f}  KID {result['kid']:.5f}  confidence {result['confidence']:.3f}{accuracy}"
+        f"  ({result['n_gen']} vs {result['n_ref']} images)"
     )
     if decision["enabled"]:
         d = decision

@@ -27,6 +27,7 @@ REGISTRY_RECORD = OUT / "evaluate" / "registry.json"  # evaluate: the registry d
 METRICS = OUT / "metrics"  # <stage>.json of featurizer, train and evaluate (DVC metrics)
 SWEEP = OUT / "sweep"  # sweep: one <sampler>-<steps>.json per run
 SWEEP_REPORT = OUT / "sweep_report"  # sweep_report: table.md and fid_vs_nfe.csv
+GUIDANCE = OUT / "guidance"  # guidance: table.md and fid_vs_guidance.csv (the classifier-free guidance trade-off)
 
 
 def split(name: str) -> Path:

@@ -33,11 +33,12 @@ def run_one(p: params.Params, run: str) -> None:
     )
     fake = np.concatenate([data.from_tensor(chunk) for chunk in chunks])
     seconds = time.perf_counter() - started
-    result = scoring.score(fake, p.evaluate)
+    result = scoring.score(fake, p.evaluate, labels=None if labels is None else np.asarray(labels))
     timing = {"sampler": sampler, "steps": steps, "nfe": plan.nfe, "seconds": round(seconds, 2)}
     io.write_json(paths.SWEEP / f"{run}.json", {**result, **timing})
     if run_log is not None:
-        scores = {tracking.metric_key(f"sweep/{k}", sampler, steps): result[k] for k in ("fid", "kid")}
+        names = [k for k in ("fid", "kid", "label_accuracy") if k in result]
+        scores = {tracking.metric_key(f"sweep/{k}", sampler, steps): result[k] for k in names}
         run_log.log_metrics(scores, step=plan.nfe)
     print(f"sweep {run}: FID {result['fid']:.3f} at {plan.nfe} NFE")
 

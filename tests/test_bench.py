@@ -155,3 +155,13 @@ def test_every_kernel_setting_is_a_lever_of_the_bench():
             changed |= {name for name, value in lever.without.items() if value != getattr(kernels.Settings(), name)}
     assert changed == {f.name for f in dataclasses.fields(kernels.Settings)}
     assert kernels.settings == kernels.Settings()
+
+
+def test_op_kinds_count_every_convolution_path():
+    from benchmarks.shares import op_kind
+
+    for name in ("aten::mkldnn_convolution", "aten::convolution_backward", "ddpm::winograd_conv3x3", "_Conv3x3"):
+        assert op_kind(name) == "convolutions"
+    # ATen's im2col convolutions: bf16 autocast on a CPU without oneDNN's bf16 path (AVX2 only) runs them
+    assert op_kind("aten::_slow_conv2d_forward") == op_kind("aten::_slow_conv2d_backward") == "convolutions"
+    assert op_kind("aten::addmm") == "matmuls" and op_kind("aten::_convert_indices_from_coo_to_csr") == "other"

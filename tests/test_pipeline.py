@@ -19,6 +19,7 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 from PIL import Image
+from pipeline import guidance
 
 from ddpm import data, io
 
@@ -94,7 +95,7 @@ def repro(smoke_repro, tmp_path_factory):
 def test_repro_writes_every_output(repro):
     project, first = repro
     sweep = {"sweep@ddim-5", "sweep@dpmpp_2m-5", "sweep_report"}
-    assert ran_stages(first) == {"prepare", "featurizer", "train", "sample", "evaluate"} | sweep
+    assert ran_stages(first) == {"prepare", "featurizer", "train", "sample", "evaluate", "guidance"} | sweep
     out = project / "outputs"
     train, test = data.load_npz(out / "data" / "train.npz"), data.load_npz(out / "data" / "test.npz")
     assert train.images.shape[1:] == (8, 8, 1) and len(train) + len(test) == 1797
@@ -116,6 +117,10 @@ def test_repro_writes_every_output(repro):
     table = (out / "sweep_report" / "fid_vs_nfe.csv").read_text().splitlines()
     assert table[0] == "sampler,steps,nfe,fid,kid,seconds" and len(table) == 3
     assert "Best FID" in (out / "sweep_report" / "table.md").read_text()
+    # an unconditional model has no guidance trade-off: the stage says so and its plot has no rows
+    assert "The model is unconditional" in (out / "guidance" / "table.md").read_text()
+    assert (out / "guidance" / "fid_vs_guidance.csv").read_text().splitlines() == [",".join(guidance.HEADER)]
+    assert 0 < evaluation["confidence"] <= 1 and "label_accuracy" not in evaluation
 
 
 def test_second_repro_runs_nothing(repro):
@@ -130,7 +135,7 @@ def test_changing_sample_steps_reruns_only_sample_and_evaluate(repro):
     params["sample"]["steps"] = 5
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     result = run(["dvc", "repro"], project)
-    assert ran_stages(result) == {"sample", "evaluate"}, result.stdout
+    assert ran_stages(result) == {"sample", "evaluate", "guidance"}, result.stdout  # guidance draws with sample.steps
 
 
 def test_files_under_data_are_a_dependency_of_prepare(smoke_repro, tmp_path):

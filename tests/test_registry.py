@@ -41,6 +41,10 @@ def test_protocol_is_the_protocol_keys_and_their_hash():
     other_run = {**RESULT, "fid": 9.0, "sampler": "heun", "steps": 25}  # scores and samplers are not the protocol
     assert registry.protocol_of(other_run) == protocol
     assert registry.protocol_of({**RESULT, "n_gen": 100})["protocol"] != protocol["protocol"]
+    # the classes drawn and the guidance scale are part of it: a guided balanced draw is another protocol
+    guided = registry.protocol_of({**RESULT, "labels": "balanced", "guidance": 2.0})
+    assert guided["protocol"] != protocol["protocol"] and (guided["labels"], guided["guidance"]) == ("balanced", "2.0")
+    assert registry.protocol_of({**RESULT, "labels": "balanced", "guidance": 4.0})["protocol"] != guided["protocol"]
 
 
 def test_the_registration_key_is_the_run_protocol_sampler_and_steps():

@@ -94,17 +94,41 @@ def _check_labels(labels: Any, n: int, name: str) -> Tensor:
 
 
 @torch.no_grad()
-def accuracy(net: FeatureNet, images: np.ndarray, labels: Any, batch_size: int = 500, device: str = "cpu") -> float:
-    """Fraction of ``images`` (uint8 [N, H, W, C]) that ``net`` classifies as ``labels``."""
-    x, y = to_nchw(check_images(images)), _check_labels(labels, len(images), "labels")
+def classify(
+    net: FeatureNet, images: np.ndarray, batch_size: int = 500, device: str = "cpu"
+) -> tuple[np.ndarray, np.ndarray]:
+    """The class ``net`` predicts for each of ``images`` (uint8 [N, H, W, C]) and its softmax probability."""
+    x = to_nchw(check_images(images))
     was_training = net.training
     net.eval()
-    correct = 0
+    classes, probabilities = [], []
     for i in range(0, len(x), batch_size):
-        logits = net(to_float(x[i : i + batch_size].to(device)))
-        correct += int((logits.argmax(1).cpu() == y[i : i + batch_size]).sum())
+        p = F.softmax(net(to_float(x[i : i + batch_size].to(device))).float(), dim=1).max(1)
+        classes.append(p.indices.cpu())
+        probabilities.append(p.values.cpu())
     net.train(was_training)
-    return correct / max(len(x), 1)
+    if not classes:
+        return np.zeros(0, np.int64), np.zeros(0, np.float32)
+    return torch.cat(classes).numpy(), torch.cat(probabilities).numpy()
+
+
+def accuracy(net: FeatureNet, images: np.ndarray, labels: Any, batch_size: int = 500, device: str = "cpu") -> float:
+    """Fraction of ``images`` (uint8 [N, H, W, C]) that ``net`` classifies as ``labels``."""
+    y = _check_labels(labels, len(images), "labels").numpy()
+    predicted, _ = classify(net, images, batch_size, device)
+    return float((predicted == y).mean()) if len(y) else 0.0
+
+
+def judge(net: FeatureNet, images: np.ndarray, labels: Any = None, batch_size: int = 500) -> dict[str, float]:
+    """How sure the classifier is of generated ``images``: ``confidence``, the mean max-softmax probability (clean
+    digits score near the real test images' value), and with the requested ``labels`` the ``label_accuracy``,
+    the share classified as the class asked for (a model that ignores its labels scores about 1/num_classes)."""
+    predicted, probability = classify(net, images, batch_size)
+    out = {"confidence": float(probability.mean()) if len(probability) else 0.0}
+    if labels is not None:
+        y = _check_labels(labels, len(images), "labels").numpy()
+        out["label_accuracy"] = float((predicted == y).mean()) if len(y) else 0.0
+    return out
 
 
 def train_featurizer(

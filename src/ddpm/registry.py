@@ -24,8 +24,9 @@ from ddpm.tracking import MODEL_LOADER, Run, TrackingError, check_server, client
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 KEY_TAG = "registration_key"  # one version per (run, protocol, sampler, steps): the tag that finds it again
-# the evaluate result keys that define "the same protocol": FIDs are comparable only when these agree
-PROTOCOL_KEYS = ("feature_network", "feature_weights_hash", "reference", "n_ref", "n_gen")
+# the evaluate result keys that define "the same protocol": FIDs are comparable only when these agree (the classes
+# drawn and their guidance scale included: a guided class-balanced draw and an unconditional one are not comparable)
+PROTOCOL_KEYS = ("feature_network", "feature_weights_hash", "reference", "n_ref", "n_gen", "labels", "guidance")
 
 
 def model_name(cfg: TrackingConfig, dataset: str) -> str:
@@ -35,7 +36,7 @@ def model_name(cfg: TrackingConfig, dataset: str) -> str:
 
 def protocol_of(result: Mapping[str, Any]) -> dict[str, str]:
     """The evaluation protocol of an evaluate result, and its short hash ``protocol``."""
-    fields = {key: str(result[key]) for key in PROTOCOL_KEYS}
+    fields = {key: str(result.get(key)) for key in PROTOCOL_KEYS}
     digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
     return {**fields, "protocol": digest}
 

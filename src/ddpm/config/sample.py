@@ -38,6 +38,12 @@ class SampleConfig(Config):
     compile: CompileSetting = Field(
         False, description="torch.compile the sampling network: false, true (inductor), or a backend name (eager, ...)"
     )
+    repaint_jumps: int = Field(
+        1, ge=1, description="inpainting (make inpaint): RePaint's jump length, the noise levels walked between jumps"
+    )
+    resample: int = Field(
+        1, ge=1, description="inpainting: RePaint's resampling, the passes over each jump (1 = no resampling)"
+    )
 
     @field_validator("labels", mode="before")
     @classmethod
@@ -79,6 +85,19 @@ class SweepConfig(Config):
     n: int = Field(500, ge=2, description="images per run")
     seed: int = Field(0, ge=0, lt=2**64, description="noise seed (the same noise for every run)")
     batch_size: int = Field(250, ge=1, description="images per chunk")
+    guidance: list[float] = Field(
+        [0.0, 1.0, 2.0, 4.0],
+        min_length=1,
+        description="classifier-free guidance scales of the guidance stage (FID and label accuracy against the "
+        "scale; class-conditional models only)",
+    )
+
+    @field_validator("guidance")
+    @classmethod
+    def _scales(cls, scales: list[float]) -> list[float]:
+        if any(w < 0 for w in scales) or len(set(scales)) != len(scales):
+            raise ValueError("allowed: distinct guidance scales >= 0")
+        return scales
 
     @field_validator("runs")
     @classmethod
