@@ -42,7 +42,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 # which every pipeline process, the tests and the benchmarks run before torch loads.
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-fast lint repro smoke sample inpaint metrics plots clean ui prefect-server serve deploy bench bench-team bench-workers \
+.PHONY: help install test test-fast lint repro smoke sample inpaint metrics plots clean ui prefect-server serve deploy bench bench-team bench-workers bench-conditional \
 	stack-up stack-down stack-status stack-env push pull train-node
 
 help: ## show this list of targets
@@ -117,6 +117,9 @@ bench-workers: install ## Prefect workers and nodes: a 4-point grid on 1 vs 2 wo
 
 bench-team: install ## the team stack's costs: stack start, smoke repro embedded vs team (~6 min) -> benchmarks/team.md
 	$(RUN) python -m benchmarks.team --out benchmarks/team.md
+
+bench-conditional: install ## the default's conditioning: conditional vs unconditional, same steps, FID and label accuracy per guidance (~35 min on 2 AVX2 cores) -> benchmarks/conditional.md
+	$(RUN) python -m benchmarks.conditional --steps $(or $(STEPS),600) --out benchmarks/conditional.md
 
 lint: install ## check the code with ruff
 	$(PY) -m ruff check src tests pipeline benchmarks

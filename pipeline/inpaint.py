@@ -90,6 +90,20 @@ def load_images(path: str | None, n: int, shape: tuple[int, int, int]) -> data.I
     return data.ImageSet(images.images[:n], images.labels[:n], images.classes)
 
 
+def inpaint_guidance(model: export.Model, guidance: float | None) -> float | None:
+    """The guidance scale of an inpainting (the images' own classes are drawn), checked against the model."""
+    key = "guidance" if guidance is None else f"guidance={guidance:g}"
+    if guidance is None or guidance == 1:
+        return guidance if model.net.config.num_classes is not None else None
+    if guidance < 0:
+        raise ConfigError(f"{key}: allowed: a scale >= 0")
+    if model.net.config.num_classes is None:
+        raise ConfigError(f"{key}: the model is unconditional (model.num_classes: null); allowed: 1 or unset")
+    if model.config.p_uncond == 0:
+        raise ConfigError(f"{key}: the model never trained its null class (train.label_dropout: 0); allowed: 1")
+    return guidance
+
+
 def masked_view(images: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """The images with the generated region shown mid-gray: what the model is given."""
     shown = images.copy()
@@ -105,7 +119,7 @@ def picture(original: np.ndarray, completed: np.ndarray, mask: np.ndarray) -> np
 
 
 def main(args: argparse.Namespace) -> None:
-    names = ("sampler", "steps", "seed", "precision", "guidance", "repaint_jumps", "resample")
+    names = ("sampler", "steps", "seed", "precision", "repaint_jumps", "resample")
     overrides = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     p = params.load(args.params, sample_overrides=overrides)
     cfg = p.sample
@@ -125,7 +139,7 @@ def main(args: argparse.Namespace) -> None:
                 f"images: labels {sorted(set(labels.tolist()))}; allowed: the model's classes "
                 f"[0, {model.net.config.num_classes})"
             )
-    guidance = cfg.guidance if conditional else None
+    guidance = inpaint_guidance(model, cfg.guidance if args.guidance is None else args.guidance)
     plan = generate.plan(model.config, cfg.sampler, cfg.steps, cfg.eta, guidance)
     run = stage_tracking.reopen(p) if args.track else None
     out = Path(args.out)

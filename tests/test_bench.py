@@ -165,3 +165,17 @@ def test_op_kinds_count_every_convolution_path():
     # ATen's im2col convolutions: bf16 autocast on a CPU without oneDNN's bf16 path (AVX2 only) runs them
     assert op_kind("aten::_slow_conv2d_forward") == op_kind("aten::_slow_conv2d_backward") == "convolutions"
     assert op_kind("aten::addmm") == "matmuls" and op_kind("aten::_convert_indices_from_coo_to_csr") == "other"
+
+
+@pytest.mark.slow
+def test_the_conditional_bench_compares_both_arms_under_one_protocol(tmp_path):
+    out = tmp_path / "conditional.md"
+    command = [sys.executable, "-m", "benchmarks.conditional", "--quick", "--scales", "0,1,2", "--out", str(out)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-3000:]
+    rows = _table(out.read_text(), "# Conditional or unconditional default")
+    assert [r[0] for r in rows][:1] == ["unconditional"] and len(rows) == 4
+    assert [r[2] for r in rows] == ["-", "0", "1", "2"]
+    assert all(_number(r[3]) > 0 and _number(r[5]) > 0 for r in rows)
+    assert all(0 <= _number(r[4]) <= 100 for r in rows[1:])
+    assert re.search(r"the (un)?conditional model has the lower FID", out.read_text())

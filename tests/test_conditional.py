@@ -317,3 +317,12 @@ def test_bad_inpaint_input_fails_in_one_line_and_leaves_the_outputs(conditional,
     assert [p.name for p in out.iterdir()] == ["completions.npz"] and (
         out / "completions.npz"
     ).read_bytes() == b"earlier"
+
+
+@pytest.mark.slow
+def test_inpainting_a_conditional_model_takes_a_guidance_scale_and_refuses_a_negative_one(conditional, tmp_path):
+    bad = inpaint_cli(conditional, "--mask", "top", "--n", "2", "--guidance", "-1", "--out", str(tmp_path / "b"))
+    assert bad.returncode == 2 and "guidance=-1: allowed: a scale >= 0" in bad.stderr and not (tmp_path / "b").exists()
+    guided = inpaint_cli(conditional, "--mask", "top", "--n", "2", "--guidance", "3", "--out", str(tmp_path / "g"))
+    assert guided.returncode == 0, guided.stderr
+    assert json.loads((tmp_path / "g/meta.json").read_text())["guidance"] == 3.0
