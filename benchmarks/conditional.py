@@ -8,8 +8,9 @@ params.yaml with ``--steps`` training steps and tracking off; the arms differ on
 
 - *unconditional*: params.yaml as it is (``model.num_classes: null``);
 - *conditional*: ``model.num_classes: auto``, ``train.label_dropout`` (0.1), ``sample.labels: balanced`` and
-  the guidance stage over ``--scales`` with ``sweep.n = sample.n`` and ``sweep.seed = sample.seed``, so every
-  scale's FID is comparable with the unconditional arm's evaluate FID (same n, same noise, same reference).
+  the guidance stage over ``--scales`` with the sample stage's sampler and steps, ``sweep.n = sample.n`` and
+  ``sweep.seed = sample.seed``, so every scale's FID is comparable with the unconditional arm's evaluate FID
+  (same sampler, n, noise and reference).
 
 The report gives each arm's train-stage time, the unconditional arm's FID and confidence, and for the
 conditional arm FID, label accuracy and confidence at every scale (scale 0: its unconditional draws).
@@ -84,7 +85,9 @@ def arms(base: dict, steps: int | None, scales: list[float], dropout: float) -> 
     if steps is not None:
         common["train.max_steps"] = steps
     unconditional = overrides.merge(base, common)
-    n, seed = unconditional["sample"]["n"], unconditional["sample"]["seed"]
+    sample, diffusion = unconditional["sample"], unconditional["diffusion"]
+    n, seed = sample["n"], sample["seed"]
+    run = f"{sample['sampler'] or diffusion['sampler']}-{sample['steps'] or diffusion['steps']}"  # the sample stage's
     conditional = overrides.merge(
         base,
         {
@@ -94,6 +97,7 @@ def arms(base: dict, steps: int | None, scales: list[float], dropout: float) -> 
             "sample.labels": "balanced",
             "sample.guidance": 1.0,
             "sweep.guidance": scales,
+            "sweep.guidance_run": run,
             "sweep.n": n,
             "sweep.seed": seed,
         },

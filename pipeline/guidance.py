@@ -1,7 +1,8 @@
 """Stage ``guidance``: the classifier-free guidance trade-off of a class-conditional model.
 
 For every scale of ``sweep.guidance`` it draws ``sweep.n`` images of ``sample.labels`` (``balanced`` when that is
-null) with the sample section's sampler and steps from the same noise, and scores them: FID against the
+null) with the sampler and steps of ``sweep.guidance_run`` (null: the model's defaults) from the same noise, and
+scores them: FID against the
 reference split and the featurizer's label accuracy and confidence. Low scales draw varied but less recognisable
 digits, high scales sharp digits of less variety: the curve shows where FID is best and what label accuracy
 that scale gives. Writes ``fid_vs_guidance.csv`` (a DVC plot), ``table.md`` and ``guidance.png``, and logs the
@@ -29,13 +30,18 @@ def scale_step(guidance: float) -> int:
     return round(100 * guidance)
 
 
+def run_of(p: params.Params) -> tuple[str | None, int | None]:
+    """The sampler and steps of the guidance stage (None: the model's default)."""
+    return p.sweep.parse(p.sweep.guidance_run) if p.sweep.guidance_run else (None, None)
+
+
 def curve(p: params.Params, model: export.Model) -> list[list]:
     """One row of :data:`HEADER` per scale of ``sweep.guidance``."""
     cfg = p.sample if p.sample.labels is not None else SampleConfig(**{**p.sample.to_dict(), "labels": "balanced"})
     labels = np.asarray(cfg.label_array(p.sweep.n, model.net.config.num_classes), dtype=np.int64)
     rows = []
     for w in p.sweep.guidance:
-        plan = generate.plan(model.config, cfg.sampler, cfg.steps, cfg.eta, guidance=w)
+        plan = generate.plan(model.config, *run_of(p), guidance=w)
         started = time.perf_counter()
         chunks = generate.sample_batches(
             model.net,
@@ -96,7 +102,7 @@ def report(p: params.Params) -> None:
     model = export.load_model(paths.MODEL)
     reason = without_guidance(model)
     rows = curve(p, model) if reason is None else []
-    plan = generate.plan(model.config, p.sample.sampler, p.sample.steps, p.sample.eta)
+    plan = generate.plan(model.config, *run_of(p))
     sampler, steps = plan.config.sampler, plan.config.steps
     drawn = f"{p.sweep.n} images of classes {p.sample.labels or 'balanced'}, {sampler} with {steps} steps"
     io.write_csv(paths.GUIDANCE / "fid_vs_guidance.csv", HEADER, rows)

@@ -54,15 +54,19 @@ def labels_for(model: export.Model, cfg: SampleConfig) -> np.ndarray | None:
     return None if labels is None else np.asarray(labels, dtype=np.int64)
 
 
+def grid_classes(labels: np.ndarray, size: int) -> list[int]:
+    """The classes of the grid's rows: the first ``size`` classes drawn, in order."""
+    return list(dict.fromkeys(labels.tolist()))[:size]
+
+
 def grid_images(first: list[np.ndarray], labels: np.ndarray | None, size: int) -> tuple[np.ndarray, int]:
     """The images of grid.png and its columns: the first ``size**2`` images, or with labels one row per class
-    (the first ``size`` classes drawn, in order; each row the first ``size`` images of its class)."""
+    (:func:`grid_classes`; each row the first ``size`` images of its class)."""
     images = np.concatenate(first)
     if labels is None:
         return images[: size**2], size
     labels = labels[: len(images)]
-    classes = list(dict.fromkeys(labels.tolist()))[:size]
-    rows = [images[labels == k][:size] for k in classes]
+    rows = [images[labels == k][:size] for k in grid_classes(labels, size)]
     columns = max(len(r) for r in rows)
     blank = np.full((1, *images.shape[1:]), 255, dtype=np.uint8)
     padded = [np.concatenate([r, *[blank] * (columns - len(r))]) for r in rows]
@@ -74,8 +78,7 @@ def enough_for_grid(first: list[np.ndarray], labels: np.ndarray | None, size: in
     if labels is None:
         return drawn >= size**2
     seen = labels[:drawn]
-    wanted = list(dict.fromkeys(labels.tolist()))[:size]
-    return all(int((seen == k).sum()) >= size for k in wanted)
+    return all(int((seen == k).sum()) >= size for k in grid_classes(labels, size))
 
 
 def write_samples(

@@ -61,6 +61,9 @@ def test_the_default_params_are_unconditional_and_a_conditional_setting_validate
         ({**CONDITIONAL, "sample.labels": None, "sample.guidance": None, "train.label_dropout": 0.0}, "never trains"),
         ({"diffusion.p_uncond": 0.1}, "diffusion.p_uncond=0.1: the share of dropped labels is train.label_dropout"),
         ({"model.num_classes": "some"}, "model.num_classes='some'"),
+        ({"sweep.guidance": [1, -2]}, "sweep.guidance=[1, -2]: allowed: distinct guidance scales >= 0"),
+        ({"sweep.guidance_run": "ddim"}, "sweep.guidance_run='ddim'"),
+        ({"sweep.guidance_run": "nope-5"}, "sweep.guidance_run: 'nope-5'"),
     ],
 )
 def test_bad_conditioning_params_fail_in_one_line_naming_the_key(changes, message):

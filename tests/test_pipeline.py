@@ -135,7 +135,7 @@ def test_changing_sample_steps_reruns_only_sample_and_evaluate(repro):
     params["sample"]["steps"] = 5
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     result = run(["dvc", "repro"], project)
-    assert ran_stages(result) == {"sample", "evaluate", "guidance"}, result.stdout  # guidance draws with sample.steps
+    assert ran_stages(result) == {"sample", "evaluate"}, result.stdout
 
 
 def test_files_under_data_are_a_dependency_of_prepare(smoke_repro, tmp_path):

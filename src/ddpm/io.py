@@ -208,33 +208,32 @@ class NpzWriter:
         self._atomic.__exit__(*exc)
 
 
-def load_samples(path: str | Path) -> np.ndarray:
-    """Load ``arr_0`` uint8 [N, H, W, C] from a samples ``.npz``; name the file and the mismatch on error."""
+def _npz_entry(path: str | Path, key: str) -> np.ndarray | None:
+    """Entry ``key`` of a samples ``.npz`` (None when absent); the errors name the file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"samples not found: {path}")
     try:
         with np.load(path, allow_pickle=False) as f:
-            arr = f["arr_0"]
+            return f[key] if key in f.files else None
     except Exception as e:
         raise ValueError(f"cannot read samples {path}: {type(e).__name__}: {e}") from None
-    if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] not in (1, 3):
-        raise ValueError(f"{path}: arr_0 must be uint8 [N, H, W, C] with C in (1, 3), got {arr.dtype} {arr.shape}")
+
+
+def load_samples(path: str | Path) -> np.ndarray:
+    """Load ``arr_0`` uint8 [N, H, W, C] from a samples ``.npz``; name the file and the mismatch on error."""
+    arr = _npz_entry(path, "arr_0")
+    if arr is None or arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] not in (1, 3):
+        got = "nothing" if arr is None else f"{arr.dtype} {arr.shape}"
+        raise ValueError(f"{path}: arr_0 must be uint8 [N, H, W, C] with C in (1, 3), got {got}")
     return arr
 
 
 def load_labels(path: str | Path) -> np.ndarray | None:
     """The ``labels`` [N] (int64) a class-conditional draw stored beside ``arr_0``, or None for an unconditional one."""
-    path = Path(path)
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            if "labels" not in f.files:
-                return None
-            labels = f["labels"]
-    except FileNotFoundError:
-        raise FileNotFoundError(f"samples not found: {path}") from None
-    except Exception as e:
-        raise ValueError(f"cannot read samples {path}: {type(e).__name__}: {e}") from None
+    labels = _npz_entry(path, "labels")
+    if labels is None:
+        return None
     if labels.ndim != 1 or labels.dtype.kind not in "iu":
         raise ValueError(f"{path}: labels must be integers [N], got {labels.dtype} {labels.shape}")
     return labels.astype(np.int64)

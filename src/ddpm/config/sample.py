@@ -92,6 +92,20 @@ class SweepConfig(Config):
         "scale; class-conditional models only)",
     )
 
+    guidance_run: str | None = Field(
+        None,
+        description="sampler-steps of the guidance stage, e.g. dpmpp_2m-15; null = the model's default sampler, steps",
+    )
+
+    @field_validator("guidance_run")
+    @classmethod
+    def _guidance_run(cls, run: str | None) -> str | None:
+        if run is not None:
+            sampler, _, steps = run.rpartition("-")
+            if not sampler or not steps.isdigit() or int(steps) < 1:
+                raise ValueError(f"{run!r} must look like <sampler>-<steps>, e.g. dpmpp_2m-15")
+        return run
+
     @field_validator("guidance")
     @classmethod
     def _scales(cls, scales: list[float]) -> list[float]:
