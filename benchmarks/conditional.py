@@ -105,13 +105,25 @@ def arms(base: dict, steps: int | None, scales: list[float], dropout: float) -> 
     return {"unconditional": unconditional, "conditional": conditional}
 
 
+def cpu_line() -> str:
+    """The CPU's model name and its widest vector extensions, e.g. ``AMD EPYC (avx2, no AVX-512)``."""
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    name = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "")
+    flags = set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
+    wide = [f for f in ("avx512f", "avx512_bf16", "amx_bf16") if f in flags] or [
+        "avx2" if "avx2" in flags else "no avx2"
+    ]
+    vector = ", ".join(wide) + ("" if "avx512f" in flags else ", no AVX-512")
+    return f"{name or platform.processor() or platform.machine()} ({vector})"
+
+
 def report(results: dict[str, dict], args: argparse.Namespace, base: dict) -> str:
     u, c = results["unconditional"], results["conditional"]
     lines = [
         "# Conditional or unconditional default",
         "",
-        f"`python -m benchmarks.conditional {' '.join(sys.argv[1:])}` on {platform.node()}: "
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores. Both arms: params.yaml"
+        f"`python -m benchmarks.conditional {' '.join(sys.argv[1:])}` on {cpu_line()}, {os.cpu_count()} cores. "
+        "Both arms: params.yaml"
         f"{' with configs/smoke.yaml' if args.quick else ''}, train.max_steps {u['params']['train']['max_steps']}, "
         f"batch {u['params']['train']['batch_size']}, precision {u['precision']}; "
         f"{u['evaluate']['n_gen']} samples ({c['params']['sample']['sampler']}, "
