@@ -181,15 +181,18 @@ def main(argv: list[str] | None = None) -> int:
             seed,
             {**env, "DDPM_GIT_URL": str(origin), "DDPM_GIT_BRANCH": branch},
         )
+        # nightly-retrain's cron (03:00 UTC) would start a retrain on the pool in the middle of the rounds
+        run(prefect("--no-prompt", "deployment", "schedule", "pause", "--all"), seed, env)
         nodes = train_nodes(seed, base, env)
 
         sweeps: dict[int, list[float]] = {1: [], 2: []}
         pickups: dict[int, list] = {1: [], 2: []}
         spans: dict[int, list[float]] = {1: [], 2: []}
         cores: dict[int, list[float]] = {1: [], 2: []}
+        # the pool's limit is the most workers of a round, set once (each worker takes one run at a time itself)
+        run(prefect("work-pool", "set-concurrency-limit", "gpu", "2"), seed, env)
         # two rounds, the order alternating, so machine drift touches both counts alike; a new seed per grid
         for count, sample_seed in ((1, 11), (2, 12), (2, 13), (1, 14)):
-            run(prefect("work-pool", "set-concurrency-limit", "gpu", str(count)), seed, env)
             workers = [start_worker(base / f"w{sample_seed}-{i}", f"w{sample_seed}x{i}", env) for i in range(count)]
             scheduler = base / f"scheduler{sample_seed}"
             run(["git", "clone", "-q", str(origin), str(scheduler)], base, env)

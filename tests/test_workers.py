@@ -125,6 +125,9 @@ def team(team_stack, prefect_server, smoke_params, tmp_path_factory):
         client.update_work_pool(POOL, WorkPoolUpdate(concurrency_limit=len(WORKERS)))
     deploy_env = {**env, "DDPM_GIT_URL": str(origin), "DDPM_GIT_BRANCH": branch}
     in_project([str(Path(sys.executable).parent / "prefect"), "--no-prompt", "deploy", "--all"], seed, deploy_env)
+    # no scheduled retrain (nightly-retrain's cron) may take a worker while the tests run
+    prefect = str(Path(sys.executable).parent / "prefect")
+    in_project([prefect, "--no-prompt", "deployment", "schedule", "pause", "--all"], seed, env)
     # `make deploy`'s automation: a run without a heartbeat (every 30 s, prefect.yaml) for 45 s is Crashed
     in_project([sys.executable, "-m", "pipeline.deployments", "zombies", "--within", "45"], seed, env)
     the_team = Team(base, env, origin, seed, branch)
