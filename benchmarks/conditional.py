@@ -24,7 +24,6 @@ import json
 import os
 import platform
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -34,34 +33,16 @@ from pathlib import Path
 import yaml
 from pipeline import overrides
 
+from benchmarks.team import env_with, smoke_project
+
 ROOT = Path(__file__).resolve().parents[1]
-FILES = ["params.yaml", "dvc.yaml", ".dvcignore", ".dvc/config", ".dvc/.gitignore", ".gitignore"]
-DIRS = ["pipeline", "src", "configs", "data"]
-
-
-def copy_project(dest: Path, params: dict) -> Path:
-    """The pipeline's files in ``dest`` with ``params`` as params.yaml, as a git repo with one commit."""
-    for name in FILES:
-        (dest / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / name, dest / name)
-    for name in DIRS:
-        shutil.copytree(ROOT / name, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    git = ["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost"]
-    for cmd in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "bench"]):
-        subprocess.run([*git, *cmd], cwd=dest, check=True, capture_output=True)
-    return dest
-
-
-def env() -> dict[str, str]:
-    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
 
 
 def run_arm(name: str, params: dict, work: Path) -> dict:
-    project = copy_project(work / name, params)
+    project = smoke_project(work / name, yaml.safe_dump(params, sort_keys=False))
     started = time.perf_counter()
     done = subprocess.run(
-        ["dvc", "repro", "evaluate", "guidance"], cwd=project, env=env(), capture_output=True, text=True
+        ["dvc", "repro", "evaluate", "guidance"], cwd=project, env=env_with({}), capture_output=True, text=True
     )
     if done.returncode != 0:
         raise SystemExit(f"{name}: dvc repro failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")

@@ -12,14 +12,11 @@ header-only table and says so.
 """
 
 import argparse
-import time
 
 import numpy as np
-import torch
 
-from ddpm import data, export, generate, io, tracking
-from ddpm.config import SampleConfig
-from pipeline import params, paths, scoring
+from ddpm import export, generate, io, tracking
+from pipeline import params, paths, scoring, sweep
 from pipeline import tracking as stage_tracking
 
 HEADER = ["guidance", "fid", "kid", "label_accuracy", "confidence", "nfe", "seconds"]
@@ -37,22 +34,12 @@ def run_of(p: params.Params) -> tuple[str | None, int | None]:
 
 def curve(p: params.Params, model: export.Model) -> list[list]:
     """One row of :data:`HEADER` per scale of ``sweep.guidance``."""
-    cfg = p.sample if p.sample.labels is not None else SampleConfig(**{**p.sample.to_dict(), "labels": "balanced"})
+    cfg = p.sample if p.sample.labels is not None else p.sample.replace(labels="balanced")
     labels = np.asarray(cfg.label_array(p.sweep.n, model.net.config.num_classes), dtype=np.int64)
     rows = []
     for w in p.sweep.guidance:
         plan = generate.plan(model.config, *run_of(p), guidance=w)
-        started = time.perf_counter()
-        chunks = generate.sample_batches(
-            model.net,
-            plan,
-            p.sweep.n,
-            seed=p.sweep.seed,
-            batch_size=p.sweep.batch_size,
-            labels=torch.from_numpy(labels),
-        )
-        fake = np.concatenate([data.from_tensor(chunk) for chunk in chunks])
-        seconds = time.perf_counter() - started
+        fake, seconds = sweep.draw(model, plan, p.sweep, labels)
         r = scoring.score(fake, p.evaluate, labels=labels)
         rows.append([w, r["fid"], r["kid"], r["label_accuracy"], r["confidence"], plan.nfe, round(seconds, 2)])
         print(f"guidance {w:g}: FID {r['fid']:.3f}  label accuracy {r['label_accuracy']:.1%}  at {plan.nfe} NFE")

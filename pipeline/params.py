@@ -155,12 +155,14 @@ def validate(raw: dict[str, Any], sample_overrides: dict[str, Any] | None = None
     ddpm_cfg.with_sampler(sample.sampler, sample.steps, sample.eta, sample.guidance)  # the sampler suits the model
     check_conditioning(sample, ddpm_cfg, None if num_classes == AUTO else net.num_classes, conditional, train)
     sweep = SweepConfig.from_dict(sections["sweep"], "sweep")
-    for key, runs in (("sweep.runs", sweep.runs), ("sweep.guidance_run", [sweep.guidance_run or ""])):
-        for run in filter(None, runs):
-            try:
-                ddpm_cfg.with_sampler(*sweep.parse(run))
-            except ConfigError as e:
-                raise ConfigError(f"{key}: {run!r}: {e}") from None
+    named = [("sweep.runs", run) for run in sweep.runs]
+    if sweep.guidance_run is not None:
+        named.append(("sweep.guidance_run", sweep.guidance_run))
+    for key, run in named:
+        try:
+            ddpm_cfg.with_sampler(*sweep.parse(run))
+        except ConfigError as e:
+            raise ConfigError(f"{key}: {run!r}: {e}") from None
     return Params(
         data=data,
         featurizer=FeaturizerConfig.from_dict(sections["featurizer"], "featurizer"),

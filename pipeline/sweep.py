@@ -10,8 +10,24 @@ import numpy as np
 import torch
 
 from ddpm import data, export, generate, io, tracking
+from ddpm.config import SweepConfig
 from pipeline import params, paths, scoring
 from pipeline import tracking as stage_tracking
+
+
+def draw(model: export.Model, plan: generate.Plan, cfg: SweepConfig, labels: np.ndarray | None) -> tuple:
+    """``cfg.n`` uint8 images drawn by ``plan`` from the noise of ``cfg.seed`` (of ``labels``), and the seconds."""
+    started = time.perf_counter()
+    chunks = generate.sample_batches(
+        model.net,
+        plan,
+        cfg.n,
+        seed=cfg.seed,
+        batch_size=cfg.batch_size,
+        labels=None if labels is None else torch.from_numpy(labels),
+    )
+    fake = np.concatenate([data.from_tensor(chunk) for chunk in chunks])
+    return fake, time.perf_counter() - started
 
 
 def run_one(p: params.Params, run: str) -> None:
@@ -22,18 +38,9 @@ def run_one(p: params.Params, run: str) -> None:
     model = export.load_model(paths.MODEL)
     plan = generate.plan(model.config, sampler, steps, guidance=p.sample.guidance)
     labels = p.sample.label_array(p.sweep.n, model.net.config.num_classes)  # the sample stage's classes
-    started = time.perf_counter()
-    chunks = generate.sample_batches(
-        model.net,
-        plan,
-        p.sweep.n,
-        seed=p.sweep.seed,
-        batch_size=p.sweep.batch_size,
-        labels=None if labels is None else torch.tensor(labels),
-    )
-    fake = np.concatenate([data.from_tensor(chunk) for chunk in chunks])
-    seconds = time.perf_counter() - started
-    result = scoring.score(fake, p.evaluate, labels=None if labels is None else np.asarray(labels))
+    labels = None if labels is None else np.asarray(labels, dtype=np.int64)
+    fake, seconds = draw(model, plan, p.sweep, labels)
+    result = scoring.score(fake, p.evaluate, labels=labels)
     timing = {"sampler": sampler, "steps": steps, "nfe": plan.nfe, "seconds": round(seconds, 2)}
     io.write_json(paths.SWEEP / f"{run}.json", {**result, **timing})
     if run_log is not None:

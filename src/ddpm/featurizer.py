@@ -114,19 +114,19 @@ def classify(
 
 def accuracy(net: FeatureNet, images: np.ndarray, labels: Any, batch_size: int = 500, device: str = "cpu") -> float:
     """Fraction of ``images`` (uint8 [N, H, W, C]) that ``net`` classifies as ``labels``."""
-    y = _check_labels(labels, len(images), "labels").numpy()
-    predicted, _ = classify(net, images, batch_size, device)
-    return float((predicted == y).mean()) if len(y) else 0.0
+    return judge(net, images, labels, batch_size, device)["label_accuracy"]
 
 
-def judge(net: FeatureNet, images: np.ndarray, labels: Any = None, batch_size: int = 500) -> dict[str, float]:
+def judge(
+    net: FeatureNet, images: np.ndarray, labels: Any = None, batch_size: int = 500, device: str = "cpu"
+) -> dict[str, float]:
     """How sure the classifier is of generated ``images``: ``confidence``, the mean max-softmax probability (clean
     digits score near the real test images' value), and with the requested ``labels`` the ``label_accuracy``,
     the share classified as the class asked for (a model that ignores its labels scores about 1/num_classes)."""
-    predicted, probability = classify(net, images, batch_size)
+    y = None if labels is None else _check_labels(labels, len(images), "labels").numpy()
+    predicted, probability = classify(net, images, batch_size, device)
     out = {"confidence": float(probability.mean()) if len(probability) else 0.0}
-    if labels is not None:
-        y = _check_labels(labels, len(images), "labels").numpy()
+    if y is not None:
         out["label_accuracy"] = float((predicted == y).mean()) if len(y) else 0.0
     return out
 

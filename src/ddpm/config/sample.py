@@ -76,6 +76,13 @@ class SampleConfig(Config):
         return [classes[i % len(classes)] for i in range(n)]
 
 
+def _check_run(run: str) -> None:
+    """Raise ValueError unless ``run`` names a sampler and its steps, ``<sampler>-<steps>``."""
+    sampler, _, steps = run.rpartition("-")
+    if not sampler or not steps.isdigit() or int(steps) < 1:
+        raise ValueError(f"run {run!r} must look like <sampler>-<steps>, e.g. ddim-50")
+
+
 class SweepConfig(Config):
     """The ``sweep`` section: FID against network evaluations for several samplers of one model."""
 
@@ -91,7 +98,6 @@ class SweepConfig(Config):
         description="classifier-free guidance scales of the guidance stage (FID and label accuracy against the "
         "scale; class-conditional models only)",
     )
-
     guidance_run: str | None = Field(
         None,
         description="sampler-steps of the guidance stage, e.g. dpmpp_2m-15; null = the model's default sampler, steps",
@@ -101,9 +107,7 @@ class SweepConfig(Config):
     @classmethod
     def _guidance_run(cls, run: str | None) -> str | None:
         if run is not None:
-            sampler, _, steps = run.rpartition("-")
-            if not sampler or not steps.isdigit() or int(steps) < 1:
-                raise ValueError(f"{run!r} must look like <sampler>-<steps>, e.g. dpmpp_2m-15")
+            _check_run(run)
         return run
 
     @field_validator("guidance")
@@ -117,9 +121,7 @@ class SweepConfig(Config):
     @classmethod
     def _sampler_steps(cls, runs: list[str]) -> list[str]:
         for run in runs:
-            sampler, _, steps = run.rpartition("-")
-            if not sampler or not steps.isdigit() or int(steps) < 1:
-                raise ValueError(f"run {run!r} must look like <sampler>-<steps>, e.g. ddim-50")
+            _check_run(run)
         if len(set(runs)) != len(runs):
             raise ValueError("runs must be distinct")
         return runs
