@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 # torch with torchvision (the Inception FID path needs torchvision); override TORCH_SPEC for another build.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
+# pytest-xdist workers of `make test` (0 = one process); each test file runs whole on one worker (tests/conftest.py)
+TEST_WORKERS ?= 2
 # `make sample` overrides (empty = the params.yaml `sample` section)
 SAMPLER ?=
 STEPS ?=
@@ -42,7 +44,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 # which every pipeline process, the tests and the benchmarks run before torch loads.
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-fast lint repro smoke sample inpaint metrics plots clean ui prefect-server serve deploy bench bench-team bench-workers bench-conditional \
+.PHONY: help install test test-fast lint repro smoke sample inpaint metrics plots clean ui prefect-server serve deploy bench bench-team bench-workers bench-conditional bench-ttf \
 	stack-up stack-down stack-status stack-env push pull train-node
 
 help: ## show this list of targets
@@ -60,10 +62,10 @@ install: $(VENV)/.installed ## create .venv and install the package with its dev
 	@$(PY) -c 'from ddpm.kernels import main; main()' || true
 
 test: install ## run the whole test suite (what CI runs)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 test-fast: install ## the unit tests, for the edit loop: all but the `slow` ones (no DVC, servers or subprocess runs)
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup -m "not slow" $(PYTEST_ARGS)
 
 repro: install ## run the whole DVC pipeline (prepare -> featurizer -> train -> sample -> evaluate)
 	$(RUN) dvc repro
@@ -120,6 +122,9 @@ bench-team: install ## the team stack's costs: stack start, smoke repro embedded
 
 bench-conditional: install ## the default's conditioning: conditional vs unconditional, same steps, FID and label accuracy per guidance (~35 min on 2 AVX2 cores) -> benchmarks/conditional.md
 	$(RUN) python -m benchmarks.conditional --steps $(or $(STEPS),600) --out benchmarks/conditional.md
+
+bench-ttf: install ## time to quality: classifier FID against training minutes per recipe (~45 min on 2 cores) -> benchmarks/time_to_fid.md, docs/time_to_fid.png
+	$(RUN) python -m benchmarks.time_to_fid --minutes $(or $(MINUTES),8) --every 2
 
 lint: install ## check the code with ruff
 	$(PY) -m ruff check src tests pipeline benchmarks

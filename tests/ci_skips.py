@@ -52,9 +52,30 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
         )
 
 
+def kernels_line() -> str | None:
+    """The native kernels' line of this process, where a test used them."""
+    build = sys.modules.get("ddpm.kernels.build")
+    return build.summary() if build is not None else None
+
+
+_WORKER_LINES: set[str] = set()
+
+
+def pytest_sessionfinish(session) -> None:
+    """On a pytest-xdist worker: hand the kernels' line to the controller, which writes the summary."""
+    line = kernels_line()
+    if hasattr(session.config, "workeroutput") and line is not None:
+        session.config.workeroutput["native_kernels"] = line
+
+
+def pytest_testnodedown(node, error) -> None:
+    line = getattr(node, "workeroutput", {}).get("native_kernels")
+    if line:
+        _WORKER_LINES.add(line)
+
+
 def pytest_terminal_summary(terminalreporter) -> None:
     """The native kernels' instruction-set path (or why they were not built), where a test used them."""
-    build = sys.modules.get("ddpm.kernels.build")
-    line = build.summary() if build is not None else None
-    if line is not None:
+    lines = _WORKER_LINES | ({kernels_line()} - {None})
+    for line in sorted(lines):
         terminalreporter.write_line(line)

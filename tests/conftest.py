@@ -30,7 +30,12 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import ci_skips  # noqa: E402
-from ci_skips import pytest_runtest_makereport, pytest_terminal_summary  # noqa: E402, F401 (the CI skip policy)
+from ci_skips import (  # noqa: E402, F401 (the CI skip policy, and the kernels' line from xdist workers)
+    pytest_runtest_makereport,
+    pytest_sessionfinish,
+    pytest_terminal_summary,
+    pytest_testnodedown,
+)
 
 # Tests of the native kernels (ddpm.kernels) run on Linux where a C++ compiler can build them, and fail if the
 # build fails. Under CI=true only the platform's skip is allowed (tests/ci_skips.py): CI must have the compiler.
@@ -156,3 +161,26 @@ def prefect_server(tmp_path_factory):
     storage = tmp_path_factory.mktemp("prefect-storage")  # failed runs' exceptions, not ~/.prefect/storage
     with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: storage}), prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+# `make test` runs the suite on two pytest-xdist workers with `--dist loadgroup` (most of a serial run's time is
+# spent waiting on servers and subprocesses, with one core idle). Each test file is one unit of work, so a module's
+# fixtures are built once; the files of the team stack (one PostgreSQL, object store, MLflow and Prefect for the
+# session) are one unit. The units go out heaviest first, with a light one third: it is the team unit's worker's
+# second unit, which waits until the team files are done.
+TEAM_FILES = {"test_stack", "test_team", "test_workers"}
+FIRST_UNITS = ["team", "test_tracking", "test_io", "test_bench", "test_flows", "test_nodes", "test_pipeline",
+               "test_conditional", "test_readme", "test_registry", "test_tracking_auth"]  # fmt: skip
+
+
+def _unit(item: pytest.Item) -> str:
+    name = Path(str(item.fspath)).stem
+    return "team" if name in TEAM_FILES else name
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(_unit(item)))
+    if getattr(config.option, "numprocesses", None):
+        rank = {unit: i for i, unit in enumerate(FIRST_UNITS)}
+        items.sort(key=lambda item: rank.get(_unit(item), len(FIRST_UNITS)))  # stable: files keep their order

@@ -179,3 +179,36 @@ def test_the_conditional_bench_compares_both_arms_under_one_protocol(tmp_path):
     assert all(_number(r[3]) > 0 and _number(r[5]) > 0 for r in rows)
     assert all(0 <= _number(r[4]) <= 100 for r in rows[1:])
     assert re.search(r"the (un)?conditional model has the lower FID", out.read_text())
+
+
+@pytest.mark.slow
+def test_time_to_fid_scores_ema_snapshots_along_each_recipe(smoke_repro, tmp_path):
+    from test_pipeline import clone_project
+
+    project = clone_project(smoke_repro[0], tmp_path / "project")  # its featurizer stage ran
+    out, csv_dir, png = tmp_path / "ttf.md", tmp_path / "curves", tmp_path / "ttf.png"
+    command = [sys.executable, "-m", "benchmarks.time_to_fid", "--quick", "--project", str(project)]
+    command += ["--recipes", "ddpm,edm", "--minutes", "0.1", "--every", "0.04"]
+    command += ["--out", str(out), "--csv-dir", str(csv_dir), "--png", str(png)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-3000:]
+    for name in ("ddpm", "edm"):
+        lines = (csv_dir / f"{name}.csv").read_text().splitlines()
+        assert lines[0] == "minutes,step,images,fid,kid,confidence"
+        table = [[float(v) for v in line.split(",")] for line in lines[1:]]
+        assert len(table) >= 2
+        minutes, steps = [r[0] for r in table], [r[1] for r in table]
+        assert minutes == sorted(minutes) and steps == sorted(set(steps)) and steps[0] >= 1
+        assert minutes[-2] < 0.1  # the budget stops training at its first step past 0.1 min
+        assert all(r[2] == r[1] * 64 for r in table)  # images = steps x the smoke batch
+        assert all(r[3] > 0 and 0 < r[5] <= 1 for r in table)
+        assert len({r[3] for r in table}) == len(table)  # each snapshot holds other weights
+    rows = _table(out.read_text(), "# Time to FID")
+    assert [r[0] for r in rows if r[0]] == ["ddpm", "edm"]
+    assert png.stat().st_size > 1000
+
+
+def test_time_to_fid_refuses_an_unknown_recipe():
+    command = [sys.executable, "-m", "benchmarks.time_to_fid", "--recipes", "ddpm,fast"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "--recipes: unknown ['fast']" in done.stderr

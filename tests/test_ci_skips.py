@@ -9,6 +9,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 import ci_skips
 from conftest import needs_native
 
@@ -42,13 +44,14 @@ SAMPLE = textwrap.dedent(
 )
 
 
-def pytest_run(folder: Path, code: str, ci: str | None) -> subprocess.CompletedProcess:
+def pytest_run(folder: Path, code: str, ci: str | None, *args: str) -> subprocess.CompletedProcess:
     """pytest with only the ci_skips plugin on a file holding ``code``, with CI set to ``ci`` (or unset)."""
     (folder / "test_sample.py").write_text(code)
     env = {k: v for k, v in os.environ.items() if k != "CI"} | {"PYTHONPATH": str(TESTS)}
     if ci is not None:
         env["CI"] = ci
-    cmd = [sys.executable, "-m", "pytest", "-p", "ci_skips", "-p", "no:cacheprovider", "-q", "-rfEs", "test_sample.py"]
+    cmd = [sys.executable, "-m", "pytest", "-p", "ci_skips", "-p", "no:cacheprovider", "-q", "-rfEs", *args]
+    cmd.append("test_sample.py")
     return subprocess.run(cmd, cwd=folder, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -68,9 +71,10 @@ def test_on_ci_a_skip_fails_the_run_unless_its_reason_is_allowed(tmp_path):
 
 
 @needs_native
-def test_a_run_that_used_the_kernels_names_their_instruction_set_path(tmp_path):
+@pytest.mark.parametrize("workers", [[], ["-n", "2"]], ids=["one process", "xdist"])
+def test_a_run_that_used_the_kernels_names_their_instruction_set_path(tmp_path, workers):
     code = "from ddpm import kernels\n\ndef test_kernels():\n    assert kernels.extension() is not None\n"
-    done = pytest_run(tmp_path, code, None)
+    done = pytest_run(tmp_path, code, None, *workers)
     assert done.returncode == 0, done.stdout
     [line] = [line for line in done.stdout.splitlines() if line.startswith("native kernels: ")]
     assert line.startswith(("native kernels: avx512 vector path (", "native kernels: portable vector path ("))
