@@ -74,8 +74,8 @@ class Snapshots(pl.Callback):
     Training seconds are wall seconds since the fit started, less the time spent copying.
     """
 
-    def __init__(self, every_s: float, budget_s: float) -> None:
-        self.every_s, self.budget_s = every_s, budget_s
+    def __init__(self, every_s: float, budget_s: float, log_every: int = 1) -> None:
+        self.every_s, self.budget_s, self.log_every = every_s, budget_s, log_every
         self.taken: list[Snapshot] = []
         self.started, self.paused, self.due = 0.0, 0.0, every_s
 
@@ -93,11 +93,12 @@ class Snapshots(pl.Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, *args: Any) -> None:
         seconds = self.seconds()
-        if seconds >= self.due or seconds >= self.budget_s:
+        if seconds >= self.budget_s:  # stop at a step the loss curve records (fit.train reports its last row)
+            if trainer.global_step % self.log_every == 0:
+                trainer.should_stop = True  # on_train_end takes the last copy
+        elif seconds >= self.due:
             self.take(trainer, module)
             self.due = (int(seconds / self.every_s) + 1) * self.every_s
-            if seconds >= self.budget_s:
-                trainer.should_stop = True
 
     def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         if not self.taken or self.taken[-1].step != trainer.global_step:
@@ -115,7 +116,7 @@ def train_recipe(name: str, raw: dict, minutes: float, every: float, work: Path)
     p = params.validate(raw)
     train_set, test_set = paths.load_splits()
     model = params.resolved_model(p.model, len(train_set.classes))
-    snaps = Snapshots(every * 60, minutes * 60)
+    snaps = Snapshots(every * 60, minutes * 60, p.train.log_every)
     metrics = fit.train(
         train_set, test_set, model, p.diffusion, p.train, work / name, progress=False, resume=False, callbacks=[snaps]
     )
