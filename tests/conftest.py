@@ -6,11 +6,19 @@ The plain helpers (``TINY_NET_KWARGS``, ``make_toy_images``) are also imported b
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+# Under pytest-xdist (`make test`) each worker, and every process it starts, takes its share of the cores: two
+# workers whose torch each ran a thread per core would oversubscribe them, and OpenMP's threads wait on each other.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    share = len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, share)))
 
 # OpenMP as every pipeline process runs it, here and in every subprocess: importing `pipeline` sets it
 # (pipeline.bound_openmp_spin) before torch loads libgomp below.
@@ -123,17 +131,40 @@ def smoke_params(tmp_path_factory) -> str:
     return params_file.read_text()
 
 
+def once_per_run(tmp_path_factory, name: str, build):
+    """``build(folder)``'s JSON-able result, built in ``folder`` once per pytest run: under pytest-xdist the first
+    worker to ask builds it (the others wait on a lock) in the run's temp root, which all workers share."""
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        return build(tmp_path_factory.mktemp(name))
+    root = tmp_path_factory.getbasetemp().parent
+    done = root / f"{name}.json"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            folder = root / name
+            shutil.rmtree(folder, ignore_errors=True)  # a worker that failed building it left it
+            folder.mkdir()
+            done.write_text(json.dumps(build(folder)))
+        return json.loads(done.read_text())
+
+
 @pytest.fixture(scope="session")
 def smoke_repro(smoke_params, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     """A temp git repo copy of the project on the smoke configuration after one real ``dvc repro`` (every
-    stage ran), and that repro's result. Shared by the test files: never modify it, work on a
-    ``test_pipeline.clone_project`` copy (its outputs, dvc.lock and DVC cache, without the MLflow store; the
-    copies are never made from that store, which a copy's sample and evaluate stages may log into).
+    stage ran), and that repro's result; one per test run, shared by the test files and the xdist workers: never
+    modify it, work on a ``test_pipeline.clone_project`` copy (its outputs, dvc.lock and DVC cache, without the
+    MLflow store; the copies are never made from that store, which a copy's sample and evaluate stages may log
+    into).
     """
     from test_pipeline import copy_project, run
 
-    project = copy_project(tmp_path_factory.mktemp("smoke"), smoke_params)
-    return project, run(["dvc", "repro"], project)
+    def build(folder: Path) -> dict:
+        project = copy_project(folder, smoke_params)
+        result = run(["dvc", "repro"], project)
+        return {"project": str(project), "stdout": result.stdout, "stderr": result.stderr}
+
+    built = once_per_run(tmp_path_factory, "smoke", build)
+    return Path(built["project"]), subprocess.CompletedProcess(["dvc", "repro"], 0, built["stdout"], built["stderr"])
 
 
 @pytest.fixture(scope="module")

@@ -222,9 +222,12 @@ def test_killed_stage_leaves_outputs_that_dvc_still_accepts(repro):
     cmd = [sys.executable, "-m", "pipeline.sample", "--n", "200000", "--batch-size", "100", "--quiet"]
     proc = subprocess.Popen(cmd, cwd=project, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
-    while not list(samples.glob(".samples.npz.*.tmp")) and proc.poll() is None and time.monotonic() < deadline:
+
+    def writing() -> bool:  # mid-stream: its temp file holds bytes (a loaded machine may take seconds to the first)
+        return any(p.stat().st_size > 0 for p in samples.glob(".samples.npz.*.tmp") if p.exists())
+
+    while not writing() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
-    time.sleep(1.0)  # mid-stream
     temp_files = list(samples.glob(".samples.npz.*.tmp"))
     alive = proc.poll() is None
     proc.kill()
