@@ -65,14 +65,27 @@ def training_batch(cfg: UNetConfig, n: int, device: torch.device) -> Tensor:
 
 
 class TrainStep:
-    """One optimizer step as DiffusionModule trains: model_step, backward, gradient clipping, AdamW, EMA update."""
+    """One optimizer step as DiffusionModule trains: model_step, backward, gradient clipping, AdamW, EMA update.
 
-    def __init__(self, module: DiffusionModule, net: nn.Module, batch: Tensor, precision: str) -> None:
+    ``optimizer`` steps ``net``'s parameters; by default torch's AdamW with the module's settings, as a plain
+    script makes it (DiffusionModule's own is :func:`ddpm.module.adamw`, fused on a CUDA GPU).
+    """
+
+    def __init__(
+        self,
+        module: DiffusionModule,
+        net: nn.Module,
+        batch: Tensor,
+        precision: str,
+        optimizer: torch.optim.Optimizer | None = None,
+    ) -> None:
         self.module, self.net, self.batch, self.precision = module, net, batch, precision
         self.params = list(net.parameters())
         self.ema = [p.detach().clone() for p in self.params]
         o = module.optim
-        self.optimizer = torch.optim.AdamW(self.params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+        self.optimizer = optimizer or torch.optim.AdamW(
+            self.params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay
+        )
 
     def loss(self) -> Tensor:
         with autocast(self.batch.device, self.precision):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 import torch
 
@@ -29,19 +30,22 @@ def synchronisations(plan: Plan, device: torch.device, steps: int = 10) -> dict[
             module.net, module.config, plan.sample_batch, plan.sampler, steps, "bf16-mixed"
         ),
     }
-    counts = {}
-    for name, call in calls.items():
-        call()  # warm-up: lazy initialisation may synchronise once
-        torch.cuda.synchronize(device)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode("warn")
-            try:
-                call()
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
-        counts[name] = sum("called a synchronizing CUDA operation" in str(w.message) for w in caught)
-    return counts
+    return {name: count(call, device) for name, call in calls.items()}
+
+
+def count(call: Callable[[], object], device: torch.device) -> int:
+    """Host-device synchronisations of one call of ``call`` on a CUDA device, after a warm-up call (lazy
+    initialisation may synchronise once), counted with CUDA's sync debug mode."""
+    call()
+    torch.cuda.synchronize(device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            call()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("called a synchronizing CUDA operation" in str(w.message) for w in caught)
 
 
 def targets(syncs: dict[str, int]) -> list[str]:

@@ -1,7 +1,8 @@
 """The ``retrain`` deployment: served on params.yaml's ``schedule``, or declared in ``prefect.yaml`` for a work pool.
 
 ``prefect deploy`` cannot read params.yaml, so ``prefect.yaml`` repeats the deployment name, cron, time zone
-and work pool of its ``schedule`` section; ``check`` refuses a ``prefect.yaml`` that disagrees.
+and work pool of its ``schedule`` section; ``check`` refuses a ``prefect.yaml`` that disagrees, and one whose
+deployments' parameters (a ``profile`` file, ``overrides``) the flows would refuse.
 
     python -m pipeline.deployments serve    # serve `retrain` on params.yaml's schedule (`make serve`)
     python -m pipeline.deployments check    # prefect.yaml agrees with params.yaml (`make deploy` runs it first)
@@ -25,7 +26,7 @@ import yaml
 from prefect.types.entrypoint import EntrypointType
 
 from ddpm.config import ConfigError
-from pipeline import params
+from pipeline import flows, params
 from pipeline.flows import retrain
 from pipeline.schedule import ScheduleConfig
 
@@ -70,6 +71,27 @@ def prefect_yaml_mismatches(cfg: ScheduleConfig, path: Path = PREFECT_YAML) -> l
         "concurrency_limit": (d.get("concurrency_limit"), CONCURRENCY_LIMIT),
     }
     return [f"{key}={got!r}, expected {want!r}" for key, (got, want) in expected.items() if got != want]
+
+
+# The flows of prefect.yaml's deployments: entrypoint -> the options that validate their parameters, and the flow's name
+FLOW_OPTIONS = {
+    ENTRYPOINT: (flows.RetrainOptions, "retrain"),
+    f"{flows.sweep_point.fn.__module__}.{flows.sweep_point.fn.__name__}": (flows.PointOptions, "sweep_point"),
+}
+
+
+def check_parameters(project: Path, path: Path = PREFECT_YAML) -> None:
+    """ConfigError unless every deployment's parameters in prefect.yaml pass its flow's validation in ``project``
+    (the flow's own check before any work: its profile file, its overrides over params.yaml)."""
+    doc = yaml.safe_load(path.read_text()) or {}
+    for d in doc.get("deployments") or []:
+        if d.get("entrypoint") not in FLOW_OPTIONS:
+            continue
+        cls, name = FLOW_OPTIONS[d["entrypoint"]]
+        try:
+            flows.options(cls, name, {**(d.get("parameters") or {}), "project": str(project)})
+        except ConfigError as e:
+            raise ConfigError(f"prefect.yaml deployment {d.get('name')!r}: {e}") from None
 
 
 ZOMBIE_AUTOMATION = "ddpm: crash flow runs of lost workers"
@@ -125,6 +147,7 @@ def main(args: argparse.Namespace) -> None:
         mismatches = prefect_yaml_mismatches(cfg, Path(args.project) / PREFECT_YAML)
         if mismatches:
             raise ConfigError(f"prefect.yaml disagrees with params.yaml schedule: {'; '.join(mismatches)}")
+        check_parameters(Path(args.project), Path(args.project) / PREFECT_YAML)
         print(f"prefect.yaml agrees with params.yaml: {cfg.deployment} {cfg.cron!r} {cfg.timezone} on {cfg.work_pool}")
         if not os.environ.get("DDPM_GIT_URL"):
             raise ConfigError("DDPM_GIT_URL is empty: this clone has no git remote `origin`; set DDPM_GIT_URL to the "

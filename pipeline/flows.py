@@ -4,10 +4,11 @@ Prefect owns time (schedules, retries with backoff, timeouts, work pools); DVC o
 execution is a ``dvc repro`` or ``dvc exp run`` subprocess (:mod:`pipeline.dvc_runner`), so ``dvc.lock`` stays
 the record and unchanged stages are never recomputed; no task uses Prefect's result caching or persistence.
 
-``retrain`` tasks, in order: ``check-changes`` (``dvc status`` and the overrides against params.yaml),
-``run-pipeline`` (only when something changed or ``force``), ``read-metrics``, ``promote`` (the MLflow
-champion rule, through ``ddpm.registry.promote`` when tracking is on) and a summary: logged, returned and
-published as the markdown artifact ``retrain-summary``.
+``retrain`` runs its ``overrides`` over an optional ``profile``, an overrides file of the project such as
+``configs/gpu.yaml`` (the nightly deployment's). Its tasks, in order: ``check-changes`` (``dvc status`` and the
+overrides against params.yaml), ``run-pipeline`` (only when something changed or ``force``), ``read-metrics``,
+``promote`` (the MLflow champion rule, through ``ddpm.registry.promote`` when tracking is on) and a summary:
+logged, returned and published as the markdown artifact ``retrain-summary``.
 
 ``experiment-grid`` runs every combination of a grid of params as a DVC experiment, then reads their metrics
 (``experiment-metrics``) and reports the best FID as the markdown artifact ``experiment-grid-summary``. On one
@@ -19,7 +20,7 @@ the pool's workers run them side by side, and the grid gathers their experiments
 (prefect.yaml's pull step fetched it), the experiment pushed (``dvc exp push origin``), and its result
 published as the table artifact ``sweep-point``. ``retrain`` with ``publish`` runs and pushes the same way.
 
-    python -m pipeline.flows retrain [--force] [-S train.lr=3e-4 ...]               # one run now
+    python -m pipeline.flows retrain [--force] [--profile F] [-S train.lr=3e-4 ...]  # one run now
     python -m pipeline.flows experiment-grid -G 'sample.steps=[10, 25]' [-G ...]    # a grid of DVC experiments
 
 Deployments (the schedule, ``prefect.yaml``) are in :mod:`pipeline.deployments`.
@@ -41,10 +42,10 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from ddpm import registry
-from ddpm.config import Config
+from ddpm.config import Config, ConfigError
 from pipeline import dvc_runner, params, remote
 from pipeline import overrides as dotted
 from pipeline.dvc_runner import PipelineError
@@ -92,14 +93,39 @@ class RetrainOptions(RunOptions):
     overrides: dict[str, Any] = Field(
         default_factory=dict, description="section.key: value overrides, run as `dvc exp run -S`"
     )
-
+    profile: str | None = Field(
+        None, description="an overrides file in the project (e.g. configs/gpu.yaml), applied under `overrides`"
+    )
     publish: bool = Field(
         False, description="run as a DVC experiment and push it: git's origin and the DVC remote (what a worker does)"
     )
 
+    @field_validator("profile")
+    @classmethod
+    def _profile_file(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is None or "project" not in info.data:  # no profile, or the project's own error says why
+            return v
+        root = Path(info.data["project"]).resolve()
+        path = (root / v).resolve()
+        if not path.is_relative_to(root):
+            raise ValueError(f"outside the project {root}; allowed: a path in it, e.g. configs/gpu.yaml")
+        if not path.is_file():
+            raise ValueError(
+                f"no such file in the project {root}; allowed: an overrides file in it, e.g. configs/gpu.yaml"
+            )
+        try:
+            dotted.read(path)
+        except ConfigError as e:
+            raise ValueError(str(e).removeprefix(f"{path}: ")) from None
+        return v
+
+    def profile_overrides(self) -> dict[str, Any]:
+        """The profile's section.key: value overrides (none without a profile)."""
+        return dotted.read(self.root / self.profile) if self.profile else {}
+
     def points(self) -> list[dict[str, Any]]:
-        """The one set of overrides the flow runs."""
-        return [self.overrides]
+        """The one set of overrides the flow runs: the profile's, with ``overrides`` over them."""
+        return [{**self.profile_overrides(), **self.overrides}]
 
 
 class PointOptions(RetrainOptions):
@@ -142,6 +168,11 @@ def options(cls: type[RunOptions], name: str, values: dict[str, Any]) -> Any:
     field = "grid" if isinstance(opts, GridOptions) else "overrides"
     dotted.check_keys(getattr(opts, field), f"{name}.{field}")
     raw = params.read_yaml(opts.root / params.PARAMS)
+    if isinstance(opts, RetrainOptions) and opts.profile:  # a profile validates over params.yaml on its own
+        try:
+            params.validate(dotted.merge(raw, opts.profile_overrides()))
+        except ConfigError as e:
+            raise ConfigError(f"{name}.profile={opts.profile!r}: {e}") from None
     for point in opts.points():
         params.validate(dotted.merge(raw, point))
     return opts
@@ -306,16 +337,22 @@ def retrain(
     retry_delay_seconds: float = 60.0,
     timeout_seconds: float | None = 6 * 3600.0,
     publish: bool = False,
+    profile: str | None = None,
 ) -> dict[str, Any]:
-    """Retrain when data or params changed (or when forced) through DVC, then promote the better model."""
+    """Retrain when data or params changed (or when forced) through DVC, then promote the better model.
+
+    ``profile`` (a file of the project, e.g. configs/gpu.yaml) sets overrides first; ``overrides`` win over it."""
     opts = options(RetrainOptions, "retrain", {**locals(), "overrides": overrides or {}})
     logger = get_run_logger()
     logger.info("workspace %s", opts.root)
-    changes = check_changes(opts.root, opts.overrides)
+    if opts.profile:
+        logger.info("profile %s under the overrides %s", opts.profile, opts.overrides)
+    (settings,) = opts.points()
+    changes = check_changes(opts.root, settings)
     run = None
     if changes or opts.force:
         run_one = run_pipeline.with_options(**opts.retry_options())
-        run = run_one(opts.root, opts.overrides, opts.force, opts.publish, opts.publish)
+        run = run_one(opts.root, settings, opts.force, opts.publish, opts.publish)
         if opts.publish and run["experiment"]:
             run["pushed"] = push_experiment(opts.root, run["experiment"])
     metrics = read_metrics(opts.root)
@@ -325,6 +362,7 @@ def retrain(
     if summary["run_url"]:
         logger.info("MLflow run: %s", summary["run_url"])
     rows = [
+        ("profile", opts.profile),
         ("changes", "<br>".join(changes) or "none"),
         ("DVC", summary["command"] or "nothing to run"),
         ("stages run", ", ".join(summary["stages"]) or "none"),
@@ -367,11 +405,15 @@ def sweep_point(
     retries: int = 0,
     retry_delay_seconds: float = 60.0,
     timeout_seconds: float | None = 6 * 3600.0,
+    profile: str | None = None,
 ) -> dict[str, Any]:
-    """One grid point on a worker: ``dvc exp run -S ...`` in its workspace, pushed, its metrics published."""
+    """One grid point on a worker: ``dvc exp run -S ...`` in its workspace, pushed, its metrics published.
+
+    ``profile`` (a file of the project, e.g. configs/gpu.yaml) sets overrides first; the point's win over it."""
     opts = options(PointOptions, "sweep_point", locals())
     get_run_logger().info("workspace %s", opts.root)
-    run = run_pipeline.with_options(**opts.retry_options())(opts.root, opts.overrides, False, True, opts.publish)
+    (settings,) = opts.points()
+    run = run_pipeline.with_options(**opts.retry_options())(opts.root, settings, False, True, opts.publish)
     if not run["experiment"]:
         raise PipelineError(f"{run['command']} did not name its experiment")
     evaluation = read_metrics(opts.root)["evaluate"]
@@ -379,6 +421,7 @@ def sweep_point(
     result = {
         "experiment": run["experiment"],
         "overrides": json.dumps(opts.overrides, sort_keys=True),
+        "profile": opts.profile,
         "fid": evaluation["fid"],
         "kid": evaluation.get("kid"),
         "stages": ", ".join(run["stages"]),
@@ -522,7 +565,7 @@ def experiment_grid(
 
 def main(args: argparse.Namespace) -> None:
     if args.command == "retrain":
-        retrain(project=args.project, force=args.force, overrides=dict(args.set))
+        retrain(project=args.project, force=args.force, overrides=dict(args.set), profile=args.profile)
     else:
         experiment_grid(grid=dict(args.grid), project=args.project, deployment=args.deployment)
 
@@ -533,6 +576,7 @@ def parser() -> argparse.ArgumentParser:
     run_parser = commands.add_parser("retrain", help="run the retrain flow once now")
     run_parser.add_argument("--force", action="store_true", help="run the pipeline even if nothing changed")
     run_parser.add_argument("-S", "--set", type=dotted.assignment, action="append", default=[], metavar="KEY=VALUE")
+    run_parser.add_argument("--profile", help="an overrides file of the project (e.g. configs/gpu.yaml) under -S")
     grid_parser = commands.add_parser("experiment-grid", help="run a grid of DVC experiments, report the best FID")
     grid_parser.add_argument(
         "-G", "--grid", type=dotted.assignment, action="append", required=True, metavar="KEY=[V,..]"

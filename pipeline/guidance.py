@@ -16,6 +16,7 @@ import argparse
 import numpy as np
 
 from ddpm import export, generate, io, tracking
+from ddpm.runtime import device
 from pipeline import params, paths, scoring, sweep
 from pipeline import tracking as stage_tracking
 
@@ -87,6 +88,7 @@ def plot(rows: list[list], png: str) -> None:
 
 def report(p: params.Params) -> None:
     model = export.load_model(paths.MODEL)
+    model.net.to(device(p.sample.accelerator, "sample.accelerator"))
     reason = without_guidance(model)
     rows = curve(p, model) if reason is None else []
     plan = generate.plan(model.config, *run_of(p))

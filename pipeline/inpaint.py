@@ -24,6 +24,7 @@ from PIL import Image
 
 from ddpm import data, export, generate, io
 from ddpm.config import ConfigError
+from ddpm.runtime import device
 from pipeline import params, paths
 from pipeline import tracking as stage_tracking
 from pipeline.sample import resolve_model
@@ -125,8 +126,10 @@ def main(args: argparse.Namespace) -> None:
     cfg = p.sample
     if args.n < 1:
         raise ConfigError(f"n={args.n}: allowed: an integer >= 1")
+    where = device(cfg.accelerator, "sample.accelerator")
     with tempfile.TemporaryDirectory() as tmp:
         model = export.load_model(resolve_model(args.model, p, tmp))
+    model.net.to(where)
     size, channels = model.config.image_size, model.config.channels
     mask = load_mask(args.mask, size)
     images = load_images(args.images, args.n, (size, size, channels))

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from ddpm import data, export, generate, io, registry, tracking
 from ddpm.config import SampleConfig
-from ddpm.runtime import compile_in_place
+from ddpm.runtime import compile_in_place, device
 from pipeline import params, paths
 from pipeline import tracking as stage_tracking
 
@@ -153,9 +153,11 @@ def main(args: argparse.Namespace) -> None:
     overrides = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     p = params.load(args.params, sample_overrides=overrides)
     cfg = p.sample
+    where = device(cfg.accelerator, "sample.accelerator")
     run = stage_tracking.reopen(p) if args.track else None
     with tempfile.TemporaryDirectory() as tmp:
         model = export.load_model(resolve_model(args.model, p, tmp))
+    model.net.to(where)
     plan = generate.plan(model.config, cfg.sampler, cfg.steps, cfg.eta, cfg.guidance)  # checked against the model
     labels = labels_for(model, cfg)
     out = Path(args.out)

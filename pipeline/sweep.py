@@ -11,6 +11,7 @@ import torch
 
 from ddpm import data, export, generate, io, tracking
 from ddpm.config import SweepConfig
+from ddpm.runtime import device
 from pipeline import params, paths, scoring
 from pipeline import tracking as stage_tracking
 
@@ -34,8 +35,10 @@ def run_one(p: params.Params, run: str) -> None:
     if run not in p.sweep.runs:
         raise ValueError(f"run {run!r} is not in sweep.runs {p.sweep.runs}")
     sampler, steps = p.sweep.parse(run)
+    where = device(p.sample.accelerator, "sample.accelerator")
     run_log = stage_tracking.reopen(p)
     model = export.load_model(paths.MODEL)
+    model.net.to(where)
     plan = generate.plan(model.config, sampler, steps, guidance=p.sample.guidance)
     labels = p.sample.label_array(p.sweep.n, model.net.config.num_classes)  # the sample stage's classes
     labels = None if labels is None else np.asarray(labels, dtype=np.int64)

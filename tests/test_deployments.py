@@ -71,7 +71,7 @@ def test_prefect_yaml_agrees_with_params_and_deploys_to_the_pool(prefect_server,
     assert (schedule.schedule.cron, schedule.schedule.timezone) == (cfg.cron, cfg.timezone)
     assert deployment.global_concurrency_limit.limit == 1 and deployment.work_pool_name == cfg.work_pool
     assert deployment.job_variables["env"]["CUDA_VISIBLE_DEVICES"] == "0"
-    assert deployment.parameters["overrides"]["train.accelerator"] == "gpu"
+    assert deployment.parameters["profile"] == "configs/gpu.yaml" and deployment.parameters["overrides"] == {}
     assert deployment.entrypoint == deployments.ENTRYPOINT
     # the worker fetches the project: the pull step of the installed package, the repository as a job variable
     assert deployment.pull_steps == [{"ddpm.worker.checkout": {"id": "checkout"}}]

@@ -61,6 +61,7 @@ def test_train_compile_traces_the_net_and_trains_as_the_plain_one(plain_and_comp
     out, plain, compiled, traced = plain_and_compiled
     assert traced > 0  # TorchDynamo compiled frames during the compiled run
     assert compiled["steps"] == plain["steps"] == 4
+    assert compiled["compile_seconds"] >= 0 and "compile_seconds" not in plain  # reported where compiled
     assert compiled["val_loss"] == pytest.approx(plain["val_loss"], rel=1e-4)
     a = io.load_weights_only(out / "plain" / "model.pt", "model")["state_dict"]
     b = io.load_weights_only(out / "compiled" / "model.pt", "model")["state_dict"]
@@ -107,6 +108,7 @@ def test_sample_precision_runs_the_network_under_bf16_autocast(plain_and_compile
 def test_sample_compile_draws_the_same_images(plain_and_compiled, tmp_path):
     model = plain_and_compiled[0] / "plain" / "model.pt"
     plain, _, _ = drawn(model, tmp_path / "plain")
+    torch._dynamo.reset()  # nets compiled by earlier tests of this process may have used up the forward's recompiles
     before = graphs()
     compiled, _, _ = drawn(model, tmp_path / "compiled", compile="eager")
     assert graphs() > before
@@ -129,6 +131,13 @@ def test_bad_compile_settings_fail_in_one_line(section, value):
     with pytest.raises(ConfigError, match=rf"^{section}\.compile=.*allowed: false, true \(inductor\)") as e:
         config.from_dict({"compile": value}, section)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("mode", ["reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"])
+def test_compile_takes_inductors_modes(mode):
+    assert TrainConfig(compile=mode).compile == SampleConfig(compile=mode).compile == mode
+    with pytest.raises(ConfigError, match=r"an inductor mode \(reduce-overhead, max-autotune, max-autotune-no-cudag"):
+        SampleConfig.from_dict({"compile": mode.upper()}, "sample")
 
 
 def test_bad_sample_precision_fails_in_one_line():

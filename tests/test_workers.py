@@ -37,6 +37,7 @@ pytestmark = pytest.mark.slow
 
 POOL = "gpu"  # prefect.yaml's work pool
 WORKERS = ("alpha", "beta")
+ON_CPU = {"profile": None}  # nightly-retrain without its GPU profile (configs/gpu.yaml): the default net, on the CPU
 
 
 def git(root: Path, *args: str) -> str:
@@ -170,7 +171,7 @@ def exp_refs(origin: Path) -> list[str]:
 def test_worker_clones_runs_and_pushes_what_a_teammate_pulls(team, tmp_path):
     before = set(exp_refs(team.origin))
     overrides = {"sample.steps": 4}  # the rest as the seed ran it: the trained model comes from the remote
-    run = wait(run_deployment("retrain/nightly-retrain", parameters={"overrides": overrides}, timeout=0))
+    run = wait(run_deployment("retrain/nightly-retrain", parameters={"overrides": overrides, **ON_CPU}, timeout=0))
     text = flow_logs(run)
     assert run.state.is_completed(), f"{run.state.message}\n{text}"
     used = [w for w in WORKERS if team.workspaces(w)]
@@ -235,7 +236,7 @@ def test_fan_out_runs_the_grid_on_both_workers_side_by_side_and_names_a_failed_p
 def test_a_bad_origin_or_remote_fails_in_the_pull_step_in_one_line(team, job_env, expected):
     before = {w: [(p, sorted(x.name for x in p.iterdir())) for p in team.workspaces(w)] for w in WORKERS}
     job_variables = {"env": {"DDPM_GIT_URL": str(team.origin), "DDPM_GIT_BRANCH": team.branch, **job_env}}
-    parameters = {"overrides": {"sample.steps": 4}}
+    parameters = {"overrides": {"sample.steps": 4}, **ON_CPU}
     run = wait(run_deployment("retrain/nightly-retrain", parameters=parameters, job_variables=job_variables, timeout=0))
     assert run.state.is_failed() or run.state.is_crashed(), run.state
     for _ in range(30):  # the flow run's process sends its last log lines in the background
@@ -268,7 +269,7 @@ def resume_objects(team_stack) -> list[str]:
 def test_a_killed_worker_crashes_its_run_and_the_other_resumes_it(team, team_stack, tmp_path):
     overrides = {"train.max_steps": 800, "train.checkpoint_every": 50, "train.val_every": 400, "train.seed": 3}
     assert resume_objects(team_stack) == []
-    first = run_deployment("retrain/nightly-retrain", parameters={"overrides": overrides}, timeout=0)
+    first = run_deployment("retrain/nightly-retrain", parameters={"overrides": overrides, **ON_CPU}, timeout=0)
     deadline = time.monotonic() + 300
     while not (resume_objects(team_stack) and "resume checkpoint pushed" in flow_logs(first)):
         assert time.monotonic() < deadline, flow_logs(first)
@@ -279,7 +280,8 @@ def test_a_killed_worker_crashes_its_run_and_the_other_resumes_it(team, team_sta
     crashed = wait(first)  # nobody reports it: its heartbeats stop and the automation marks it Crashed
     assert crashed.state.is_crashed() and "no heartbeat for 45 s" in crashed.state.message, crashed.state
     try:
-        second = wait(run_deployment("retrain/nightly-retrain", parameters={"overrides": overrides}, timeout=0))
+        parameters = {"overrides": overrides, **ON_CPU}
+        second = wait(run_deployment("retrain/nightly-retrain", parameters=parameters, timeout=0))
         text = flow_logs(second)
         assert second.state.is_completed(), f"{second.state.message}\n{text}"
         other = Path(re.search(r"^workspace (\S+)$", text, re.M).group(1))

@@ -1,7 +1,9 @@
-"""Lightning callbacks that watch a training run: the loss curve, the throughput and a progress log."""
+"""Lightning callbacks that watch a training run: the loss curve, the throughput, the compile time and a progress
+log."""
 
 from __future__ import annotations
 
+import statistics
 import sys
 import time
 from typing import Any, TextIO
@@ -49,6 +51,38 @@ class ThroughputLogger(pl.Callback):
             images = (step - self.mark[0]) * self.batch_size * trainer.world_size
             trainer.logger.log_metrics({"train/images_per_second": images / (now - self.mark[1])}, step=step)
             self.mark = (step, now)
+
+
+class CompileTime(pl.Callback):
+    """The seconds torch.compile added to a fit: the wall time of its first training step beyond the median of the
+    next ``steady`` steps (the first step compiles the training graph, the later ones run it); the whole first step
+    when the fit takes one. Logged once, as ``train/compile_seconds``, when measured.
+
+    No host sync: on a GPU the host waits for the device only once its queue of kernels is full, so a step's
+    time on the host is the device's, give or take a step.
+    """
+
+    def __init__(self, steady: int = 10) -> None:
+        self.steady, self.times, self.started = steady, [], 0.0
+
+    @property
+    def seconds(self) -> float | None:
+        """The first step's seconds beyond a steady step's (None before the first step ends)."""
+        if not self.times:
+            return None
+        first, rest = self.times[0], self.times[1:]
+        return max(first - (statistics.median(rest) if rest else 0.0), 0.0)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, module: pl.LightningModule, *args: Any) -> None:
+        self.started = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, *args: Any) -> None:
+        if len(self.times) > self.steady:
+            return
+        self.times.append(time.perf_counter() - self.started)
+        measured = len(self.times) == self.steady + 1 or trainer.global_step >= trainer.max_steps
+        if measured and trainer.logger is not None:
+            trainer.logger.log_metrics({"train/compile_seconds": self.seconds}, step=trainer.global_step)
 
 
 def _clock(seconds: float) -> str:

@@ -26,7 +26,7 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException, SI
 from pytorch_lightning.utilities.rank_zero import rank_zero_module
 
 from ddpm import data, export, io, loaders
-from ddpm.callbacks import CurveRecorder, ProgressLog, ThroughputLogger
+from ddpm.callbacks import CompileTime, CurveRecorder, ProgressLog, ThroughputLogger
 from ddpm.checkpoints import RESUME, Preempted, Resume, ResumeCheckpoint, read_resume, save_checkpoint
 from ddpm.config import ConfigError, DDPMConfig, TrainConfig, UNetConfig
 from ddpm.module import DiffusionModule, NonFiniteLossError
@@ -210,6 +210,7 @@ def train(
     NonFiniteLossError naming the step (``cfg.nonfinite='stop'``). ``callbacks`` are extra Lightning callbacks.
     ``keep_resume`` leaves the resume checkpoint for the caller to remove once it has written its own
     records (a stage killed between the two then resumes at the checkpoint instead of starting over).
+    With ``cfg.compile`` on, the metrics include ``compile_seconds`` (:class:`~ddpm.callbacks.CompileTime`).
     """
     out_dir = Path(out_dir)
     cfg = resolve_precision(cfg)
@@ -226,6 +227,8 @@ def train(
     recorder = CurveRecorder(cfg.log_every)
     checkpointer = ResumeCheckpoint(resume_path, cfg.checkpoint_every, key, start.step if start else None)
     watchers: list[pl.Callback] = [ThroughputLogger(cfg.log_every, cfg.batch_size)] if logger else []
+    compile_time = CompileTime() if cfg.compile is not False else None
+    watchers += [compile_time] if compile_time else []
     bar = progress and sys.stdout.isatty()
     if progress and not bar:
         watchers.append(ProgressLog(cfg.batch_size, max(cfg.max_steps // 10, 1), PROGRESS_SECONDS))
@@ -272,7 +275,7 @@ def train(
         if not keep_resume:
             resume_path.unlink(missing_ok=True)
     images = trainer.global_step * cfg.batch_size * trainer.world_size
-    return {
+    metrics = {
         "train_loss": recorder.rows[-1][1],
         "val_loss": final["val/loss"],
         "val_loss_ema": final["val/loss_ema"],
@@ -281,3 +284,6 @@ def train(
         "seconds": round(recorder.seconds, 2),
         "images_per_second": round(images / max(recorder.seconds, 1e-9), 2),
     }
+    if compile_time is not None and compile_time.seconds is not None:
+        metrics["compile_seconds"] = round(compile_time.seconds, 2)
+    return metrics

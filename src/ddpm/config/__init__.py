@@ -5,7 +5,7 @@ pydantic and the standard library only. What a config stands for (a loss, a samp
 it by the module that implements it.
 """
 
-from ddpm.config.base import COMPILE_BACKENDS, CompileSetting, Config, ConfigError, short_repr
+from ddpm.config.base import COMPILE_BACKENDS, COMPILE_MODES, CompileSetting, Config, ConfigError, short_repr
 from ddpm.config.data import DATASETS, DataConfig, DatasetSpec
 from ddpm.config.diffusion import (
     CHURN_SAMPLERS,
@@ -31,6 +31,7 @@ from ddpm.config.train import OptimConfig, TrainConfig
 __all__ = [
     "CHURN_SAMPLERS",
     "COMPILE_BACKENDS",
+    "COMPILE_MODES",
     "DATASETS",
     "FEATURES",
     "INCEPTION_FILE",

@@ -95,17 +95,25 @@ class Config(BaseModel):
 
 
 COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
+COMPILE_MODES = ("reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # inductor's modes
 
 
 def _compile_setting(value: Any) -> Any:
-    if isinstance(value, bool) or value in COMPILE_BACKENDS:
+    if isinstance(value, bool) or value in COMPILE_BACKENDS or value in COMPILE_MODES:
         return value
-    raise ValueError(f"allowed: false, true (inductor) or one of {', '.join(COMPILE_BACKENDS)}")
+    raise ValueError(
+        f"allowed: false, true (inductor), a backend ({', '.join(COMPILE_BACKENDS)}) or an inductor mode "
+        f"({', '.join(COMPILE_MODES)})"
+    )
 
 
-CompileSetting = Annotated[bool | Literal["inductor", "aot_eager", "eager"], BeforeValidator(_compile_setting)]
-"""A ``compile`` params key: false, true (the inductor backend), or a torch.compile backend by name.
+CompileSetting = Annotated[bool | Literal[COMPILE_BACKENDS + COMPILE_MODES], BeforeValidator(_compile_setting)]
+"""A ``compile`` params key: false, true (the inductor backend), a torch.compile backend by name, or an inductor mode.
 
 ``eager`` and ``aot_eager`` trace the network with TorchDynamo (and AOTAutograd) and run the traced graph
 without generating code: they check that a network compiles in seconds, where inductor takes a minute.
+The modes are inductor's: ``reduce-overhead`` replays each compiled graph as a CUDA graph (one launch for all
+of a step's kernels; a graph per input shape), ``max-autotune`` also times several kernels per operation
+while compiling, ``max-autotune-no-cudagraphs`` does that without CUDA graphs. On a CPU there are no CUDA
+graphs: the modes compile as inductor does.
 """

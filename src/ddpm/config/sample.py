@@ -32,11 +32,16 @@ class SampleConfig(Config):
     grid_size: int = Field(8, ge=1, description="the grid PNG shows grid_size x grid_size images")
     trajectory_samples: int = Field(6, ge=1, description="rows of the trajectory strip")
     trajectory_points: int = Field(8, ge=2, description="columns of the trajectory strip (noise -> image)")
+    accelerator: Literal["auto", "cpu", "gpu"] = Field(
+        "auto", description="where to draw: auto = a CUDA GPU where torch sees one, else the CPU; cpu; gpu"
+    )
     precision: Literal["32-true", "bf16-mixed"] = Field(
         "32-true", description="32-true (fp32) or bf16-mixed (the network under bf16 autocast; the sampler in fp32)"
     )
     compile: CompileSetting = Field(
-        False, description="torch.compile the sampling network: false, true (inductor), or a backend name (eager, ...)"
+        False,
+        description="torch.compile the sampling network: false, true (inductor), a backend name (eager, ...) or an "
+        "inductor mode (reduce-overhead: CUDA graphs, for chunks of one shape)",
     )
     repaint_jumps: int = Field(
         1, ge=1, description="inpainting (make inpaint): RePaint's jump length, the noise levels walked between jumps"

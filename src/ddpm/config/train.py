@@ -93,7 +93,9 @@ class TrainConfig(OptimConfig):
     )
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
     compile: CompileSetting = Field(
-        False, description="torch.compile the trained net: false, true (inductor), or a backend name (eager, ...)"
+        False,
+        description="torch.compile the trained net: false, true (inductor), a backend name (eager, ...) or an "
+        "inductor mode (reduce-overhead: CUDA graphs, ...)",
     )
 
     @field_validator("devices", mode="before")
