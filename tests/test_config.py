@@ -1,4 +1,5 @@
 import pytest
+import torch
 import yaml
 
 from ddpm import config, losses, preconditioning, predictions, samplers, schedules
@@ -76,6 +77,25 @@ def test_optim_and_ema_validation():
     with pytest.raises(ConfigError, match="ema_decay=1.0"):
         OptimConfig(ema_decay=1.0)
     assert OptimConfig(grad_clip=None).grad_clip is None
+
+
+def test_an_lr_whose_first_adamw_step_overflows_float32_fails_in_one_line():
+    """torch's AdamW raises in the middle of the first step when lr / (1 - beta1) passes float32's largest value."""
+    expected = r"^train: lr=1e\+38: AdamW's first step size .* overflows float32; allowed: lr < 3.4e\+37 with betas"
+    with pytest.raises(ConfigError, match=expected) as e:
+        TrainConfig.from_dict({"lr": 1e38}, "train")
+    assert "\n" not in str(e.value)
+    assert TrainConfig.from_dict({"lr": 3.3e37}, "train").lr == 3.3e37  # its first step size still fits
+    with pytest.raises(ConfigError, match=r"allowed: lr < 3.4e\+36 with betas\[0\]=0.99"):
+        TrainConfig.from_dict({"lr": 3.3e37, "betas": [0.99, 0.999]}, "train")
+    for lr, fits in ((3.3e37, True), (1e38, False)):  # the limit is torch's
+        weight = torch.nn.Parameter(torch.ones(2))
+        weight.sum().backward()
+        if fits:
+            torch.optim.AdamW([weight], lr=lr).step()
+        else:
+            with pytest.raises(RuntimeError, match="overflow"):
+                torch.optim.AdamW([weight], lr=lr).step()
 
 
 def test_alphas_cumprod_and_loss_follow_the_config():

@@ -31,7 +31,18 @@ class OptimConfig(Config):
     def _betas_in_range(self) -> OptimConfig:
         if not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas={list(self.betas)}: each beta must lie in [0, 1)")
+        # AdamW's first update is lr / (1 - beta1) per unit of normalised gradient: torch refuses a step size that
+        # float32 cannot hold, in the middle of the run
+        limit = FLOAT32_MAX * (1 - self.betas[0])
+        if self.lr >= limit:
+            raise ValueError(
+                f"lr={self.lr:g}: AdamW's first step size lr / (1 - betas[0]) overflows float32; "
+                f"allowed: lr < {limit:.3g} with betas[0]={self.betas[0]:g}"
+            )
         return self
+
+
+FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max
 
 
 # Lightning's precision names (lightning_fabric.plugins.precision.precision), and auto (ddpm.fit.resolve_precision).
