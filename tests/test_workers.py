@@ -295,7 +295,7 @@ def test_a_killed_worker_crashes_its_run_and_the_other_resumes_it(team, team_sta
         reference = team.clone(tmp_path / "reference")
         in_project([sys.executable, "-m", "pipeline.remote", "pull"], reference, team.env)
         env = {**team.env, "OMP_NUM_THREADS": "1"}
-        in_project(["dvc", "exp", "run", *dotted.set_flags(overrides)], reference, env)
+        in_project(["dvc", "exp", "run", *dotted.set_flags(overrides), "train"], reference, env)  # the stages to it
         resumed = torch.load(other / "outputs/train/model.pt", weights_only=True)["state_dict"]
         uninterrupted = torch.load(reference / "outputs/train/model.pt", weights_only=True)["state_dict"]
         assert resumed.keys() == uninterrupted.keys()
