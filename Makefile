@@ -62,10 +62,10 @@ install: $(VENV)/.installed ## create .venv and install the package with its dev
 	@$(PY) -c 'from ddpm.kernels import main; main()' || true
 
 test: install ## run the whole test suite (what CI runs)
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadscope $(PYTEST_ARGS)
 
 test-fast: install ## the unit tests, for the edit loop: all but the `slow` ones (no DVC, servers or subprocess runs)
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadscope -m "not slow" $(PYTEST_ARGS)
 
 repro: install ## run the whole DVC pipeline (prepare -> featurizer -> train -> sample -> evaluate)
 	$(RUN) dvc repro

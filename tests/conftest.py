@@ -194,24 +194,37 @@ def prefect_server(tmp_path_factory):
         yield
 
 
-# `make test` runs the suite on two pytest-xdist workers with `--dist loadgroup` (most of a serial run's time is
-# spent waiting on servers and subprocesses, with one core idle). Each test file is one unit of work, so a module's
-# fixtures are built once; the files of the team stack (one PostgreSQL, object store, MLflow and Prefect for the
-# session) are one unit. The units go out heaviest first, with a light one third: it is the team unit's worker's
-# second unit, which waits until the team files are done.
+# `make test` runs the suite on two pytest-xdist workers (most of a serial run's time is spent waiting on servers
+# and subprocesses, with one core idle). Each test file is one unit of work, so a module's fixtures are built
+# once; the files of the team stack (one PostgreSQL, object store, MLflow and Prefect for the session) are one
+# unit. The units go out heaviest first, with a light one third: it is the team unit's worker's second unit,
+# which waits until the team files are done.
 TEAM_FILES = {"test_stack", "test_team", "test_workers"}
 FIRST_UNITS = ["team", "test_tracking", "test_io", "test_bench", "test_flows", "test_nodes", "test_pipeline",
                "test_conditional", "test_readme", "test_registry", "test_tracking_auth"]  # fmt: skip
 
 
-def _unit(item: pytest.Item) -> str:
-    name = Path(str(item.fspath)).stem
+def _unit(nodeid: str) -> str:
+    name = Path(nodeid.split("::", 1)[0]).stem
     return "team" if name in TEAM_FILES else name
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(_unit(item)))
-    if getattr(config.option, "numprocesses", None):
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # the workers' collection order is the order the units go out in
         rank = {unit: i for i, unit in enumerate(FIRST_UNITS)}
-        items.sort(key=lambda item: rank.get(_unit(item), len(FIRST_UNITS)))  # stable: files keep their order
+        items.sort(key=lambda item: rank.get(_unit(item.nodeid), len(FIRST_UNITS)))  # stable: files keep order
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """``--dist loadscope`` (``make test``) with this suite's units as its scopes, in the workers' order."""
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class Units(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _unit(nodeid)
+
+    config.option.loadscopereorder = False  # not by size: FIRST_UNITS orders them
+    return Units(config, log)
