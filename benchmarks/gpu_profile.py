@@ -43,6 +43,7 @@ from benchmarks.calls import TrainStep, nfe, sample_call, sample_step_flops, tra
 from benchmarks.configs import ROOT
 from benchmarks.peer import PeerNet, peer_kwargs, peer_version
 from benchmarks.report import check, document, machine, num, percent, table
+from benchmarks.throughput import Row
 from benchmarks.timing import Probes, Timer
 from ddpm.config import ConfigError, DDPMConfig, SampleConfig, TrainConfig, UNetConfig
 from ddpm.module import DiffusionModule, adamw
@@ -117,25 +118,6 @@ def timed(call: Callable[[], Any], sync: Callable[[], None]) -> float:
     return time.perf_counter() - start
 
 
-@dataclass
-class Row:
-    """A timed row: ``items`` (images or image-steps) per call, FLOPs per item, median seconds per call."""
-
-    task: str
-    net: str
-    items: int
-    flops_per_item: float
-    seconds: float
-
-    @property
-    def rate(self) -> float:
-        return self.items / self.seconds
-
-    @property
-    def gflops(self) -> float:
-        return self.rate * self.flops_per_item / 1e9
-
-
 def measure(s: Setup, device: torch.device, timer: Timer) -> tuple[list[Row], dict[str, float], dict[str, int]]:
     """The training and sampling rows of ours and diffusers, ours' compile seconds (a first call's seconds beyond
     a steady call's) and synchronisations (GPU only), by task."""
@@ -158,7 +140,7 @@ def measure(s: Setup, device: torch.device, timer: Timer) -> tuple[list[Row], di
     }
     first = timed(steps["ours"], timer.sync)
     seconds = timer.group(steps, s.reps, warmup=1)
-    rows = [Row("train", n, s.train.batch_size, flops[n], seconds[n]) for n in steps]
+    rows = [Row("profile", "train", precision, n, s.train.batch_size, flops[n], seconds[n]) for n in steps]
     compiling = {"train": first - seconds["ours"]}
 
     compile_in_place(sampling, s.sample.compile)
@@ -172,7 +154,7 @@ def measure(s: Setup, device: torch.device, timer: Timer) -> tuple[list[Row], di
     first = timed(draws["ours"], timer.sync)
     seconds = timer.group(draws, s.reps, warmup=1)
     items = chunk * nfe(s.diffusion, sampler, n_steps)
-    rows += [Row("sample", n, items, step_flops[n], seconds[n]) for n in draws]
+    rows += [Row("profile", "sample", s.sample.precision, n, items, step_flops[n], seconds[n]) for n in draws]
     compiling["sample"] = first - seconds["ours"]
 
     counted = {}
