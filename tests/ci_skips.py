@@ -4,7 +4,7 @@ its reason is in :data:`ALLOWED`, the skips that the project's own install canno
 Elsewhere a test skips where its optional part is missing (no C++ compiler for the native kernels, a package of
 an extra not installed); on CI that would hide a machine that never ran them, so there it is an error naming the
 reason. ``CI`` is what CI services set (``true``); ``.ci/run`` sets it too. Every run also ends with the line
-naming the native kernels' instruction-set path (AVX-512 or portable), when a test used them.
+naming the native kernels' instruction-set path (AVX-512, AVX2 or portable), when a test used them.
 """
 
 from __future__ import annotations

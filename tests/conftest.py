@@ -57,7 +57,8 @@ needs_native = pytest.mark.skipif(
 @pytest.fixture(autouse=True)
 def _kernel_tests_use_the_kernels(request, monkeypatch):
     """The kernel and benchmark tests run the kernels whatever their vector path (``DDPM_NATIVE_KERNELS=1``): by
-    default a CPU without AVX-512 runs PyTorch's ops instead of their slower portable loops (``kernels.enabled``)."""
+    default a CPU with neither AVX-512 nor AVX2 runs PyTorch's ops instead of their portable loops
+    (``kernels.enabled``)."""
     if request.module.__name__.startswith(("test_kernels", "test_bench")):
         monkeypatch.setenv("DDPM_NATIVE_KERNELS", "1")
 

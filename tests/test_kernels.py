@@ -3,6 +3,7 @@ PyTorch's ops in test_kernels_group_norm.py, test_kernels_attention.py and test_
 convolution layers' fast paths in test_kernels_conv.py."""
 
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -21,8 +22,38 @@ from kernel_inputs import CL, inputs
 def test_the_kernel_builds_on_this_machine():
     ext = kernels.extension()
     assert ext is not None, kernels.build._error
-    assert ext.vector_isa in ("avx512", "portable")
+    assert ext.vector_isa in ("avx512", "avx2", "portable")
     assert kernels.applies(torch.randn(2, 8, 3, 3).contiguous(memory_format=CL))
+
+
+def _cpu_flags() -> set[str]:
+    """The CPU's flags as Linux lists them (the kernels are built on Linux only)."""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+@needs_native
+def test_the_kernels_take_the_widest_vector_path_of_this_cpu_and_run_by_default_on_avx512_and_avx2(monkeypatch):
+    """Built with -march=native, the kernels name the path the CPU's flags allow; unset DDPM_NATIVE_KERNELS runs
+    them on the AVX-512 and AVX2 paths (where they measured faster than PyTorch's ops), not on the portable one."""
+    ext = kernels.extension()
+    assert ext is not None, kernels.build._error
+    flags = _cpu_flags()
+    if platform.machine() in ("x86_64", "AMD64") and {"avx512f", "avx512bw", "avx512vl"} <= flags:
+        expected = "avx512"
+    elif platform.machine() in ("x86_64", "AMD64") and {"avx2", "fma"} <= flags:
+        expected = "avx2"
+    else:
+        expected = "portable"
+    assert ext.vector_isa == expected, flags
+    monkeypatch.delenv(kernels.ENV, raising=False)
+    assert kernels.enabled() == (expected != "portable")
+    monkeypatch.setenv(kernels.ENV, "0")
+    assert not kernels.enabled()
+    monkeypatch.setenv(kernels.ENV, "1")
+    assert kernels.enabled()
 
 
 @needs_native

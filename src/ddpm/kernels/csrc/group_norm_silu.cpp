@@ -324,6 +324,9 @@ static void dx_row(const T* x, const T* dy, const float* a, const float* b, cons
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 using Best = Avx512;
 constexpr const char* kVectorIsa = "avx512";
+#elif defined(__AVX2__) && defined(__FMA__)
+using Best = Portable;  // the plain loops, vectorised by the compiler for AVX2 (-march=native)
+constexpr const char* kVectorIsa = "avx2";  // and the Winograd kernel's 8-float path
 #else
 using Best = Portable;
 constexpr const char* kVectorIsa = "portable";
