@@ -35,9 +35,12 @@ def _cpu_flags() -> set[str]:
 
 
 @needs_native
-def test_the_kernels_take_the_widest_vector_path_of_this_cpu_and_run_by_default_on_avx512_and_avx2(monkeypatch):
-    """Built with -march=native, the kernels name the path the CPU's flags allow; unset DDPM_NATIVE_KERNELS runs
-    them on the AVX-512 and AVX2 paths (where they measured faster than PyTorch's ops), not on the portable one."""
+def test_the_kernels_take_the_widest_vector_path_of_this_cpu_and_run_by_default_where_they_measured_faster(
+    monkeypatch,
+):
+    """Built with -march=native, the kernels name the path the CPU's flags allow. Unset, DDPM_NATIVE_KERNELS runs
+    all three on the AVX-512 path, GroupNorm and Winograd on the AVX2 path (not the attention, slower there than
+    PyTorch's), none on the portable one; 1 runs them all, 0 none."""
     ext = kernels.extension()
     assert ext is not None, kernels.build._error
     flags = _cpu_flags()
@@ -50,10 +53,22 @@ def test_the_kernels_take_the_widest_vector_path_of_this_cpu_and_run_by_default_
     assert ext.vector_isa == expected, flags
     monkeypatch.delenv(kernels.ENV, raising=False)
     assert kernels.enabled() == (expected != "portable")
+    on = {k for k in kernels.build.KERNELS if kernels.enabled(k)}
+    assert on == {"avx512": {"group_norm", "attention", "winograd"}, "avx2": {"group_norm", "winograd"}}.get(
+        expected, set()
+    )
+    x = torch.randn(2, 16, 6, 6).contiguous(memory_format=CL)
+    assert kernels.applies(x) == kernels.ops.conv3x3_applies(x, torch.randn(16, 16, 3, 3)) == (expected != "portable")
+    summary = kernels.build.summary()
+    assert summary.startswith(f"native kernels: {expected} vector path (")
+    assert ("PyTorch's ops run for: attention" in summary) == (expected == "avx2"), summary
     monkeypatch.setenv(kernels.ENV, "0")
-    assert not kernels.enabled()
+    assert not any(kernels.enabled(k) for k in (None, *kernels.build.KERNELS))
+    assert "not used (DDPM_NATIVE_KERNELS=0)" in kernels.build.summary()
     monkeypatch.setenv(kernels.ENV, "1")
-    assert kernels.enabled()
+    assert all(kernels.enabled(k) for k in (None, *kernels.build.KERNELS))
+    with pytest.raises(ValueError, match="unknown native kernel 'conv'; allowed: group_norm, attention, winograd"):
+        kernels.enabled("conv")
 
 
 @needs_native

@@ -29,8 +29,9 @@ The kernels are compiled the first time they are needed (about 40 s with a C++ c
 ahead, as ``make install`` does), once per torch installation, CPU kind and revision of the sources. Where they
 cannot be built or do not apply (GPU tensors, NCHW layout, other dtypes, inside ``torch.compile``, which fuses
 these ops itself) PyTorch's own ops run instead, with the same results up to float rounding.
-They run where they compiled with their AVX-512 or AVX2 path; on other CPUs PyTorch's ops run instead of their
-portable loops (``DDPM_NATIVE_KERNELS=1`` forces the kernels, ``0`` switches them off).
+Where each runs by default is :data:`build.DEFAULT_KERNELS`: all three where they compiled with their AVX-512 path,
+GroupNorm and Winograd on the AVX2 path, none on other CPUs, where PyTorch's ops run instead of their portable loops
+(``DDPM_NATIVE_KERNELS=1`` forces the kernels, ``0`` switches them off).
 """
 
 from ddpm.kernels.build import ENV, enabled, extension, main

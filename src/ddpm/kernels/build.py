@@ -4,10 +4,11 @@ The sources are compiled with :mod:`torch.utils.cpp_extension` the first time a 
 a C++ compiler; :func:`main` builds them ahead, as ``make install`` does) into ``$DDPM_KERNELS_DIR`` (by default
 ``~/.cache/ddpm-pipeline/kernels``), once per torch installation, CPU kind and revision of the sources. Where they
 cannot be built, :func:`extension` warns once and returns None, and PyTorch's ops run instead.
-Which kernels run is :func:`enabled`'s: ``DDPM_NATIVE_KERNELS`` unset (or ``auto``) uses them where they compiled
-with their AVX-512 or AVX2 path (on a 2-core AVX2 EPYC, the default net's fp32 training step 1.4x and its sampling
-step 1.4x faster than with PyTorch's ops); their portable loops, all other CPUs get, are untimed there, so
-PyTorch's ops run. ``1`` uses them whatever their path (the tests of the portable path), ``0`` never.
+Which kernels run is :func:`enabled`'s: ``DDPM_NATIVE_KERNELS`` unset (or ``auto``) uses those measured faster
+than PyTorch's ops on the path they compiled with (:data:`DEFAULT_KERNELS`): all three on the AVX-512 path; the
+GroupNorm and Winograd kernels on the AVX2 path, where the attention kernel took about twice PyTorch's time; none
+on the portable path, all that other CPUs get. ``1`` uses them all whatever their path (the tests of the portable
+path), ``0`` none.
 """
 
 from __future__ import annotations
@@ -30,7 +31,11 @@ SOURCES = tuple(
     Path(__file__).with_name("csrc") / name for name in ("group_norm_silu.cpp", "attention.cpp", "winograd.cpp")
 )
 ENV = "DDPM_NATIVE_KERNELS"
-VECTOR_PATHS = ("avx512", "avx2")  # the instruction-set paths on which the kernels run by default
+KERNELS = ("group_norm", "attention", "winograd")
+DEFAULT_KERNELS: dict[str, tuple[str, ...]] = {"avx512": KERNELS, "avx2": ("group_norm", "winograd")}
+"""The kernels that run by default on each instruction-set path (``vector_isa``). On a 2-core AVX2 EPYC, the
+default net's fp32 training step against PyTorch's ops: these two kernels 1.72x, all three 1.64x (in turns, median
+of 5; docs/performance.md)."""
 STALE_LOCK_SECONDS = 600  # a build lock older than this was left by a build that was killed
 
 _extension: ModuleType | None = None
@@ -93,16 +98,20 @@ def _one_ninja() -> Iterator[None]:
             os.environ["PATH"] = path
 
 
-def enabled() -> bool:
-    """Whether the native kernels may be used: ``DDPM_NATIVE_KERNELS`` ``1`` always, ``0`` never, unset or ``auto``
-    where they compiled with their AVX-512 or AVX2 path (this builds them on the first call)."""
+def enabled(kernel: str | None = None) -> bool:
+    """Whether the native ``kernel`` (one of :data:`KERNELS`; None: any of them) may be used: with
+    ``DDPM_NATIVE_KERNELS`` ``1`` always, ``0`` never, unset or ``auto`` where :data:`DEFAULT_KERNELS` lists it for
+    the path they compiled with (this builds them on the first call)."""
+    if kernel is not None and kernel not in KERNELS:
+        raise ValueError(f"unknown native kernel {kernel!r}; allowed: {', '.join(KERNELS)}")
     setting = os.environ.get(ENV, "auto")
     if setting == "0":
         return False
     if setting == "1":
         return True
     ext = extension()
-    return ext is not None and ext.vector_isa in VECTOR_PATHS
+    on = DEFAULT_KERNELS.get(ext.vector_isa, ()) if ext is not None else ()
+    return bool(on) if kernel is None else kernel in on
 
 
 def extension() -> ModuleType | None:
@@ -157,7 +166,15 @@ def summary() -> str | None:
     asked for.
     """
     if _extension is not None:
-        used = "" if enabled() else f"; not used ({ENV}={os.environ.get(ENV, 'auto')}): PyTorch's ops run"
+        setting = os.environ.get(ENV, "auto")
+        off = [k for k in KERNELS if not enabled(k)]
+        used = (
+            f"; not used ({ENV}={setting}): PyTorch's ops run"
+            if len(off) == len(KERNELS)
+            else f"; PyTorch's ops run for: {', '.join(off)} ({ENV}={setting})"
+            if off
+            else ""
+        )
         return f"native kernels: {_extension.vector_isa} vector path ({_extension.__file__}){used}"
     if _error is not None:
         return f"native kernels: not built ({_error}); PyTorch's ops run"

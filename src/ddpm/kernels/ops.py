@@ -29,7 +29,7 @@ def applies(x: Tensor) -> bool:
         and x.dim() == 4
         and x.dtype in _DTYPES
         and x.is_contiguous(memory_format=torch.channels_last)
-        and enabled()
+        and enabled("group_norm")
         and not torch.compiler.is_compiling()
         and extension() is not None
     )
@@ -138,7 +138,7 @@ def attention(qkv: Tensor, native: bool = True) -> Tensor:
         and qkv.device.type == "cpu"
         and qkv.dtype == torch.float32
         and 0 < L <= ATTENTION_MAX_TOKENS
-        and enabled()
+        and enabled("attention")
         and not torch.compiler.is_compiling()
         and extension() is not None
     ):
@@ -192,7 +192,7 @@ def conv3x3_applies(x: Tensor, weight: Tensor) -> bool:
         and weight.shape[1] == x.shape[1]
         and x.shape[1] % 16 == 0
         and x.is_contiguous(memory_format=torch.channels_last)
-        and enabled()
+        and enabled("winograd")
         and not torch.compiler.is_compiling()
         and extension() is not None
     )

@@ -296,18 +296,26 @@ static void forward_row(const T* x, const float* a, const float* b, T* y, int64_
   }
 }
 
+// one pixel's row of sums_pass; the sums are restrict-qualified so that the loop vectorises in every instance
+// (GCC left one instance scalar when the row loop sat inside the pixel loop: the SiLU backward at batch 128, 64
+// channels, 14x14 took 12.2 ms instead of 3.8 on a 2-core AVX2 EPYC)
+template <typename T, bool Silu>
+static void sums_row(const T* __restrict x, const T* __restrict dy, const float* __restrict a,
+                     const float* __restrict b, const float* __restrict m, float* __restrict sum_dz,
+                     float* __restrict sum_dzx, int64_t C) {
+  for (int64_t c = 0; c < C; ++c) {
+    const float xv = load1(x, c);
+    const float dz = grad_z<Silu>(load1(dy, c), xv * a[c] + b[c]);
+    sum_dz[c] += dz;
+    sum_dzx[c] += dz * (xv - m[c]);
+  }
+}
+
 template <typename T, bool Silu>
 static void sums_pass(const T* x, const T* dy, int64_t HW, int64_t C, int64_t ldy, const float* a, const float* b,
                       const float* m, float* sum_dz, float* sum_dzx) {
   for (int64_t c = 0; c < C; ++c) sum_dz[c] = sum_dzx[c] = 0.0f;
-  for (int64_t p = 0; p < HW; ++p) {
-    for (int64_t c = 0; c < C; ++c) {
-      const float xv = load1(x + p * C, c);
-      const float dz = grad_z<Silu>(load1(dy + p * ldy, c), xv * a[c] + b[c]);
-      sum_dz[c] += dz;
-      sum_dzx[c] += dz * (xv - m[c]);
-    }
-  }
+  for (int64_t p = 0; p < HW; ++p) sums_row<T, Silu>(x + p * C, dy + p * ldy, a, b, m, sum_dz, sum_dzx, C);
 }
 
 template <typename T, bool Silu>
