@@ -44,7 +44,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 # which every pipeline process, the tests and the benchmarks run before torch loads.
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-fast lint repro smoke sample inpaint metrics plots clean ui prefect-server serve deploy bench bench-team bench-workers bench-conditional bench-ttf \
+.PHONY: help install test test-fast lint repro smoke sample inpaint metrics plots clean ui prefect-server serve deploy bench bench-team bench-workers bench-conditional bench-ttf bench-native \
 	stack-up stack-down stack-status stack-env push pull train-node
 
 help: ## show this list of targets
@@ -125,6 +125,9 @@ bench-conditional: install ## the default's conditioning: conditional vs uncondi
 
 bench-ttf: install ## time to quality: classifier FID against training minutes per recipe (~45 min on 2 cores) -> benchmarks/time_to_fid.md, docs/time_to_fid.png
 	$(RUN) python -m benchmarks.time_to_fid --minutes $(or $(MINUTES),8) --every 2
+
+bench-native: install ## which native kernels beat PyTorch's ops on this CPU: train step and sampling chunk per kernel (~6 min) -> benchmarks/native.md
+	$(PY) -m benchmarks.native --out benchmarks/native.md
 
 lint: install ## check the code with ruff
 	$(PY) -m ruff check src tests pipeline benchmarks

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import needs_native
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -212,3 +215,21 @@ def test_time_to_fid_refuses_an_unknown_recipe():
     command = [sys.executable, "-m", "benchmarks.time_to_fid", "--recipes", "ddpm,fast"]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "--recipes: unknown ['fast']" in done.stderr
+
+
+@needs_native
+def test_the_native_bench_times_every_kernel_arm_against_pytorchs_ops(tmp_path):
+    from benchmarks import native
+
+    from ddpm import kernels
+
+    before = os.environ.get(kernels.ENV)
+    out = tmp_path / "native.md"
+    native.main(["--quick", "--out", str(out)])
+    text = out.read_text()
+    rows = _table(text, "# Native kernels on this CPU")
+    assert [row[0] for row in rows] == list(native.ARMS)
+    assert rows[0][2] == rows[0][4] == "1.00x"
+    assert all(_number(cell) > 0 for row in rows for cell in row[1:])
+    assert re.search(r"native kernels: (avx512|avx2|portable) vector path", text)
+    assert os.environ.get(kernels.ENV) == before and kernels.settings == kernels.Settings()

@@ -34,8 +34,8 @@ ENV = "DDPM_NATIVE_KERNELS"
 KERNELS = ("group_norm", "attention", "winograd")
 DEFAULT_KERNELS: dict[str, tuple[str, ...]] = {"avx512": KERNELS, "avx2": ("group_norm", "winograd")}
 """The kernels that run by default on each instruction-set path (``vector_isa``). On a 2-core AVX2 EPYC, the
-default net's fp32 training step against PyTorch's ops: these two kernels 1.72x, all three 1.64x (in turns, median
-of 5; docs/performance.md)."""
+default net's fp32 training step against PyTorch's ops: these two kernels 1.79x, all three 1.62x (in turns, medians
+of 5; benchmarks/native.md)."""
 STALE_LOCK_SECONDS = 600  # a build lock older than this was left by a build that was killed
 
 _extension: ModuleType | None = None
