@@ -91,7 +91,7 @@ def report(seconds: dict[str, dict[str, float]], args: argparse.Namespace, cfg: 
         "",
         f"`python -m benchmarks.native{' --quick' if args.quick else ''} --reps {args.reps}` on"
         f" {model} ({', '.join(wide) or 'no AVX2'}), {torch.get_num_threads()}"
-        f" threads, torch {torch.__version__}. {build.summary()}.",
+        f" threads, torch {torch.__version__}. {build.summary(file=False)}.",
         "",
         f"Our net `UNetConfig({', '.join(f'{k}={v}' for k, v in cfg.to_dict().items())})` in fp32: a training step"
         f" at batch {args.train_batch} and a sampling chunk of {args.sample_batch} images (dpmpp_2m, 2 steps), the"

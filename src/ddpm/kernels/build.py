@@ -160,10 +160,10 @@ def extension() -> ModuleType | None:
     return _extension
 
 
-def summary() -> str | None:
+def summary(file: bool = True) -> str | None:
     """One line on this process's kernels: the instruction-set path they run (``avx512``, ``avx2`` or ``portable``,
-    chosen when they were compiled for this CPU) and their file, or why they were not built; None before any was
-    asked for.
+    chosen when they were compiled for this CPU) and, with ``file``, their file; or why they were not built; None
+    before any was asked for.
     """
     if _extension is not None:
         setting = os.environ.get(ENV, "auto")
@@ -175,7 +175,8 @@ def summary() -> str | None:
             if off
             else ""
         )
-        return f"native kernels: {_extension.vector_isa} vector path ({_extension.__file__}){used}"
+        where = f" ({_extension.__file__})" if file else ""
+        return f"native kernels: {_extension.vector_isa} vector path{where}{used}"
     if _error is not None:
         return f"native kernels: not built ({_error}); PyTorch's ops run"
     return None
