@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,7 @@ from pipeline import overrides, params, paths, scoring, sweep
 
 from benchmarks.conditional import cpu_line
 from benchmarks.team import env_with, smoke_project
-from ddpm import export, fit, generate, io
+from ddpm import ema, export, fit, generate, io
 from ddpm.nets import UNet
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,6 +57,11 @@ RECIPES: dict[str, dict[str, Any]] = {
     "ddpm-min-snr": {**HORIZON_FREE, "diffusion.weighting": "min_snr"},
     "edm": {**HORIZON_FREE, **EDM},
     "edm-b32": {**HORIZON_FREE, **EDM, "train.batch_size": 32, "train.lr": 5e-4},
+    # half the default's optimizer steps, cosine over them: what may replace the default at half its time
+    "half": {"train.max_steps": 600},
+    "half-min-snr": {"train.max_steps": 600, "diffusion.weighting": "min_snr"},
+    "half-lr2e-3": {"train.max_steps": 600, "train.lr": 2e-3},
+    "half-v": {"train.max_steps": 600, "diffusion.prediction": "v"},
 }
 COLUMNS = ["minutes", "step", "images", "fid", "kid", "confidence"]
 
@@ -105,22 +111,68 @@ class Snapshots(pl.Callback):
             self.take(trainer, module)
 
 
+class PowerEMAs(pl.Callback):
+    """Power-function EMAs (:mod:`ddpm.ema`) of the trained weights beside the run's own EMA, one per sigma_rel:
+    the EMA length's sweep from one run. Their updates follow each optimizer step; their time is not counted."""
+
+    def __init__(self, stds: Sequence[float], snapshots: Snapshots) -> None:
+        self.gammas = {std: ema.gamma_from_std(std) for std in stds}
+        self.snapshots = snapshots
+        self.nets: dict[float, torch.nn.Module] = {}
+        self.updates = 0
+
+    def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        self.nets = {std: copy.deepcopy(module.ema) for std in self.gammas}
+
+    @torch.no_grad()
+    def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, *args: Any) -> None:
+        if trainer.global_step == self.updates:
+            return
+        begun, self.updates = time.perf_counter(), trainer.global_step
+        live = list(module.net.parameters())
+        for std, net in self.nets.items():
+            weight = 1.0 - ema.power_decay(self.updates, self.gammas[std])
+            torch._foreach_lerp_(list(net.parameters()), live, weight)
+        self.snapshots.paused += time.perf_counter() - begun
+
+    def taken(self, trainer_seconds: float) -> dict[float, Snapshot]:
+        return {
+            std: Snapshot(trainer_seconds, self.updates, {k: v.detach().clone() for k, v in net.state_dict().items()})
+            for std, net in self.nets.items()
+        }
+
+
 def recipe_params(base: dict, recipe: dict[str, Any]) -> dict:
     """params.yaml's sections with the recipe's overrides, tracking off."""
     return overrides.merge(base, {**recipe, "tracking.enabled": False})
 
 
-def train_recipe(name: str, raw: dict, minutes: float, every: float, work: Path) -> tuple[list[Snapshot], dict]:
-    """Train recipe ``raw`` (params sections) in the project in the working directory; its snapshots and the
-    train stage's metrics."""
+def train_recipe(
+    name: str, raw: dict, minutes: float, every: float, work: Path, ema_stds: Sequence[float] = ()
+) -> tuple[list[Snapshot], dict[float, Snapshot], dict]:
+    """Train recipe ``raw`` (params sections) in the project in the working directory; its snapshots, the final
+    weights of a power-function EMA per ``ema_stds`` and the train stage's metrics."""
     p = params.validate(raw)
     train_set, test_set = paths.load_splits()
     model = params.resolved_model(p.model, len(train_set.classes))
     snaps = Snapshots(every * 60, minutes * 60, p.train.log_every)
+    emas = PowerEMAs(ema_stds, snaps)
     metrics = fit.train(
-        train_set, test_set, model, p.diffusion, p.train, work / name, progress=False, resume=False, callbacks=[snaps]
+        train_set,
+        test_set,
+        model,
+        p.diffusion,
+        p.train,
+        work / name,
+        progress=False,
+        resume=False,
+        callbacks=[snaps, emas],
     )
-    return snaps.taken, {**metrics, "precision": fit.resolve_precision(p.train).precision}
+    return (
+        snaps.taken,
+        emas.taken(snaps.taken[-1].seconds),
+        {**metrics, "precision": fit.resolve_precision(p.train).precision},
+    )
 
 
 def score(raw: dict, snapshots: list[Snapshot], out_dir: Path) -> None:
@@ -191,6 +243,22 @@ def report(results: dict[str, dict], args: argparse.Namespace, base: dict) -> st
             lines.append(f"{head}| {row[0]:.2f} | {row[1]} | {row[3]:.2f} | {row[4]:.4f} | {row[5]:.3f} |")
     best = min(((r["rows"][-1][3], n) for n, r in results.items()))
     lines += ["", f"Lowest FID at the end of the budget: {best[1]} ({best[0]:.2f})."]
+    if args.ema_stds:
+        lines += [
+            "",
+            "## The EMA's length",
+            "",
+            "At the end of each run: the run's own EMA (train.ema_std, or ema_decay and its warmup) and power-function "
+            "EMAs (ddpm.ema) of relative standard deviation sigma_rel, kept beside it through the run.",
+            "",
+            "| recipe | EMA | FID | KID | confidence |",
+            "|---|---|---|---|---|",
+        ]
+        for name, r in results.items():
+            own = r["rows"][-1]
+            lines.append(f"| {name} | the run's own | {own[3]:.2f} | {own[4]:.4f} | {own[5]:.3f} |")
+            for std, sc in r["emas"].items():
+                lines.append(f"| | sigma_rel {std:g} | {sc['fid']:.2f} | {sc['kid']:.4f} | {sc['confidence']:.3f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -204,6 +272,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/time_to_fid.md")
     parser.add_argument("--csv-dir", type=Path, default=ROOT / "benchmarks/time_to_fid")
     parser.add_argument("--png", type=Path, default=ROOT / "docs/time_to_fid.png")
+    parser.add_argument(
+        "--ema-stds",
+        type=lambda text: [float(v) for v in text.split(",") if v.strip()],
+        default=[],
+        help="comma list of sigma_rel: power-function EMAs (ddpm.ema) kept beside each run's own and scored at its end",
+    )
     args = parser.parse_args()
     names = [n.strip() for n in args.recipes.split(",") if n.strip()]
     unknown = [n for n in names if n not in RECIPES]
@@ -223,11 +297,13 @@ def main() -> None:
         for name in names:
             raw = recipe_params(base, RECIPES[name])
             print(f"{name}: training for at most {args.minutes:g} min", flush=True)
-            snapshots, metrics = train_recipe(name, copy.deepcopy(raw), args.minutes, args.every, Path(work))
-            score(raw, snapshots, Path(work) / name)
+            snapshots, emas, metrics = train_recipe(
+                name, copy.deepcopy(raw), args.minutes, args.every, Path(work), args.ema_stds
+            )
+            score(raw, snapshots + list(emas.values()), Path(work) / name)
             table = rows(snapshots, raw["train"]["batch_size"])
             io.write_csv(csv_dir / f"{name}.csv", COLUMNS, table)
-            results[name] = {**metrics, "rows": table}
+            results[name] = {**metrics, "rows": table, "emas": {std: snap.scores for std, snap in emas.items()}}
     plot({n: r["rows"] for n, r in results.items()}, png, f"time to FID ({cpu_line()})")
     text = report(results, args, base)
     out.write_text(text)

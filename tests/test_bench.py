@@ -191,7 +191,7 @@ def test_time_to_fid_scores_ema_snapshots_along_each_recipe(smoke_repro, tmp_pat
     project = clone_project(smoke_repro[0], tmp_path / "project")  # its featurizer stage ran
     out, csv_dir, png = tmp_path / "ttf.md", tmp_path / "curves", tmp_path / "ttf.png"
     command = [sys.executable, "-m", "benchmarks.time_to_fid", "--quick", "--project", str(project)]
-    command += ["--recipes", "ddpm,edm", "--minutes", "0.1", "--every", "0.04"]
+    command += ["--recipes", "ddpm,edm", "--minutes", "0.1", "--every", "0.04", "--ema-stds", "0.05,0.2"]
     command += ["--out", str(out), "--csv-dir", str(csv_dir), "--png", str(png)]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-3000:]
@@ -209,6 +209,20 @@ def test_time_to_fid_scores_ema_snapshots_along_each_recipe(smoke_repro, tmp_pat
     rows = _table(out.read_text(), "# Time to FID")
     assert [r[0] for r in rows if r[0]] == ["ddpm", "edm"]
     assert png.stat().st_size > 1000
+    emas = _table(out.read_text(), "## The EMA's length")
+    assert [r[:2] for r in emas] == [
+        [name, "the run's own"] if i == 0 else ["", f"sigma_rel {std}"]
+        for name in ("ddpm", "edm")
+        for i, std in enumerate(["", "0.05", "0.2"])
+    ]
+    last_fid, name = {}, ""
+    for row in rows:
+        name = row[0] or name
+        last_fid[name] = row[6]
+    for name, first in (("ddpm", 0), ("edm", 3)):
+        assert emas[first][2] == last_fid[name]  # the run's own EMA: its curve's last point
+        fids = [_number(r[2]) for r in emas[first : first + 3]]
+        assert all(f > 0 for f in fids) and len(set(fids)) == 3  # three EMA lengths, three sets of weights
 
 
 def test_time_to_fid_refuses_an_unknown_recipe():

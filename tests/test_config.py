@@ -77,6 +77,10 @@ def test_optim_and_ema_validation():
     with pytest.raises(ConfigError, match="ema_decay=1.0"):
         OptimConfig(ema_decay=1.0)
     assert OptimConfig(grad_clip=None).grad_clip is None
+    assert OptimConfig(ema_std=0.1).ema_std == 0.1 and OptimConfig().ema_std is None
+    for std in (0, 0.29):
+        with pytest.raises(ConfigError, match=rf"^train.ema_std={std}: Input should be (greater|less) than"):
+            TrainConfig.from_dict({"ema_std": std}, "train")
 
 
 def test_an_lr_whose_first_adamw_step_overflows_float32_fails_in_one_line():

@@ -16,7 +16,7 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
-from ddpm import ConfigError, DDPMConfig, DiffusionModule, OptimConfig, UNet
+from ddpm import ConfigError, DDPMConfig, DiffusionModule, OptimConfig, UNet, ema
 from modules import (  # noqa: F401 (one_torch_thread is a fixture)
     T,
     draw,
@@ -126,6 +126,25 @@ def test_ema_update_uses_decay_of_the_step_number(tiny_net_kwargs, toy_images, t
         assert module.ema_decay(n) == pytest.approx(d)
         expected = {k: d * expected[k] + (1 - d) * net[k].double() for k in expected}
     assert len(trace.nets) == 3
+    for k, v in clone_state(module.ema).items():
+        torch.testing.assert_close(v.double(), expected[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_power_function_ema_follows_edm2s_profile(tiny_net_kwargs, toy_images, tmp_path):
+    """With ema_std: decay (1 - 1/t)^(gamma + 1) at update t = n + 1, whatever ema_decay and its warmup say."""
+    optim = OptimConfig(lr=2e-3, ema_decay=0.5, ema_warmup=True, ema_std=0.1)
+    module = make_module(tiny_net_kwargs, optim=optim)
+    gamma = ema.gamma_from_std(0.1)
+    assert module.ema_decay(0) == 0.0  # the first update copies the net
+    for n in [1, 10, 1000, 100_000]:
+        assert module.ema_decay(n) == pytest.approx((n / (n + 1)) ** (gamma + 1))
+    trace = EmaTrace()
+    make_trainer(tmp_path, max_steps=4, callbacks=[trace]).fit(module, make_loader(toy_images))
+    expected = {k: v.double() for k, v in trace.initial.items()}
+    for n, net in enumerate(trace.nets):
+        d = (n / (n + 1)) ** (gamma + 1)
+        expected = {k: d * expected[k] + (1 - d) * net[k].double() for k in expected}
+    assert len(trace.nets) == 4
     for k, v in clone_state(module.ema).items():
         torch.testing.assert_close(v.double(), expected[k], rtol=1e-5, atol=1e-6, msg=k)
 

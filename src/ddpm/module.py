@@ -22,6 +22,7 @@ from torch import Tensor
 
 from ddpm import io, losses, preconditioning, predictions, schedules
 from ddpm.config import ConfigError, DDPMConfig, OptimConfig, UNetConfig
+from ddpm.ema import gamma_from_std, power_decay
 from ddpm.nets import UNet
 from ddpm.preconditioning import Denoiser
 
@@ -89,6 +90,7 @@ class DiffusionModule(pl.LightningModule):
             )
         self.net = net
         self.ema = copy.deepcopy(net).requires_grad_(False)
+        self._ema_gamma = None if self.optim.ema_std is None else gamma_from_std(self.optim.ema_std)
         self.loss_fn = losses.for_config(self.config)
         self._alphas_cumprod = schedules.alphas_cumprod(self.config.schedule, self.config.T)
         self.skipped_steps = 0  # optimizer steps skipped for a nan/inf loss (optim.nonfinite='skip')
@@ -278,7 +280,10 @@ class DiffusionModule(pl.LightningModule):
             )
 
     def ema_decay(self, step: int) -> float:
-        """EMA decay at optimizer step ``step``, with the (1 + n) / (10 + n) warmup if enabled."""
+        """EMA decay at optimizer step ``step`` (0-based): the power-function EMA's if ``optim.ema_std`` is set, else
+        ``ema_decay``, with the (1 + n) / (10 + n) warmup if enabled."""
+        if self._ema_gamma is not None:
+            return power_decay(step + 1, self._ema_gamma)
         decay = self.optim.ema_decay
         return min(decay, (1 + step) / (10 + step)) if self.optim.ema_warmup else decay
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from ddpm.config.base import CompileSetting, Config
+
+EMA_STD_MAX = math.sqrt(1 / 12)  # sigma_rel of the power-function EMA with gamma = 0 (ddpm.ema.STD_MAX)
 
 
 class OptimConfig(Config):
@@ -26,6 +29,13 @@ class OptimConfig(Config):
     )
     ema_decay: float = Field(0.9999, ge=0, lt=1, description="decay per optimizer step of the EMA used for sampling")
     ema_warmup: bool = Field(True, description="EMA decay min(ema_decay, (1 + n) / (10 + n)) at update n")
+    ema_std: float | None = Field(
+        None,
+        gt=0,
+        lt=EMA_STD_MAX,
+        description="sigma_rel of a power-function EMA (EDM2) instead of the exponential one, whose length grows "
+        "with the run (0.09 is about the warmup's); null = the exponential EMA of ema_decay and ema_warmup",
+    )
 
     @model_validator(mode="after")
     def _betas_in_range(self) -> OptimConfig:
