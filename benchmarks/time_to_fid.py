@@ -62,6 +62,11 @@ RECIPES: dict[str, dict[str, Any]] = {
     "half-min-snr": {"train.max_steps": 600, "diffusion.weighting": "min_snr"},
     "half-lr2e-3": {"train.max_steps": 600, "train.lr": 2e-3},
     "half-v": {"train.max_steps": 600, "diffusion.prediction": "v"},
+    "half-cosine": {"train.max_steps": 600, "diffusion.schedule": "cosine"},
+    "half-edm": {"train.max_steps": 600, **EDM},
+    "half-edm-P-0.4": {"train.max_steps": 600, **EDM, "diffusion.P_mean": -0.4},
+    "half-edm-P0": {"train.max_steps": 600, **EDM, "diffusion.P_mean": 0.0},
+    "half-edm-P0.4": {"train.max_steps": 600, **EDM, "diffusion.P_mean": 0.4},
 }
 COLUMNS = ["minutes", "step", "images", "fid", "kid", "confidence"]
 
@@ -187,7 +192,11 @@ def score(raw: dict, snapshots: list[Snapshot], out_dir: Path) -> None:
         fake, _ = sweep.draw(model, plan, p.sample, None)
         result = scoring.score(fake, p.evaluate)
         snap.scores = {k: float(result[k]) for k in ("fid", "kid", "confidence")}
-        print(f"  step {snap.step} ({snap.seconds / 60:.2f} min): FID {snap.scores['fid']:.2f}", flush=True)
+        print(
+            f"  step {snap.step} ({snap.seconds / 60:.2f} min): FID {snap.scores['fid']:.2f}, "
+            f"confidence {snap.scores['confidence']:.3f}",
+            flush=True,
+        )
 
 
 def rows(snapshots: list[Snapshot], batch_size: int) -> list[list]:
@@ -304,9 +313,10 @@ def main() -> None:
             table = rows(snapshots, raw["train"]["batch_size"])
             io.write_csv(csv_dir / f"{name}.csv", COLUMNS, table)
             results[name] = {**metrics, "rows": table, "emas": {std: snap.scores for std, snap in emas.items()}}
-    plot({n: r["rows"] for n, r in results.items()}, png, f"time to FID ({cpu_line()})")
-    text = report(results, args, base)
-    out.write_text(text)
+            # after each recipe: a long run stopped early keeps the recipes it finished
+            plot({n: r["rows"] for n, r in results.items()}, png, f"time to FID ({cpu_line()})")
+            text = report(results, args, base)
+            out.write_text(text)
     print(text)
 
 
