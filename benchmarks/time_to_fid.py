@@ -199,6 +199,17 @@ def score(raw: dict, snapshots: list[Snapshot], out_dir: Path) -> None:
         )
 
 
+def keep(run_dir: Path, last: Snapshot, emas: dict[float, Snapshot], dest: Path) -> None:
+    """Write the run's final EMA as ``dest/model.pt`` and each power-function EMA as ``dest/model-ema_std-<s>.pt``:
+    model files that ``make sample MODEL=...`` and the sweep draw from."""
+    template = export.load_model(run_dir / "model.pt")
+    named = {"model.pt": last, **{f"model-ema_std-{std:g}.pt": snap for std, snap in emas.items()}}
+    for filename, snap in named.items():
+        net = UNet(template.net.config)
+        net.load_state_dict(snap.state)
+        export.save_model(dest / filename, net, template.config)
+
+
 def rows(snapshots: list[Snapshot], batch_size: int) -> list[list]:
     return [
         [round(s.seconds / 60, 3), s.step, s.step * batch_size, *(round(s.scores[k], 5) for k in COLUMNS[3:])]
@@ -287,6 +298,7 @@ def main() -> None:
         default=[],
         help="comma list of sigma_rel: power-function EMAs (ddpm.ema) kept beside each run's own and scored at its end",
     )
+    parser.add_argument("--keep", type=Path, help="write each recipe's final EMA models to KEEP/<recipe>/")
     args = parser.parse_args()
     names = [n.strip() for n in args.recipes.split(",") if n.strip()]
     unknown = [n for n in names if n not in RECIPES]
@@ -296,6 +308,7 @@ def main() -> None:
     if args.quick:
         base = overrides.merge(base, yaml.safe_load((ROOT / "configs/smoke.yaml").read_text()))
     out, csv_dir, png = args.out.resolve(), args.csv_dir.resolve(), args.png.resolve()
+    kept = args.keep.resolve() if args.keep else None
     with tempfile.TemporaryDirectory(prefix="bench-ttf-") as work:
         project = args.project
         if project is None:
@@ -310,6 +323,8 @@ def main() -> None:
                 name, copy.deepcopy(raw), args.minutes, args.every, Path(work), args.ema_stds
             )
             score(raw, snapshots + list(emas.values()), Path(work) / name)
+            if kept:
+                keep(Path(work) / name, snapshots[-1], emas, kept / name)
             table = rows(snapshots, raw["train"]["batch_size"])
             io.write_csv(csv_dir / f"{name}.csv", COLUMNS, table)
             results[name] = {**metrics, "rows": table, "emas": {std: snap.scores for std, snap in emas.items()}}

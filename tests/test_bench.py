@@ -186,15 +186,24 @@ def test_the_conditional_bench_compares_both_arms_under_one_protocol(tmp_path):
 
 @pytest.mark.slow
 def test_time_to_fid_scores_ema_snapshots_along_each_recipe(smoke_repro, tmp_path):
+    import torch
+
+    from ddpm import export
     from test_pipeline import clone_project
 
     project = clone_project(smoke_repro[0], tmp_path / "project")  # its featurizer stage ran
     out, csv_dir, png = tmp_path / "ttf.md", tmp_path / "curves", tmp_path / "ttf.png"
     command = [sys.executable, "-m", "benchmarks.time_to_fid", "--quick", "--project", str(project)]
     command += ["--recipes", "ddpm,edm", "--minutes", "0.1", "--every", "0.04", "--ema-stds", "0.05,0.2"]
-    command += ["--out", str(out), "--csv-dir", str(csv_dir), "--png", str(png)]
+    command += ["--out", str(out), "--csv-dir", str(csv_dir), "--png", str(png), "--keep", str(tmp_path / "kept")]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-3000:]
+    for name in ("ddpm", "edm"):  # the final EMAs as model files
+        files = ["model.pt", "model-ema_std-0.05.pt", "model-ema_std-0.2.pt"]
+        models = [export.load_model(tmp_path / "kept" / name / f) for f in files]
+        assert {m.config.preconditioning for m in models} == {name}
+        weights = [torch.cat([p.flatten() for p in m.net.parameters()]) for m in models]
+        assert not any(torch.equal(weights[i], weights[j]) for i, j in ((0, 1), (0, 2), (1, 2)))
     for name in ("ddpm", "edm"):
         lines = (csv_dir / f"{name}.csv").read_text().splitlines()
         assert lines[0] == "minutes,step,images,fid,kid,confidence"
