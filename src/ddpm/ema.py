@@ -3,9 +3,10 @@ Diffusion Models", EDM2, Sec. 3.1).
 
 After ``t`` updates it averages the weights of updates ``tau <= t`` with a density proportional to
 ``tau**gamma``, so its length grows with the run. ``sigma_rel``, the standard deviation of that density relative
-to ``t``, names the profile whatever the run's length: a run of 600 or of 60,000 steps with ``sigma_rel`` 0.1
-averages its last tenth or so. The exponential EMA's ``(1 + n) / (10 + n)`` warmup (decay ``1 - 9 / (10 + n)``)
-is close to ``gamma = 8``, ``sigma_rel`` 0.09, for as long as the warmup is below ``ema_decay``.
+to ``t``, names the profile whatever the run's length: with ``sigma_rel`` 0.1, a run of 600 or of 60,000 steps
+averages weights spread over a tenth of the run, centred a ninth of it before the end. The exponential EMA's
+``(1 + n) / (10 + n)`` warmup (decay ``1 - 9 / (10 + n)``) is close to ``gamma = 8``, ``sigma_rel`` 0.09, for as
+long as the warmup is below ``ema_decay``.
 """
 
 from __future__ import annotations
