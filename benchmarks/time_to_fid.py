@@ -129,15 +129,12 @@ class PowerEMAs(pl.Callback):
     def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         self.nets = {std: copy.deepcopy(module.ema) for std in self.gammas}
 
-    @torch.no_grad()
     def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, *args: Any) -> None:
         if trainer.global_step == self.updates:
             return
         begun, self.updates = time.perf_counter(), trainer.global_step
-        live = list(module.net.parameters())
         for std, net in self.nets.items():
-            weight = 1.0 - ema.power_decay(self.updates, self.gammas[std])
-            torch._foreach_lerp_(list(net.parameters()), live, weight)
+            ema.update(net, module.net, ema.power_decay(self.updates, self.gammas[std]))
         self.snapshots.paused += time.perf_counter() - begun
 
     def taken(self, trainer_seconds: float) -> dict[float, Snapshot]:
@@ -180,14 +177,19 @@ def train_recipe(
     )
 
 
+def snapshot_model(template: export.Model, snap: Snapshot) -> export.Model:
+    """The run's exported model ``template`` (its net's config and DDPMConfig) with the snapshot's weights."""
+    net = UNet(template.net.config)
+    net.load_state_dict(snap.state)
+    return export.Model(net.eval().requires_grad_(False), template.config)
+
+
 def score(raw: dict, snapshots: list[Snapshot], out_dir: Path) -> None:
     """Draw ``sample.n`` images from each snapshot as the sample stage does, and score them as evaluate does."""
     p = params.validate(raw)
-    template = export.load_model(out_dir / "model.pt")  # the run's exported model: its net and DDPMConfig
+    template = export.load_model(out_dir / "model.pt")
     for snap in snapshots:
-        net = UNet(template.net.config)
-        net.load_state_dict(snap.state)
-        model = export.Model(net.eval().requires_grad_(False), template.config)
+        model = snapshot_model(template, snap)
         plan = generate.plan(model.config, p.sample.sampler, p.sample.steps, eta=p.sample.eta)
         fake, _ = sweep.draw(model, plan, p.sample, None)
         result = scoring.score(fake, p.evaluate)
@@ -205,9 +207,8 @@ def keep(run_dir: Path, last: Snapshot, emas: dict[float, Snapshot], dest: Path)
     template = export.load_model(run_dir / "model.pt")
     named = {"model.pt": last, **{f"model-ema_std-{std:g}.pt": snap for std, snap in emas.items()}}
     for filename, snap in named.items():
-        net = UNet(template.net.config)
-        net.load_state_dict(snap.state)
-        export.save_model(dest / filename, net, template.config)
+        model = snapshot_model(template, snap)
+        export.save_model(dest / filename, model.net, model.config)
 
 
 def rows(snapshots: list[Snapshot], batch_size: int) -> list[list]:

@@ -14,6 +14,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import torch
+from torch import nn
 
 from ddpm.config.train import EMA_STD_MAX as STD_MAX  # sigma_rel of gamma = 0, the flat average of the whole run
 
@@ -39,3 +41,11 @@ def std_from_gamma(gamma: float) -> float:
 def power_decay(t: int, gamma: float) -> float:
     """Decay of update ``t`` (1 for the first): ``(1 - 1/t)**(gamma + 1)``; the first update copies the weights."""
     return (1.0 - 1.0 / t) ** (gamma + 1.0)
+
+
+@torch.no_grad()
+def update(average: nn.Module, net: nn.Module, decay: float) -> None:
+    """``average <- decay * average + (1 - decay) * net`` for the parameters; buffers are copied from ``net``."""
+    torch._foreach_lerp_(list(average.parameters()), list(net.parameters()), 1.0 - decay)
+    for kept, buffer in zip(average.buffers(), net.buffers()):
+        kept.copy_(buffer)

@@ -20,9 +20,8 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
-from ddpm import io, losses, preconditioning, predictions, schedules
+from ddpm import ema, io, losses, preconditioning, predictions, schedules
 from ddpm.config import ConfigError, DDPMConfig, OptimConfig, UNetConfig
-from ddpm.ema import gamma_from_std, power_decay
 from ddpm.nets import UNet
 from ddpm.preconditioning import Denoiser
 
@@ -90,7 +89,7 @@ class DiffusionModule(pl.LightningModule):
             )
         self.net = net
         self.ema = copy.deepcopy(net).requires_grad_(False)
-        self._ema_gamma = None if self.optim.ema_std is None else gamma_from_std(self.optim.ema_std)
+        self._ema_gamma = None if self.optim.ema_std is None else ema.gamma_from_std(self.optim.ema_std)
         self.loss_fn = losses.for_config(self.config)
         self._alphas_cumprod = schedules.alphas_cumprod(self.config.schedule, self.config.T)
         self.skipped_steps = 0  # optimizer steps skipped for a nan/inf loss (optim.nonfinite='skip')
@@ -283,7 +282,7 @@ class DiffusionModule(pl.LightningModule):
         """EMA decay at optimizer step ``step`` (0-based): the power-function EMA's if ``optim.ema_std`` is set, else
         ``ema_decay``, with the (1 + n) / (10 + n) warmup if enabled."""
         if self._ema_gamma is not None:
-            return power_decay(step + 1, self._ema_gamma)
+            return ema.power_decay(step + 1, self._ema_gamma)
         decay = self.optim.ema_decay
         return min(decay, (1 + step) / (10 + step)) if self.optim.ema_warmup else decay
 
@@ -293,11 +292,7 @@ class DiffusionModule(pl.LightningModule):
         super().optimizer_step(*args, **kwargs)
         if self._skipped:
             return
-        with torch.no_grad():
-            decay = self.ema_decay(updates_so_far)
-            torch._foreach_lerp_(list(self.ema.parameters()), list(self.net.parameters()), 1.0 - decay)
-            for ema_buffer, buffer in zip(self.ema.buffers(), self.net.buffers()):
-                ema_buffer.copy_(buffer)
+        ema.update(self.ema, self.net, self.ema_decay(updates_so_far))
 
     def train(self, mode: bool = True) -> DiffusionModule:
         """Set train/eval mode; the EMA copy is only ever evaluated, so it stays in eval mode."""
