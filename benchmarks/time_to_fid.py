@@ -203,7 +203,7 @@ def score(raw: dict, snapshots: list[Snapshot], out_dir: Path) -> None:
 
 def keep(run_dir: Path, last: Snapshot, emas: dict[float, Snapshot], dest: Path) -> None:
     """Write the run's final EMA as ``dest/model.pt`` and each power-function EMA as ``dest/model-ema_std-<s>.pt``:
-    model files that ``make sample MODEL=...`` and the sweep draw from."""
+    model files that ``make sample MODEL=...`` draws from."""
     template = export.load_model(run_dir / "model.pt")
     named = {"model.pt": last, **{f"model-ema_std-{std:g}.pt": snap for std, snap in emas.items()}}
     for filename, snap in named.items():
