@@ -19,6 +19,7 @@ DATA_INFO = DATA / "info.json"
 FEATURIZER = OUT / "featurizer" / "featurizer.pt"  # featurizer: the classifier of "classifier FID"
 TRAIN = OUT / "train"  # train: last.ckpt (resumable), model.pt, curves.csv and run.json
 MODEL = TRAIN / "model.pt"  # the exported EMA model that sample and sweep draw from
+EMA_SNAPSHOTS = TRAIN / "ema"  # snapshots of the power-function EMAs (train.ema_snapshot_stds); python -m ddpm.ema
 RUN_RECORD = TRAIN / "run.json"  # the pipeline execution's MLflow run; the later stages log into it
 SAMPLES = OUT / "samples"  # sample: samples.npz, grid.png, trajectory.png, meta.json
 SAMPLES_NPZ = SAMPLES / "samples.npz"

@@ -146,6 +146,7 @@ def main(args: argparse.Namespace) -> None:
             print(f"tracking: {record['run_url']}")
         io.write_json(paths.metrics_file("train"), metrics)
         io.write_json(paths.RUN_RECORD, record)  # after training: a killed stage leaves the old one
+        paths.EMA_SNAPSHOTS.mkdir(exist_ok=True)  # a DVC out, empty without train.ema_snapshot_stds
         (paths.TRAIN / checkpoints.RESUME).unlink(missing_ok=True)
     print(f"train: {metrics}")
 

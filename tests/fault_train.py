@@ -42,6 +42,8 @@ TRAIN = {
     "lr": 2e-3,
     "warmup_steps": 5,
     "ema_decay": 0.9,
+    "ema_snapshot_stds": [0.05, 0.1],  # their averages resume too; snapshots every 8 steps, in ema/
+    "ema_snapshot_every": 8,
     "val_every": 20,
     "log_every": 5,
     "checkpoint_every": 5,

@@ -24,7 +24,7 @@ import pytorch_lightning as pl
 import torch
 
 import fault_train
-from ddpm import checkpoints, data, export, fit, io
+from ddpm import checkpoints, data, ema, export, fit, io
 from ddpm.config import ConfigError, TrainConfig
 from ddpm.module import DiffusionModule
 
@@ -62,6 +62,11 @@ def assert_same_run(a: Path, b: Path) -> None:
     ma, mb = load(a / "model.pt")["state_dict"], load(b / "model.pt")["state_dict"]
     assert all(torch.equal(ma[k], mb[k]) for k in ma)
     assert (a / "curves.csv").read_text() == (b / "curves.csv").read_text()
+    snapshots = sorted(p.name for p in (a / "ema").iterdir())
+    assert snapshots == sorted(p.name for p in (b / "ema").iterdir()) and len(snapshots) == 2 * 5  # 8, 16, ..., 40
+    for name in snapshots:
+        sa, sb = load(a / "ema" / name)["state_dict"], load(b / "ema" / name)["state_dict"]
+        assert all(torch.equal(sa[k], sb[k]) for k in sa), name
 
 
 def same_metrics(a: dict, b: dict) -> bool:
@@ -91,7 +96,8 @@ def test_sigterm_checkpoints_then_a_rerun_resumes_bit_identically(digits, refere
         fault_train.run(digits, tmp_path, callbacks=(SigtermAt(step),))
     assert stopped.value.code == 128 + signal.SIGTERM
     assert f"stopped by SIGTERM at step {step}" in str(stopped.value) and "run again to resume" in str(stopped.value)
-    assert sorted(os.listdir(tmp_path)) == ["resume.ckpt"], "no outputs, no temp files"
+    assert sorted(os.listdir(tmp_path)) == ["ema", "resume.ckpt"], "no outputs, no temp files"
+    assert [p.name for p in ema.snapshot_files(tmp_path / "ema")] == ["std0.05-step0000008.pt", "std0.1-step0000008.pt"]
     assert load(tmp_path / "resume.ckpt")["global_step"] == step
 
     first = fault_train.FirstStep()
@@ -141,7 +147,7 @@ def test_sigkill_mid_run_or_mid_checkpoint_then_resume_is_bit_identical(digits, 
         fault_train.run(digits, out, callbacks=(first,))
         assert first.step == resumed.step
         assert_same_run(reference[1], out)
-        assert sorted(p.name for p in out.iterdir()) == ["curves.csv", "last.ckpt", "model.pt"], "temp files swept"
+        assert sorted(p.name for p in out.iterdir()) == ["curves.csv", "ema", "last.ckpt", "model.pt"], "temp files swept"
 
 
 @pytest.mark.slow
@@ -198,7 +204,7 @@ def test_a_full_disk_while_checkpointing_fails_clearly_and_keeps_the_previous_ch
     finally:
         limit.lift()
     assert (tmp_path / "resume.ckpt").read_bytes() == limit.saved, "the step-5 checkpoint is untouched"
-    assert sorted(os.listdir(tmp_path)) == ["resume.ckpt"], "the partial temp file is gone"
+    assert sorted(os.listdir(tmp_path)) == ["ema", "resume.ckpt"], "the partial temp file is gone"
     fault_train.run(digits, tmp_path)  # space again: resumes from step 5
     assert_same_run(reference[1], tmp_path)
 

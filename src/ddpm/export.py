@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
@@ -26,9 +27,10 @@ class Model:
     config: DDPMConfig
 
 
-def save_model(path: str | Path, net: nn.Module, config: DDPMConfig) -> None:
-    """Write ``net`` (a UNet: its config and weights) and ``config`` atomically as a model file."""
-    payload = {"format": MODEL_FORMAT, "net": net.config.to_dict(), "config": config.to_dict()}
+def save_model(path: str | Path, net: nn.Module, config: DDPMConfig, **extra: Any) -> None:
+    """Write ``net`` (a UNet: its config and weights) and ``config`` atomically as a model file; ``extra`` are
+    further plain entries (an EMA snapshot's profile, say) that loading ignores."""
+    payload = {**extra, "format": MODEL_FORMAT, "net": net.config.to_dict(), "config": config.to_dict()}
     io.save_payload(path, {**payload, "state_dict": net.state_dict()})
 
 

@@ -25,7 +25,7 @@ from pytorch_lightning.strategies import DDPStrategy
 from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
 from pytorch_lightning.utilities.rank_zero import rank_zero_module
 
-from ddpm import data, export, io, loaders
+from ddpm import data, ema, export, io, loaders
 from ddpm.callbacks import CompileTime, CurveRecorder, ProgressLog, ThroughputLogger
 from ddpm.checkpoints import RESUME, Preempted, Resume, ResumeCheckpoint, read_resume, save_checkpoint
 from ddpm.config import ConfigError, DDPMConfig, TrainConfig, UNetConfig
@@ -36,7 +36,8 @@ from ddpm.runtime import compile_in_place
 log = logging.getLogger(__name__)
 
 # Train settings that do not change the weights a run ends with: a checkpoint stays valid across them.
-NOT_FINGERPRINTED = frozenset({"checkpoint_every", "nonfinite", "num_workers", "ddp_timeout"})
+NOT_FINGERPRINTED = frozenset({"checkpoint_every", "nonfinite", "num_workers", "ddp_timeout", "ema_snapshot_every"})
+SNAPSHOTS = "ema"  # out_dir's folder of the EMA snapshots (train.ema_snapshot_stds)
 # A run without a terminal logs a progress line at every tenth of its steps, or this often if sooner.
 PROGRESS_SECONDS = 30.0
 
@@ -199,7 +200,9 @@ def train(
     """Fit on ``train_set`` (an ImageSet), validate on ``val_set``; write checkpoint, EMA model and curves.
 
     Writes ``out_dir/last.ckpt`` (resumable Lightning checkpoint), ``out_dir/model.pt`` (EMA sampling model)
-    and ``out_dir/curves.csv``; returns the final metrics. ``logger`` (e.g. Lightning's ``MLFlowLogger``)
+    and ``out_dir/curves.csv``, and with ``cfg.ema_snapshot_stds`` the EMA snapshots in ``out_dir/ema/``
+    (:class:`~ddpm.ema.Snapshots`; a run that does not resume first removes an earlier run's); returns the final
+    metrics. ``logger`` (e.g. Lightning's ``MLFlowLogger``)
     receives Lightning's metrics: train loss and lr every ``log_every`` steps, val losses, and the
     throughput (``train/images_per_second``); Lightning calls loggers on rank 0 only. ``progress`` shows
     Lightning's progress bar when standard output is a terminal, else a :class:`~ddpm.callbacks.ProgressLog`.
@@ -221,6 +224,8 @@ def train(
         log.warning(f"train: resuming from {resume_path} at step {start.step}")
     elif resume and resume_path.is_file():
         log.warning(f"train: ignoring {resume_path}: another run's (other params or data); starting at step 0")
+    if start is None:
+        ema.clear_snapshots(out_dir / SNAPSHOTS)  # an earlier run's snapshots never mix with this run's
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     module = build_module(train_set.images.shape, model, diffusion, cfg)
     compile_in_place(module.net, cfg.compile)
@@ -229,6 +234,7 @@ def train(
     watchers: list[pl.Callback] = [ThroughputLogger(cfg.log_every, cfg.batch_size)] if logger else []
     compile_time = CompileTime() if cfg.compile is not False else None
     watchers += [compile_time] if compile_time else []
+    watchers += [ema.Snapshots(out_dir / SNAPSHOTS, cfg.ema_snapshot_every)] if cfg.ema_snapshot_stds else []
     bar = progress and sys.stdout.isatty()
     if progress and not bar:
         watchers.append(ProgressLog(cfg.batch_size, max(cfg.max_steps // 10, 1), PROGRESS_SECONDS))

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ddpm import ema, io, losses, preconditioning, predictions, schedules
 from ddpm.config import ConfigError, DDPMConfig, OptimConfig, UNetConfig
@@ -90,6 +90,10 @@ class DiffusionModule(pl.LightningModule):
         self.net = net
         self.ema = copy.deepcopy(net).requires_grad_(False)
         self._ema_gamma = None if self.optim.ema_std is None else ema.gamma_from_std(self.optim.ema_std)
+        # power-function EMAs whose snapshots (ddpm.ema.Snapshots) let the EMA length be chosen after training
+        stds = self.optim.ema_snapshot_stds or []
+        self.snapshot_gammas = [ema.gamma_from_std(std) for std in stds]
+        self.snapshot_emas = nn.ModuleList(copy.deepcopy(self.ema) for _ in stds)
         self.loss_fn = losses.for_config(self.config)
         self._alphas_cumprod = schedules.alphas_cumprod(self.config.schedule, self.config.T)
         self.skipped_steps = 0  # optimizer steps skipped for a nan/inf loss (optim.nonfinite='skip')
@@ -293,9 +297,12 @@ class DiffusionModule(pl.LightningModule):
         if self._skipped:
             return
         ema.update(self.ema, self.net, self.ema_decay(updates_so_far))
+        for average, gamma in zip(self.snapshot_emas, self.snapshot_gammas):
+            ema.update(average, self.net, ema.power_decay(updates_so_far + 1, gamma))
 
     def train(self, mode: bool = True) -> DiffusionModule:
         """Set train/eval mode; the EMA copy is only ever evaluated, so it stays in eval mode."""
         super().train(mode)
         self.ema.eval()
+        self.snapshot_emas.eval()
         return self

@@ -36,6 +36,23 @@ class OptimConfig(Config):
         description="sigma_rel of a power-function EMA (EDM2) instead of the exponential one, whose length grows "
         "with the run (0.09 is about the warmup's); null = the exponential EMA of ema_decay and ema_warmup",
     )
+    ema_snapshot_stds: list[float] | None = Field(
+        None,
+        min_length=1,
+        description="sigma_rel of power-function EMAs kept beside the sampling EMA, whose snapshots let the EMA's "
+        "length be chosen after training (ddpm.ema.reconstruct; EDM2 keeps 0.05 and 0.10); null = none",
+    )
+
+    @field_validator("ema_snapshot_stds")
+    @classmethod
+    def _snapshot_stds(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None:
+            bad = [s for s in v if not 0 < s < EMA_STD_MAX]
+            if bad:
+                raise ValueError(f"{bad[0]} is not a profile's sigma_rel: allowed 0 < std < {EMA_STD_MAX:.4f}")
+            if len(set(v)) != len(v):
+                raise ValueError("each std may be listed once")
+        return v
 
     @model_validator(mode="after")
     def _betas_in_range(self) -> OptimConfig:
@@ -97,6 +114,9 @@ class TrainConfig(OptimConfig):
     )
     val_every: int = Field(500, ge=1, description="validation loss every this many steps")
     log_every: int = Field(25, ge=1, description="record loss and lr every this many steps")
+    ema_snapshot_every: int = Field(
+        100, ge=1, description="write the ema_snapshot_stds EMAs every this many steps (and at the end) to ema/"
+    )
     checkpoint_every: int | None = Field(
         500, ge=1, description="write the resume checkpoint every this many steps (and on SIGTERM); null = SIGTERM only"
     )
