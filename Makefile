@@ -16,7 +16,7 @@ SEED ?=
 PRECISION ?=
 LABELS ?=
 GUIDANCE ?=
-MODEL ?= outputs/train/model.pt
+MODEL ?= outputs/model/model.pt
 OUT ?= outputs/make_sample
 # `make inpaint`: the region to generate (left|right|top|bottom|center or a black-and-white PNG, white generated),
 # an npz of images to complete (default: the test split) and RePaint's jumps and passes (default: params.yaml)
@@ -81,7 +81,7 @@ sample: install ## draw new images: make sample SAMPLER=ddim STEPS=50 N=64 SEED=
 
 inpaint: install ## complete test images under a mask: make inpaint MASK=left|right|top|bottom|center|mask.png [N=8] [JUMPS=5 RESAMPLE=5] [GUIDANCE=2] [IMAGES=x.npz] -> outputs/inpaint
 	@test -n "$(MASK)" || { echo "error: MASK is required: left, right, top, bottom, center or a PNG file" >&2; exit 2; }
-	$(RUN) python -m pipeline.inpaint --mask $(MASK) --model $(MODEL) $(if $(filter outputs/train/model.pt,$(MODEL)),--track) \
+	$(RUN) python -m pipeline.inpaint --mask $(MASK) --model $(MODEL) $(if $(filter outputs/model/model.pt,$(MODEL)),--track) \
 	  $(if $(N),--n $(N)) $(if $(SEED),--seed $(SEED)) $(if $(SAMPLER),--sampler $(SAMPLER)) $(if $(STEPS),--steps $(STEPS)) \
 	  $(if $(PRECISION),--precision $(PRECISION)) $(if $(GUIDANCE),--guidance $(GUIDANCE)) $(if $(IMAGES),--images $(IMAGES)) \
 	  $(if $(JUMPS),--repaint-jumps $(JUMPS)) $(if $(RESAMPLE),--resample $(RESAMPLE))

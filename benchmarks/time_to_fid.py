@@ -65,6 +65,9 @@ RECIPES: dict[str, dict[str, Any]] = {
     "half-cosine": {"train.max_steps": 600, "diffusion.schedule": "cosine"},
     "half-edm": {"train.max_steps": 600, **EDM},
     "half-edm-P-0.4": {"train.max_steps": 600, **EDM, "diffusion.P_mean": -0.4},
+    "half-edm-P-0.4-lr2e-3": {"train.max_steps": 600, **EDM, "diffusion.P_mean": -0.4, "train.lr": 2e-3},
+    # the same images in twice the updates of half the batch
+    "half-edm-P-0.4-b64": {"train.max_steps": 1200, "train.batch_size": 64, **EDM, "diffusion.P_mean": -0.4},
     "half-edm-P0": {"train.max_steps": 600, **EDM, "diffusion.P_mean": 0.0},
     "half-edm-P0.4": {"train.max_steps": 600, **EDM, "diffusion.P_mean": 0.4},
 }

@@ -16,13 +16,13 @@ from pipeline import params, paths, scoring
 from pipeline import tracking as stage_tracking
 
 
-def track(run: tracking.Run, p: params.Params, result: dict, params_file: str) -> dict:
+def track(run: tracking.Run, p: params.Params, result: dict, params_file: str, model_record: dict) -> dict:
     """Log the scores into the run and its Logged model, register that model and apply the champion rule;
     return the decision."""
     sampler, steps = result.get("sampler"), result.get("steps")
     names = [name for name in ("fid", "kid", "confidence", "label_accuracy") if name in result]
     scores = {tracking.metric_key(name, sampler, steps): result[name] for name in names}
-    model_id = run.logged_model_id()
+    model_id = model_record.get("model_id") or run.logged_model_id()  # the ema stage's model, which was sampled
     run.log_metrics(scores, model_id=model_id, dataset=run.dataset(p.evaluate.reference))
     featurizer_json = paths.metrics_file("featurizer")
     if featurizer_json.is_file():
@@ -45,7 +45,8 @@ def main(args: argparse.Namespace) -> None:
         meta = json.loads(paths.SAMPLES_META.read_text())
         result.update({key: meta.get(key) for key in ("sampler", "steps", "nfe", "seed", "labels", "guidance")})
     io.write_json(paths.metrics_file("evaluate"), result)
-    decision = track(run, p, result, args.params) if run is not None else stage_tracking.OFF
+    model_record = json.loads(paths.MODEL_RECORD.read_text()) if paths.MODEL_RECORD.is_file() else {}
+    decision = track(run, p, result, args.params, model_record) if run is not None else stage_tracking.OFF
     io.write_json(paths.REGISTRY_RECORD, decision)
     accuracy = f"  label accuracy {result['label_accuracy']:.1%}" if "label_accuracy" in result else ""
     print(

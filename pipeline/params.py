@@ -21,6 +21,7 @@ from ddpm.config import (
     ConfigError,
     DataConfig,
     DDPMConfig,
+    EmaConfig,
     EvaluateConfig,
     FeaturizerConfig,
     SampleConfig,
@@ -34,7 +35,9 @@ from ddpm.runtime import keep_freed_memory
 from pipeline.schedule import ScheduleConfig
 
 PARAMS = Path("params.yaml")
-SECTIONS = ("data", "featurizer", "model", "diffusion", "train", "sample", "evaluate", "sweep", "tracking", "schedule")
+SECTIONS = (
+    "data", "featurizer", "model", "diffusion", "train", "ema", "sample", "evaluate", "sweep", "tracking", "schedule",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,7 @@ class Params:
     model: dict[str, Any]
     diffusion: dict[str, Any]
     train: TrainConfig
+    ema: EmaConfig
     sample: SampleConfig
     evaluate: EvaluateConfig
     sweep: SweepConfig
@@ -149,6 +153,17 @@ def validate(raw: dict[str, Any], sample_overrides: dict[str, Any] | None = None
             f"train.label_dropout={train.label_dropout}: the model is unconditional (model.num_classes: null); "
             "allowed: 0, or set model.num_classes (auto = the data's classes)"
         )
+    ema = EmaConfig.from_dict(sections["ema"], "ema")
+    if ema.std is not None and train.ema_snapshot_stds is None:
+        raise ConfigError(
+            f"ema.std={ema.std}: an EMA length chosen after training is rebuilt from train's snapshots, which "
+            "train.ema_snapshot_stds=null does not keep; allowed: null, or set train.ema_snapshot_stds "
+            "(e.g. [0.05, 0.1])"
+        )
+    if ema.step is not None and ema.std is None:
+        raise ConfigError(f"ema.step={ema.step}: the run's own EMA (ema.std null) ends at the last step; allowed: null")
+    if ema.step is not None and ema.step > train.max_steps:
+        raise ConfigError(f"ema.step={ema.step}: allowed 1 <= step <= train.max_steps={train.max_steps}, or null")
     diffusion = {**diffusion, "p_uncond": train.label_dropout}  # DDPMConfig's name for it
     ddpm_cfg = DDPMConfig.from_dict({**diffusion, "channels": channels, "image_size": size}, "diffusion")
     sample = SampleConfig.from_dict({**sections["sample"], **(sample_overrides or {})}, "sample")
@@ -169,6 +184,7 @@ def validate(raw: dict[str, Any], sample_overrides: dict[str, Any] | None = None
         model=model,
         diffusion=diffusion,
         train=train,
+        ema=ema,
         sample=sample,
         evaluate=EvaluateConfig.from_dict(sections["evaluate"], "evaluate"),
         sweep=sweep,

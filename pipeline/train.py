@@ -65,13 +65,13 @@ def continued_run(p: params.Params, resume: checkpoints.Resume | None) -> dict |
     return {**record, "experiment_id": experiment_id, "run_url": tracking.run_url(uri, experiment_id, run.run_id)}
 
 
-def upload(record: dict, p: params.Params, out: Path, metrics: dict, params_file: str) -> None:
+def upload(record: dict, p: params.Params, out: Path, metrics: dict, params_file: str) -> str:
     """Final metrics; the EMA model as the run's Logged model (the registry's source), linked to the final
-    metrics; the checkpoint, curves and loss plot as artifacts."""
+    metrics; the checkpoint, curves and loss plot as artifacts. Returns the Logged model's id."""
     run = tracking.Run(record)
     step = int(metrics["steps"])
     run.log_metrics({f"final/{k}": v for k, v in metrics.items()}, step=step)
-    run.log_model(out / "model.pt", step=step)
+    model_id = run.log_model(out / "model.pt", step=step)
     if p.tracking.log_checkpoint:
         run.log_artifacts([out / "last.ckpt"], "checkpoints")
     with tempfile.TemporaryDirectory() as tmp:
@@ -80,6 +80,7 @@ def upload(record: dict, p: params.Params, out: Path, metrics: dict, params_file
         run.log_artifacts([plot, out / "curves.csv"], "plots")
     run.log_artifacts([params_file], "config")
     run.client.set_terminated(run.run_id, "FINISHED")
+    return model_id
 
 
 def interrupt_as_preemption() -> None:
@@ -142,7 +143,7 @@ def main(args: argparse.Namespace) -> None:
     if rank_zero_only.rank == 0:
         if record["enabled"]:
             logger.flush(p.tracking.wait_seconds)  # metrics buffered during a server outage
-            upload(record, p, paths.TRAIN, metrics, args.params)
+            record = {**record, "model_id": upload(record, p, paths.TRAIN, metrics, args.params)}
             print(f"tracking: {record['run_url']}")
         io.write_json(paths.metrics_file("train"), metrics)
         io.write_json(paths.RUN_RECORD, record)  # after training: a killed stage leaves the old one

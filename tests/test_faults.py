@@ -147,7 +147,8 @@ def test_sigkill_mid_run_or_mid_checkpoint_then_resume_is_bit_identical(digits, 
         fault_train.run(digits, out, callbacks=(first,))
         assert first.step == resumed.step
         assert_same_run(reference[1], out)
-        assert sorted(p.name for p in out.iterdir()) == ["curves.csv", "ema", "last.ckpt", "model.pt"], "temp files swept"
+        swept = ["curves.csv", "ema", "last.ckpt", "model.pt"]
+        assert sorted(p.name for p in out.iterdir()) == swept, "temp files swept"
 
 
 @pytest.mark.slow

@@ -49,7 +49,7 @@ SHRINK = {
     "sweep.n": 64,
     "tracking.enabled": False,  # tracking has its own tests; the promote step runs against a real server below
 }
-ALL_STAGES = ["prepare", "featurizer", "train", "sample", "evaluate", "sweep@ddim-5", "sweep_report", "guidance"]
+ALL_STAGES = ["prepare", "featurizer", "train", "ema", "sample", "evaluate", "sweep@ddim-5", "sweep_report", "guidance"]
 FAST = {"retry_delay_seconds": 0}
 FAULT_DVC = Path(__file__).resolve().parent / "fault_dvc.py"
 

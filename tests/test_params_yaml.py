@@ -15,6 +15,7 @@ SCHEMAS = {
     "model": "ddpm.config:UNetConfig",
     "diffusion": "ddpm.config:DDPMConfig",
     "train": "ddpm.config:TrainConfig",
+    "ema": "ddpm.config:EmaConfig",
     "sample": "ddpm.config:SampleConfig",
     "evaluate": "ddpm.config:EvaluateConfig",
     "sweep": "ddpm.config:SweepConfig",

@@ -95,7 +95,7 @@ def repro(smoke_repro, tmp_path_factory):
 def test_repro_writes_every_output(repro):
     project, first = repro
     sweep = {"sweep@ddim-5", "sweep@dpmpp_2m-5", "sweep_report"}
-    assert ran_stages(first) == {"prepare", "featurizer", "train", "sample", "evaluate", "guidance"} | sweep
+    assert ran_stages(first) == {"prepare", "featurizer", "train", "ema", "sample", "evaluate", "guidance"} | sweep
     out = project / "outputs"
     train, test = data.load_npz(out / "data" / "train.npz"), data.load_npz(out / "data" / "test.npz")
     assert train.images.shape[1:] == (8, 8, 1) and len(train) + len(test) == 1797
@@ -136,6 +136,42 @@ def test_changing_sample_steps_reruns_only_sample_and_evaluate(repro):
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     result = run(["dvc", "repro"], project)
     assert ran_stages(result) == {"sample", "evaluate"}, result.stdout
+
+
+def test_the_ema_length_is_chosen_after_training_without_training_again(smoke_repro, tmp_path):
+    """train.ema_snapshot_stds keeps snapshots; `dvc exp run -S ema.std=...` rebuilds the EMA of that length from
+    them and draws, scores and registers that model, without training again."""
+    project = clone_project(smoke_repro[0], tmp_path / "project")
+    out = project / "outputs"
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["train"].update(ema_snapshot_stds=[0.05, 0.1], ema_snapshot_every=20)
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert "train" in ran_stages(run(["dvc", "repro"], project))
+    names = sorted(p.name for p in (out / "train" / "ema").iterdir())
+    assert names == [f"std{s}-step{t:07d}.pt" for s in ("0.05", "0.1") for t in (20, 40, 60)]
+    # ema.std null: the later stages draw from the training run's own EMA, the run's first Logged model
+    record = json.loads((out / "train" / "run.json").read_text())
+    own = json.loads((out / "model" / "ema.json").read_text())
+    assert (out / "model" / "model.pt").read_bytes() == (out / "train" / "model.pt").read_bytes()
+    assert own["std"] is None and own["model_id"] == record["model_id"]
+
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "snapshots"], project)
+    exp = run(["dvc", "exp", "run", "-S", "ema.std=0.08"], project)
+    sweep = {"sweep@ddim-5", "sweep@dpmpp_2m-5", "sweep_report"}
+    assert ran_stages(exp) == {"ema", "sample", "evaluate", "guidance"} | sweep, exp.stdout
+    made = json.loads((out / "model" / "ema.json").read_text())
+    assert (made["std"], made["step"], len(made["snapshots"])) == (0.08, 60, 6) and made["profile_error"] < 0.05
+    assert "ema: EMA sigma_rel 0.08 at step 60 from 6 snapshots (sigma_rel 0.05, 0.1)" in exp.stdout
+    rebuilt, trained = (torch.load(out / m / "model.pt", weights_only=True)["state_dict"] for m in ("model", "train"))
+    assert any(not torch.equal(rebuilt[k], trained[k]) for k in rebuilt)
+    # MLflow: the rebuilt model is the run's second Logged model, the one evaluate scored and registered
+    client = MlflowClient(record["tracking_uri"])
+    models = {m.model_id for m in client.get_run(record["run_id"]).outputs.model_outputs}
+    assert models == {record["model_id"], made["model_id"]} and made["model_id"] != record["model_id"]
+    decision = json.loads((out / "evaluate" / "registry.json").read_text())
+    version = client.get_model_version(decision["model_name"], decision["version"])
+    assert version.source == f"models:/{made['model_id']}"
+    assert client.get_run(record["run_id"]).data.params["ema.std"] == "0.08"
 
 
 def test_files_under_data_are_a_dependency_of_prepare(smoke_repro, tmp_path):

@@ -47,12 +47,13 @@ def test_protocol_is_the_protocol_keys_and_their_hash():
     assert registry.protocol_of({**RESULT, "labels": "balanced", "guidance": 4.0})["protocol"] != guided["protocol"]
 
 
-def test_the_registration_key_is_the_run_protocol_sampler_and_steps():
+def test_the_registration_key_is_the_run_model_protocol_sampler_and_steps():
     tags = {"protocol": registry.protocol_of(RESULT)["protocol"], "sampler": "ddim", "steps": "10"}
-    key = registry.registration_key("run1", tags)
-    assert len(key) == 16 and key == registry.registration_key("run1", dict(tags))
-    assert key != registry.registration_key("run2", tags)
-    assert key != registry.registration_key("run1", {**tags, "steps": "25"})
+    key = registry.registration_key("run1", "m-1", tags)
+    assert len(key) == 16 and key == registry.registration_key("run1", "m-1", dict(tags))
+    assert key != registry.registration_key("run2", "m-1", tags)
+    assert key != registry.registration_key("run1", "m-2", tags)  # another EMA of the run (the ema stage's)
+    assert key != registry.registration_key("run1", "m-1", {**tags, "steps": "25"})
 
 
 class Evil:

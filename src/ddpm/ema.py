@@ -132,9 +132,10 @@ class Snapshots(pl.Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, *args: Any) -> None:
         step = trainer.global_step
-        if step == 0 or not module.snapshot_emas or not trainer.is_global_zero:
+        if step == 0 or not module.snapshot_emas or (step % self.every and step != trainer.max_steps):
             return
-        if step % self.every == 0 or step == trainer.max_steps:
+        module.check_finite()  # a nan/inf step stops here on every rank, before its averages are written
+        if trainer.is_global_zero:
             stds = module.optim.ema_snapshot_stds
             for std, gamma, average in zip(stds, module.snapshot_gammas, module.snapshot_emas):
                 profile = {"std": float(std), "gamma": float(gamma), "step": int(step)}

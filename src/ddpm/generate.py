@@ -8,7 +8,7 @@ Classifier-free guidance and inpainting with RePaint resampling (:mod:`ddpm.cond
 network only when labels or a mask are given. The sample stage, the sweep, ``make sample`` and the
 Python API all draw through here::
 
-    model = export.load_model("outputs/train/model.pt")
+    model = export.load_model("outputs/model/model.pt")
     images = generate.sample(model.net, generate.plan(model.config, "heun", 18), 16, seed=0)
 """
 

@@ -23,7 +23,7 @@ from ddpm.config import TrackingConfig
 from ddpm.tracking import MODEL_LOADER, Run, TrackingError, check_server, client, fluent_api_at, run_url
 
 CHAMPION, CHALLENGER = "champion", "challenger"
-KEY_TAG = "registration_key"  # one version per (run, protocol, sampler, steps): the tag that finds it again
+KEY_TAG = "registration_key"  # one version per (run, model, protocol, sampler, steps): the tag that finds it again
 # the evaluate result keys that define "the same protocol": FIDs are comparable only when these agree (the classes
 # drawn and their guidance scale included: a guided class-balanced draw and an unconditional one are not comparable)
 PROTOCOL_KEYS = ("feature_network", "feature_weights_hash", "reference", "n_ref", "n_gen", "labels", "guidance")
@@ -41,16 +41,17 @@ def protocol_of(result: Mapping[str, Any]) -> dict[str, str]:
     return {**fields, "protocol": digest}
 
 
-def registration_key(run_id: str, tags: Mapping[str, str]) -> str:
-    """The short hash of (run id, protocol, sampler, steps) that names a run's registration under a protocol."""
-    fields = [run_id, tags["protocol"], tags["sampler"], tags["steps"]]
+def registration_key(run_id: str, model_id: str, tags: Mapping[str, str]) -> str:
+    """The short hash of (run id, Logged model id, protocol, sampler, steps) that names the registration of one of
+    a run's models (its own EMA, or one rebuilt by the ema stage) under a protocol."""
+    fields = [run_id, model_id, tags["protocol"], tags["sampler"], tags["steps"]]
     return hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:16]
 
 
 def register(run: Run, name: str, result: Mapping[str, Any], model_id: str) -> str:
     """Register the run's Logged model ``model_id`` as a version of ``name``, tagged with FID and protocol.
 
-    A run's evaluation under one protocol, sampler and steps registers once (its :func:`registration_key`):
+    A model's evaluation under one protocol, sampler and steps registers once (its :func:`registration_key`):
     re-running evaluate updates that version's tags, and versions that a repeated create left (a lost answer,
     retried) are deleted but the lowest, so the registry ends with exactly one.
     """
@@ -61,7 +62,7 @@ def register(run: Run, name: str, result: Mapping[str, Any], model_id: str) -> s
         "steps": str(result.get("steps")),
         **protocol_of(result),
     }
-    tags[KEY_TAG] = registration_key(run.run_id, tags)
+    tags[KEY_TAG] = registration_key(run.run_id, model_id, tags)
     ensure_registered_model(run.client, name)
     versions = keyed_versions(run.client, name, run.run_id, tags[KEY_TAG])
     if not versions:

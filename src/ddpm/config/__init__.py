@@ -26,7 +26,7 @@ from ddpm.config.evaluate import FEATURES, INCEPTION_FILE, EvaluateConfig, Featu
 from ddpm.config.model import UNetConfig
 from ddpm.config.sample import SampleConfig, SweepConfig
 from ddpm.config.tracking import TrackingConfig
-from ddpm.config.train import OptimConfig, TrainConfig
+from ddpm.config.train import EmaConfig, OptimConfig, TrainConfig
 
 __all__ = [
     "CHURN_SAMPLERS",
@@ -52,6 +52,7 @@ __all__ = [
     "DDPMConfig",
     "DataConfig",
     "DatasetSpec",
+    "EmaConfig",
     "EvaluateConfig",
     "FeaturizerConfig",
     "OptimConfig",

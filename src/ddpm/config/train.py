@@ -163,3 +163,16 @@ class TrainConfig(OptimConfig):
                     f"num_nodes={self.num_nodes} needs devices as a count of processes per node, not {self.devices!r}"
                 )
         return self
+
+
+class EmaConfig(Config):
+    """The ``ema`` section: which EMA of the trained weights the later stages draw from."""
+
+    std: float | None = Field(
+        None,
+        gt=0,
+        lt=EMA_STD_MAX,
+        description="sigma_rel of the EMA rebuilt from train's snapshots (train.ema_snapshot_stds) after training; "
+        "null = the run's own EMA (train's model.pt)",
+    )
+    step: int | None = Field(None, ge=1, description="the update that EMA ends at; null = the last snapshot's")
