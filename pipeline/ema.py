@@ -15,6 +15,11 @@ from pipeline import params, paths
 from pipeline import tracking as stage_tracking
 
 
+def model_name(std: float) -> str:
+    """The rebuilt EMA's Logged model name, ``model-ema-0_08`` for 0.08 (MLflow allows no dots in the name)."""
+    return f"model-ema-{std:g}".replace(".", "_")
+
+
 def main(args: argparse.Namespace) -> None:
     p = params.load(args.params)
     record = tracking.read_run(paths.RUN_RECORD)
@@ -38,7 +43,8 @@ def main(args: argparse.Namespace) -> None:
         }
         run = stage_tracking.reopen(p)
         if run is not None:
-            made["model_id"] = run.log_model(paths.MODEL, step=how.step)
+            about = {"ema.std": how.std, "ema.step": how.step, "ema.profile_error": round(how.error, 5)}
+            made["model_id"] = run.log_model(paths.MODEL, step=how.step, name=model_name(how.std), params=about)
             run.log_new_params(tracking.flatten({"ema": p.ema.to_dict()}))
             run.log_metrics({"ema/profile_error": how.error}, step=how.step)
         print(f"ema: {how.summary()} -> {paths.MODEL}")

@@ -96,8 +96,9 @@ def test_sigterm_checkpoints_then_a_rerun_resumes_bit_identically(digits, refere
         fault_train.run(digits, tmp_path, callbacks=(SigtermAt(step),))
     assert stopped.value.code == 128 + signal.SIGTERM
     assert f"stopped by SIGTERM at step {step}" in str(stopped.value) and "run again to resume" in str(stopped.value)
-    assert sorted(os.listdir(tmp_path)) == ["ema", "resume.ckpt"], "no outputs, no temp files"
-    assert [p.name for p in ema.snapshot_files(tmp_path / "ema")] == ["std0.05-step0000008.pt", "std0.1-step0000008.pt"]
+    assert sorted(os.listdir(tmp_path)) == ["ema.partial", "resume.ckpt"], "no outputs, no temp files"
+    partial = ema.snapshot_files(tmp_path / "ema.partial")  # the unfinished run's, kept for its resume
+    assert [p.name for p in partial] == ["std0.05-step0000008.pt", "std0.1-step0000008.pt"]
     assert load(tmp_path / "resume.ckpt")["global_step"] == step
 
     first = fault_train.FirstStep()
@@ -205,7 +206,7 @@ def test_a_full_disk_while_checkpointing_fails_clearly_and_keeps_the_previous_ch
     finally:
         limit.lift()
     assert (tmp_path / "resume.ckpt").read_bytes() == limit.saved, "the step-5 checkpoint is untouched"
-    assert sorted(os.listdir(tmp_path)) == ["ema", "resume.ckpt"], "the partial temp file is gone"
+    assert sorted(os.listdir(tmp_path)) == ["ema.partial", "resume.ckpt"], "the partial temp file is gone"
     fault_train.run(digits, tmp_path)  # space again: resumes from step 5
     assert_same_run(reference[1], tmp_path)
 

@@ -163,6 +163,8 @@ def test_the_ema_length_is_chosen_after_training_without_training_again(smoke_re
     client = MlflowClient(record["tracking_uri"])
     models = {m.model_id for m in client.get_run(record["run_id"]).outputs.model_outputs}
     assert models == {record["model_id"], made["model_id"]} and made["model_id"] != record["model_id"]
+    logged = client.get_logged_model(made["model_id"])  # told apart from the run's own in the UI's model list
+    assert logged.name == "model-ema-0_08" and logged.params["ema.std"] == "0.08", (logged.name, logged.params)
     decision = json.loads((out / "evaluate" / "registry.json").read_text())
     version = client.get_model_version(decision["model_name"], decision["version"])
     assert version.source == f"models:/{made['model_id']}"

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -146,6 +148,21 @@ def clear_snapshots(folder: str | Path) -> None:
     """Remove the snapshot files of an earlier run from ``folder``, so that a new run's never mix with them."""
     for path in snapshot_files(folder):
         path.unlink()
+
+
+def publish_snapshots(partial: str | Path, folder: str | Path) -> None:
+    """Move a finished run's snapshots from ``partial`` into ``folder``, replacing the ones there.
+
+    A run writes its snapshots to ``partial`` while it trains, so that a run which fails or is stopped leaves
+    the previous run's snapshots in ``folder`` as they were (and its own in ``partial``, for its resume).
+    """
+    partial, folder = Path(partial), Path(folder)
+    clear_snapshots(folder)
+    if partial.is_dir():
+        folder.mkdir(parents=True, exist_ok=True)
+        for path in snapshot_files(partial):
+            os.replace(path, folder / path.name)
+        shutil.rmtree(partial)
 
 
 @dataclass(frozen=True)

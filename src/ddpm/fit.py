@@ -37,7 +37,8 @@ log = logging.getLogger(__name__)
 
 # Train settings that do not change the weights a run ends with: a checkpoint stays valid across them.
 NOT_FINGERPRINTED = frozenset({"checkpoint_every", "nonfinite", "num_workers", "ddp_timeout", "ema_snapshot_every"})
-SNAPSHOTS = "ema"  # out_dir's folder of the EMA snapshots (train.ema_snapshot_stds)
+SNAPSHOTS = "ema"  # out_dir's folder of the EMA snapshots (train.ema_snapshot_stds) of the last finished run
+SNAPSHOTS_PARTIAL = "ema.partial"  # those of the run in progress, moved to SNAPSHOTS when it finishes
 # A run without a terminal logs a progress line at every tenth of its steps, or this often if sooner.
 PROGRESS_SECONDS = 30.0
 
@@ -225,7 +226,7 @@ def train(
     elif resume and resume_path.is_file():
         log.warning(f"train: ignoring {resume_path}: another run's (other params or data); starting at step 0")
     if start is None:
-        ema.clear_snapshots(out_dir / SNAPSHOTS)  # an earlier run's snapshots never mix with this run's
+        ema.clear_snapshots(out_dir / SNAPSHOTS_PARTIAL)  # an unfinished earlier run's never mix with this run's
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     module = build_module(train_set.images.shape, model, diffusion, cfg)
     compile_in_place(module.net, cfg.compile)
@@ -234,7 +235,7 @@ def train(
     watchers: list[pl.Callback] = [ThroughputLogger(cfg.log_every, cfg.batch_size)] if logger else []
     compile_time = CompileTime() if cfg.compile is not False else None
     watchers += [compile_time] if compile_time else []
-    watchers += [ema.Snapshots(out_dir / SNAPSHOTS, cfg.ema_snapshot_every)] if cfg.ema_snapshot_stds else []
+    watchers += [ema.Snapshots(out_dir / SNAPSHOTS_PARTIAL, cfg.ema_snapshot_every)] if cfg.ema_snapshot_stds else []
     bar = progress and sys.stdout.isatty()
     if progress and not bar:
         watchers.append(ProgressLog(cfg.batch_size, max(cfg.max_steps // 10, 1), PROGRESS_SECONDS))
@@ -278,6 +279,7 @@ def train(
     if trainer.is_global_zero:
         export.save_model(out_dir / "model.pt", module.ema, module.config)
         io.write_csv(out_dir / "curves.csv", ["step", "loss", "lr"], recorder.rows)
+        ema.publish_snapshots(out_dir / SNAPSHOTS_PARTIAL, out_dir / SNAPSHOTS)
         if not keep_resume:
             resume_path.unlink(missing_ok=True)
     images = trainer.global_step * cfg.batch_size * trainer.world_size

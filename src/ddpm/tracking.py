@@ -298,8 +298,11 @@ class Run:
         items = [Metric(k, float(v), now, step, model_id=model_id, **on) for k, v in metrics.items()]
         self.client.log_batch(self.run_id, metrics=items)
 
-    def log_model(self, model_file: str | Path, step: int) -> str:
-        """Log the exported EMA model as the run's Logged model at training step ``step``; return its id.
+    def log_model(
+        self, model_file: str | Path, step: int, name: str = LOGGED_MODEL, params: Mapping[str, Any] | None = None
+    ) -> str:
+        """Log the exported EMA model as a Logged model of the run at training step ``step``; return its id.
+        ``name`` and the model's ``params`` tell models of one run apart in the UI's model list.
 
         An MLflow ``python_function`` model whose loader is :mod:`ddpm.mlflow_model` and whose data is the file
         itself (read with ``weights_only=True``): nothing pickled, no dependency inference (the requirements are
@@ -309,7 +312,8 @@ class Run:
 
         with fluent_api_at(self.uri), mlflow.start_run(run_id=self.run_id):  # a model goes into the active run
             info = mlflow.pyfunc.log_model(
-                name=LOGGED_MODEL,
+                name=name,
+                params={k: str(v) for k, v in (params or {}).items()} or None,
                 loader_module=MODEL_LOADER,
                 data_path=str(model_file),
                 pip_requirements=model_requirements(),
