@@ -121,7 +121,7 @@ def test_a_run_writes_snapshots_that_rebuild_a_model_of_any_length(toy_image_set
     train = {"max_steps": 7, "batch_size": 16, "warmup_steps": 1, "val_every": 7, "log_every": 1}
     train_set, val_set = toy_image_sets
     out = tmp_path / "train"
-    stale = ema.snapshot_path(out / fit.SNAPSHOTS, 0.2, 5)  # another run's: a run that does not resume removes it
+    stale = ema.snapshot_path(out / fit.SNAPSHOTS, 0.2, 5)  # an earlier run's: the next finished run replaces it
     stale.parent.mkdir(parents=True)
     stale.write_bytes(b"stale")
     cfg = TrainConfig(**train, accelerator="cpu", ema_snapshot_stds=[0.05, 0.1], ema_snapshot_every=3)
