@@ -53,6 +53,7 @@ from pipeline.paths import METRICS, REGISTRY_RECORD, RUN_RECORD, TRAIN
 
 NO_RESULT_CACHE = {"cache_policy": NO_CACHE, "persist_result": False}
 RESUME = TRAIN / "resume.ckpt"  # an interrupted training's checkpoint (ddpm.checkpoints.RESUME; not a DVC output)
+SNAPSHOTS_PARTIAL = TRAIN / "ema.partial"  # the EMA snapshots of the training in progress (ddpm.fit.SNAPSHOTS_PARTIAL)
 
 
 # ---------------------------------------------------------------- flow options
@@ -208,13 +209,15 @@ def resume_key(root: Path, overrides: dict[str, Any]) -> str:
 
 class ResumeSync:
     """While a run trains, copy its resume checkpoint to the shared store each time the train stage writes one
-    (every ``train.checkpoint_every`` steps, atomically), so a run on any worker can continue it."""
+    (every ``train.checkpoint_every`` steps, atomically), and each EMA snapshot it writes
+    (``train.ema_snapshot_every``), so a run on any worker can continue it with the snapshots made so far."""
 
     def __init__(self, root: Path, key: str, logger, interval: float = 1.0) -> None:
         self.root, self.key, self.logger, self.interval = root, key, logger, interval
         self.path = root / RESUME
         self.stop = threading.Event()
         self.seen: tuple[int, int] | None = self.state()
+        self.snapshots: dict[str, tuple[int, int]] = {}  # those pushed: name -> (mtime_ns, size)
         self.thread = threading.Thread(target=self.loop, name="resume-sync", daemon=True)
 
     def state(self) -> tuple[int, int] | None:
@@ -225,6 +228,10 @@ class ResumeSync:
         return st.st_mtime_ns, st.st_size
 
     def sync(self) -> None:
+        # snapshots first: a continuation finds every snapshot up to the step of the checkpoint it fetches
+        pushed = remote.push_snapshots(self.root, self.root / SNAPSHOTS_PARTIAL, self.key, self.snapshots)
+        if pushed:
+            self.logger.info("EMA snapshots pushed to the shared store (%s): %s", self.key, ", ".join(pushed))
         now = self.state()
         if now is not None and now != self.seen:
             remote.push_resume(self.root, self.path, self.key)
@@ -254,15 +261,19 @@ def run_pipeline(
     """``dvc repro`` (``dvc exp run -S ...`` with overrides or ``as_experiment``); a failed attempt leaves
     params.yaml as it was.
 
-    ``share_resume`` (a worker's run): the resume checkpoint goes to the shared store as training writes it, and
-    a run that finds one there for its commit and overrides continues from it (the train stage checks that it
-    belongs to the same params and data; another run's is ignored)."""
+    ``share_resume`` (a worker's run): the resume checkpoint and the EMA snapshots go to the shared store as
+    training writes them, and a run that finds a checkpoint there for its commit and overrides continues from it
+    with those snapshots (the train stage checks that it belongs to the same params and data; another run's is
+    ignored, and so are its snapshots)."""
     logger = get_run_logger()
     if not share_resume:
         return dvc_runner.repro(root, overrides, force, logger, as_experiment)
     key = resume_key(root, overrides)
     if not (root / RESUME).exists() and remote.pull_resume(root, key, root / RESUME):
         logger.info("resume checkpoint fetched from the shared store (%s): training continues from it", key)
+        snapshots = remote.pull_snapshots(root, key, root / SNAPSHOTS_PARTIAL)
+        if snapshots:
+            logger.info("%d EMA snapshots fetched from the shared store (%s)", len(snapshots), key)
     with ResumeSync(root, key, logger):
         result = dvc_runner.repro(root, overrides, force, logger, as_experiment)
     remote.drop_resume(root, key)

@@ -105,27 +105,22 @@ def s3_client(remote: dict, config=None):
     )
 
 
-# Resume checkpoints of runs in progress, beside the DVC remote's objects: ``<remote url>/resume/<key>.ckpt``.
-# They are not DVC data (no stage declares them); a run on another worker continues from them.
+# What a run in progress needs to be continued on another worker, beside the DVC remote's objects: its resume
+# checkpoint ``<remote url>/resume/<key>.ckpt`` and the EMA snapshots it has written so far
+# ``<remote url>/resume/<key>.ema/<file>``. They are not DVC data (no stage declares them).
 RESUME_PREFIX = "resume"
 
 
-def _resume_object(project: Path, key: str) -> tuple[Any, str, str]:
-    """(S3 client or None for a folder remote, bucket or folder, object key or file name) of a resume key."""
+def _resume_store(project: Path) -> tuple[Any, str, str]:
+    """(S3 client or None for a folder remote, bucket or folder, the resume prefix in it)."""
     _, remote = settings(project)
     url = urlparse(remote["url"])
     if url.scheme == "s3":
-        return (
-            s3_client(remote),
-            url.netloc,
-            "/".join(filter(None, [url.path.strip("/"), RESUME_PREFIX, f"{key}.ckpt"])),
-        )
-    return None, str(Path(project) / remote["url"]), f"{RESUME_PREFIX}/{key}.ckpt"
+        return s3_client(remote), url.netloc, "/".join(filter(None, [url.path.strip("/"), RESUME_PREFIX]))
+    return None, str(Path(project) / remote["url"]), RESUME_PREFIX
 
 
-def push_resume(project: Path, path: Path, key: str) -> None:
-    """Copy a resume checkpoint to the shared store under ``key``."""
-    s3, bucket, name = _resume_object(project, key)
+def _put(s3, bucket: str, name: str, path: Path) -> None:
     if s3 is not None:
         s3.upload_file(str(path), bucket, name)
         return
@@ -136,9 +131,8 @@ def push_resume(project: Path, path: Path, key: str) -> None:
     tmp.replace(dest)
 
 
-def pull_resume(project: Path, key: str, dest: Path) -> bool:
-    """Fetch the resume checkpoint stored under ``key`` into ``dest`` (atomically); False if there is none."""
-    s3, bucket, name = _resume_object(project, key)
+def _get(s3, bucket: str, name: str, dest: Path) -> bool:
+    """Fetch one object into ``dest`` atomically; False if there is none."""
     tmp = dest.with_name(f".{dest.name}.tmp")
     dest.parent.mkdir(parents=True, exist_ok=True)
     if s3 is not None:
@@ -159,13 +153,67 @@ def pull_resume(project: Path, key: str, dest: Path) -> bool:
     return True
 
 
+def _listing(s3, bucket: str, folder: str) -> list[str]:
+    """The names of the objects under ``folder`` (a prefix ending without ``/``), in name order."""
+    if s3 is None:
+        root = Path(bucket) / folder
+        return sorted(f"{folder}/{p.name}" for p in root.iterdir() if p.is_file()) if root.is_dir() else []
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{folder}/")
+    return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
+
+
+def push_resume(project: Path, path: Path, key: str) -> None:
+    """Copy a resume checkpoint to the shared store under ``key``."""
+    s3, bucket, prefix = _resume_store(project)
+    _put(s3, bucket, f"{prefix}/{key}.ckpt", path)
+
+
+def pull_resume(project: Path, key: str, dest: Path) -> bool:
+    """Fetch the resume checkpoint stored under ``key`` into ``dest`` (atomically); False if there is none."""
+    s3, bucket, prefix = _resume_store(project)
+    return _get(s3, bucket, f"{prefix}/{key}.ckpt", dest)
+
+
+def push_snapshots(project: Path, folder: Path, key: str, pushed: dict[str, tuple[int, int]]) -> list[str]:
+    """Copy the EMA snapshot files of ``folder`` (``*.pt``; ``ddpm.fit.SNAPSHOTS_PARTIAL``) that are new or
+    rewritten since ``pushed`` (name -> (mtime_ns, size), updated here) to the shared store under ``key``;
+    return their names. A snapshot is written atomically, so a file seen here is whole."""
+    s3, bucket, prefix = _resume_store(project)
+    done = []
+    for path in sorted(Path(folder).glob("*.pt")):
+        try:
+            st = path.stat()
+        except FileNotFoundError:  # moved away (the run finished)
+            continue
+        if pushed.get(path.name) != (st.st_mtime_ns, st.st_size):
+            _put(s3, bucket, f"{prefix}/{key}.ema/{path.name}", path)
+            pushed[path.name] = (st.st_mtime_ns, st.st_size)
+            done.append(path.name)
+    return done
+
+
+def pull_snapshots(project: Path, key: str, dest: Path) -> list[str]:
+    """Fetch the EMA snapshots stored under ``key`` into the folder ``dest``; return their names."""
+    s3, bucket, prefix = _resume_store(project)
+    names = []
+    for name in _listing(s3, bucket, f"{prefix}/{key}.ema"):
+        base = name.rsplit("/", 1)[-1]
+        if base.endswith(".pt") and _get(s3, bucket, name, Path(dest) / base):
+            names.append(base)
+    return names
+
+
 def drop_resume(project: Path, key: str) -> None:
-    """Delete the resume checkpoint stored under ``key`` (the run it belonged to finished)."""
-    s3, bucket, name = _resume_object(project, key)
+    """Delete the resume checkpoint and snapshots stored under ``key`` (the run they belonged to finished)."""
+    s3, bucket, prefix = _resume_store(project)
+    names = [f"{prefix}/{key}.ckpt", *_listing(s3, bucket, f"{prefix}/{key}.ema")]
     if s3 is not None:
-        s3.delete_object(Bucket=bucket, Key=name)
-    else:
+        for name in names:
+            s3.delete_object(Bucket=bucket, Key=name)
+        return
+    for name in names:
         (Path(bucket) / name).unlink(missing_ok=True)
+    shutil.rmtree(Path(bucket) / prefix / f"{key}.ema", ignore_errors=True)
 
 
 def key_refusal(s3) -> str | None:

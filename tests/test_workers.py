@@ -300,5 +300,15 @@ def test_a_killed_worker_crashes_its_run_and_the_other_resumes_it(team, team_sta
         uninterrupted = torch.load(reference / "outputs/train/model.pt", weights_only=True)["state_dict"]
         assert resumed.keys() == uninterrupted.keys()
         assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
+        # the EMA snapshots: those of the lost worker up to the checkpoint came from the store, the rest were
+        # written here, and together they are the uninterrupted run's
+        assert re.search(r"\d+ EMA snapshots fetched from the shared store", text), text
+        snapshots = sorted(p.name for p in (other / "outputs/train/ema").glob("*.pt"))
+        assert snapshots == sorted(p.name for p in (reference / "outputs/train/ema").glob("*.pt"))
+        assert any(int(name.split("-step")[1][:-3]) < step for name in snapshots), snapshots
+        for name in snapshots:
+            mine = torch.load(other / "outputs/train/ema" / name, weights_only=True)["state_dict"]
+            theirs = torch.load(reference / "outputs/train/ema" / name, weights_only=True)["state_dict"]
+            assert all(torch.equal(mine[k], theirs[k]) for k in theirs), name
     finally:
         team.start_worker(lost)

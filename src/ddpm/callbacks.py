@@ -1,14 +1,17 @@
-"""Lightning callbacks that watch a training run: the loss curve, the throughput, the compile time and a progress
-log."""
+"""Lightning callbacks that watch a training run: the loss curve, the throughput, the compile time, a progress
+log and the EMA snapshots."""
 
 from __future__ import annotations
 
 import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Any, TextIO
 
 import pytorch_lightning as pl
+
+from ddpm import ema, export
 
 
 class CurveRecorder(pl.Callback):
@@ -127,3 +130,26 @@ class ProgressLog(pl.Callback):
         if total > 0:
             parts.append(f"ETA {_clock((now - began) / (step - first) * (total - step))}")
         print("train: " + ", ".join(parts), file=self.stream or sys.stdout, flush=True)
+
+
+class EMASnapshots(pl.Callback):
+    """Write the module's ``snapshot_emas`` (``train.ema_snapshot_stds``) to ``folder`` every ``every`` updates and
+    at the last one, each as a model file with its profile (``ema``: std, gamma, step).
+
+    Their averages live in the module, so the resume checkpoint carries them; files of an interrupted run up to
+    its checkpoint are the ones the resumed run would write, and the later ones are written again.
+    """
+
+    def __init__(self, folder: str | Path, every: int) -> None:
+        self.folder, self.every = Path(folder), every
+
+    def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, *args: Any) -> None:
+        step = trainer.global_step
+        if step == 0 or not module.snapshot_emas or (step % self.every and step != trainer.max_steps):
+            return
+        module.check_finite()  # a nan/inf step stops here on every rank, before its averages are written
+        if trainer.is_global_zero:
+            stds = module.optim.ema_snapshot_stds
+            for std, gamma, average in zip(stds, module.snapshot_gammas, module.snapshot_emas):
+                profile = {"std": float(std), "gamma": float(gamma), "step": int(step)}
+                export.save_model(ema.snapshot_path(self.folder, std, step), average, module.config, ema=profile)

@@ -17,10 +17,8 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 from torch import nn
 
@@ -119,29 +117,6 @@ def snapshot_path(folder: str | Path, std: float, step: int) -> Path:
 def snapshot_files(folder: str | Path) -> list[Path]:
     """The snapshot files in ``folder``, in name order."""
     return sorted(Path(folder).glob("std*-step*.pt"))
-
-
-class Snapshots(pl.Callback):
-    """Write the module's ``snapshot_emas`` (``train.ema_snapshot_stds``) to ``folder`` every ``every`` updates and
-    at the last one, each as a model file with its profile (``ema``: std, gamma, step).
-
-    Their averages live in the module, so the resume checkpoint carries them; files of an interrupted run up to
-    its checkpoint are the ones the resumed run would write, and the later ones are written again.
-    """
-
-    def __init__(self, folder: str | Path, every: int) -> None:
-        self.folder, self.every = Path(folder), every
-
-    def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, *args: Any) -> None:
-        step = trainer.global_step
-        if step == 0 or not module.snapshot_emas or (step % self.every and step != trainer.max_steps):
-            return
-        module.check_finite()  # a nan/inf step stops here on every rank, before its averages are written
-        if trainer.is_global_zero:
-            stds = module.optim.ema_snapshot_stds
-            for std, gamma, average in zip(stds, module.snapshot_gammas, module.snapshot_emas):
-                profile = {"std": float(std), "gamma": float(gamma), "step": int(step)}
-                export.save_model(snapshot_path(self.folder, std, step), average, module.config, ema=profile)
 
 
 def clear_snapshots(folder: str | Path) -> None:

@@ -26,7 +26,7 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException, SI
 from pytorch_lightning.utilities.rank_zero import rank_zero_module
 
 from ddpm import data, ema, export, io, loaders
-from ddpm.callbacks import CompileTime, CurveRecorder, ProgressLog, ThroughputLogger
+from ddpm.callbacks import CompileTime, CurveRecorder, EMASnapshots, ProgressLog, ThroughputLogger
 from ddpm.checkpoints import RESUME, Preempted, Resume, ResumeCheckpoint, read_resume, save_checkpoint
 from ddpm.config import ConfigError, DDPMConfig, TrainConfig, UNetConfig
 from ddpm.module import DiffusionModule, NonFiniteLossError
@@ -202,8 +202,8 @@ def train(
 
     Writes ``out_dir/last.ckpt`` (resumable Lightning checkpoint), ``out_dir/model.pt`` (EMA sampling model)
     and ``out_dir/curves.csv``, and with ``cfg.ema_snapshot_stds`` the EMA snapshots in ``out_dir/ema/``
-    (:class:`~ddpm.ema.Snapshots`; a run that does not resume first removes an earlier run's); returns the final
-    metrics. ``logger`` (e.g. Lightning's ``MLFlowLogger``)
+    (:class:`~ddpm.callbacks.EMASnapshots`; a run that does not resume first removes an earlier run's); returns
+    the final metrics. ``logger`` (e.g. Lightning's ``MLFlowLogger``)
     receives Lightning's metrics: train loss and lr every ``log_every`` steps, val losses, and the
     throughput (``train/images_per_second``); Lightning calls loggers on rank 0 only. ``progress`` shows
     Lightning's progress bar when standard output is a terminal, else a :class:`~ddpm.callbacks.ProgressLog`.
@@ -235,7 +235,7 @@ def train(
     watchers: list[pl.Callback] = [ThroughputLogger(cfg.log_every, cfg.batch_size)] if logger else []
     compile_time = CompileTime() if cfg.compile is not False else None
     watchers += [compile_time] if compile_time else []
-    watchers += [ema.Snapshots(out_dir / SNAPSHOTS_PARTIAL, cfg.ema_snapshot_every)] if cfg.ema_snapshot_stds else []
+    watchers += [EMASnapshots(out_dir / SNAPSHOTS_PARTIAL, cfg.ema_snapshot_every)] if cfg.ema_snapshot_stds else []
     bar = progress and sys.stdout.isatty()
     if progress and not bar:
         watchers.append(ProgressLog(cfg.batch_size, max(cfg.max_steps // 10, 1), PROGRESS_SECONDS))

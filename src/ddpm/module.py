@@ -90,7 +90,7 @@ class DiffusionModule(pl.LightningModule):
         self.net = net
         self.ema = copy.deepcopy(net).requires_grad_(False)
         self._ema_gamma = None if self.optim.ema_std is None else ema.gamma_from_std(self.optim.ema_std)
-        # power-function EMAs whose snapshots (ddpm.ema.Snapshots) let the EMA length be chosen after training
+        # power-function EMAs whose snapshots (ddpm.callbacks.EMASnapshots) let the EMA length be chosen after training
         stds = self.optim.ema_snapshot_stds or []
         self.snapshot_gammas = [ema.gamma_from_std(std) for std in stds]
         self.snapshot_emas = nn.ModuleList(copy.deepcopy(self.ema) for _ in stds)
