@@ -19,9 +19,9 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 from PIL import Image
-from pipeline import guidance
+from pipeline import guidance, overrides
 
-from ddpm import data, io
+from ddpm import data, export, io
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT_FILES = ["params.yaml", "dvc.yaml", ".dvcignore", ".dvc/config", ".dvc/.gitignore", ".gitignore"]
@@ -169,6 +169,25 @@ def test_the_ema_length_is_chosen_after_training_without_training_again(smoke_re
     version = client.get_model_version(decision["model_name"], decision["version"])
     assert version.source == f"models:/{made['model_id']}"
     assert client.get_run(record["run_id"]).data.params["ema.std"] == "0.08"
+
+
+def test_the_edm_profile_runs_every_stage_as_an_experiment(smoke_repro, tmp_path):
+    """configs/edm-half.yaml on the smoke configuration, as its header says to run it: an EDM model with a
+    power-function EMA, drawn with Heun and churn, scored, and swept over the EDM family's samplers."""
+    project = clone_project(smoke_repro[0], tmp_path / "project")
+    profile = overrides.read(ROOT / "configs" / "edm-half.yaml")
+    exp = run(["dvc", "exp", "run", *overrides.set_flags(profile)], project)
+    sweep = {"sweep@dpmpp_2m-10", "sweep@heun-10", "sweep_report"}
+    assert {"train", "ema", "sample", "evaluate"} | sweep <= ran_stages(exp), exp.stdout
+    out = project / "outputs"
+    config = export.load_model(out / "model" / "model.pt").config
+    assert (config.preconditioning, config.P_mean, config.S_churn) == ("edm", -0.4, 40.0)
+    meta = json.loads((out / "samples" / "meta.json").read_text())
+    assert (meta["sampler"], meta["steps"], meta["nfe"]) == ("heun", 25, 49), meta
+    scores = json.loads((out / "metrics" / "evaluate.json").read_text())
+    assert np.isfinite(scores["fid"]) and 0 < scores["confidence"] <= 1, scores
+    table = (out / "sweep_report" / "table.md").read_text()
+    assert "dpmpp_2m" in table and "heun" in table and "ddim" not in table, table
 
 
 def test_files_under_data_are_a_dependency_of_prepare(smoke_repro, tmp_path):
