@@ -178,18 +178,21 @@ def push_snapshots(project: Path, folder: Path, key: str, pushed: dict[str, tupl
     """Copy the EMA snapshot files of ``folder`` (``*.pt``; ``ddpm.fit.SNAPSHOTS_PARTIAL``) that are new or
     rewritten since ``pushed`` (name -> (mtime_ns, size), updated here) to the shared store under ``key``;
     return their names. A snapshot is written atomically, so a file seen here is whole."""
-    s3, bucket, prefix = _resume_store(project)
-    done = []
+    changed = []
     for path in sorted(Path(folder).glob("*.pt")):
         try:
             st = path.stat()
         except FileNotFoundError:  # moved away (the run finished)
             continue
         if pushed.get(path.name) != (st.st_mtime_ns, st.st_size):
-            _put(s3, bucket, f"{prefix}/{key}.ema/{path.name}", path)
-            pushed[path.name] = (st.st_mtime_ns, st.st_size)
-            done.append(path.name)
-    return done
+            changed.append((path, (st.st_mtime_ns, st.st_size)))
+    if not changed:  # the usual case of a once-a-second check: no store settings read, no client made
+        return []
+    s3, bucket, prefix = _resume_store(project)
+    for path, state in changed:
+        _put(s3, bucket, f"{prefix}/{key}.ema/{path.name}", path)
+        pushed[path.name] = state
+    return [path.name for path, _ in changed]
 
 
 def pull_snapshots(project: Path, key: str, dest: Path) -> list[str]:
@@ -206,13 +209,11 @@ def pull_snapshots(project: Path, key: str, dest: Path) -> list[str]:
 def drop_resume(project: Path, key: str) -> None:
     """Delete the resume checkpoint and snapshots stored under ``key`` (the run they belonged to finished)."""
     s3, bucket, prefix = _resume_store(project)
-    names = [f"{prefix}/{key}.ckpt", *_listing(s3, bucket, f"{prefix}/{key}.ema")]
     if s3 is not None:
-        for name in names:
+        for name in [f"{prefix}/{key}.ckpt", *_listing(s3, bucket, f"{prefix}/{key}.ema")]:
             s3.delete_object(Bucket=bucket, Key=name)
         return
-    for name in names:
-        (Path(bucket) / name).unlink(missing_ok=True)
+    (Path(bucket) / prefix / f"{key}.ckpt").unlink(missing_ok=True)
     shutil.rmtree(Path(bucket) / prefix / f"{key}.ema", ignore_errors=True)
 
 
