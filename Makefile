@@ -73,7 +73,7 @@ repro: install ## run the whole DVC pipeline (prepare -> featurizer -> train -> 
 smoke: install ## the pipeline on the smoke configuration (8x8 digits, ~1 min) as a DVC experiment
 	$(RUN) dvc exp run $$($(PY) -m pipeline.overrides configs/smoke.yaml)
 
-sample: install ## draw new images: make sample SAMPLER=ddim STEPS=50 N=64 SEED=1 [PRECISION=bf16-mixed] [LABELS=7|3,5|balanced GUIDANCE=2] [MODEL=champion|models:/..|runs:/..]
+sample: install ## draw new images: make sample SAMPLER=dpmpp_2m STEPS=15 N=64 SEED=1 [PRECISION=bf16-mixed] [LABELS=7|3,5|balanced GUIDANCE=2] [MODEL=champion|models:/..|runs:/..]
 	$(RUN) python -m pipeline.sample --model $(MODEL) --out $(OUT) \
 	  $(if $(SAMPLER),--sampler $(SAMPLER)) $(if $(STEPS),--steps $(STEPS)) $(if $(ETA),--eta $(ETA)) \
 	  $(if $(N),--n $(N)) $(if $(SEED),--seed $(SEED)) $(if $(PRECISION),--precision $(PRECISION)) \

@@ -2,9 +2,11 @@
 
     python -m benchmarks.conditional --steps 600 --out benchmarks/conditional.md   (make bench-conditional)
     python -m benchmarks.conditional --quick --out /tmp/c.md    # the smoke data: checks the harness only
+    python -m benchmarks.conditional --profile configs/ddpm.yaml --steps 500    # the DDPM recipe's arms
 
 Each arm is a copy of the project (a git repo in a temp folder) running ``dvc repro evaluate guidance`` on
-params.yaml with ``--steps`` training steps and tracking off; the arms differ only in conditioning:
+params.yaml (with ``--profile``'s overrides on top) with ``--steps`` training steps and tracking off; the arms
+differ only in conditioning:
 
 - *unconditional*: params.yaml as it is (``model.num_classes: null``);
 - *conditional*: ``model.num_classes: auto``, ``train.label_dropout`` (0.1), ``sample.labels: balanced`` and
@@ -105,7 +107,8 @@ def report(results: dict[str, dict], args: argparse.Namespace, base: dict) -> st
         "",
         f"`python -m benchmarks.conditional {' '.join(sys.argv[1:])}` on {cpu_line()}, {os.cpu_count()} cores. "
         "Both arms: params.yaml"
-        f"{' with configs/smoke.yaml' if args.quick else ''}, train.max_steps {u['params']['train']['max_steps']}, "
+        f"{' with configs/smoke.yaml' if args.quick else ''}"
+        f"{f' with {args.profile}' if args.profile else ''}, train.max_steps {u['params']['train']['max_steps']}, "
         f"batch {u['params']['train']['batch_size']}, precision {u['precision']}; "
         f"{u['evaluate']['n_gen']} samples ({c['params']['sample']['sampler']}, "
         f"{c['params']['sample']['steps']} steps) against the {u['evaluate']['reference']} split "
@@ -140,11 +143,14 @@ def main() -> None:
     parser.add_argument("--scales", default="0,1,1.5,2,3,4", help="the conditional arm's guidance scales")
     parser.add_argument("--dropout", type=float, default=0.1, help="the conditional arm's train.label_dropout")
     parser.add_argument("--quick", action="store_true", help="configs/smoke.yaml on top (checks the harness)")
+    parser.add_argument("--profile", type=Path, help="a profile of overrides on top, e.g. configs/ddpm.yaml")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/conditional.md")
     args = parser.parse_args()
     base = yaml.safe_load((ROOT / "params.yaml").read_text())
     if args.quick:
         base = overrides.merge(base, yaml.safe_load((ROOT / "configs/smoke.yaml").read_text()))
+    if args.profile:
+        base = overrides.merge(base, overrides.read(args.profile))
     scales = [float(w) for w in args.scales.split(",")]
     results = {}
     with tempfile.TemporaryDirectory(prefix="bench-conditional-") as work:

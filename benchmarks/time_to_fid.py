@@ -5,7 +5,8 @@
     python -m benchmarks.time_to_fid --quick --minutes 0.2 --out /tmp/t.md   # the smoke data: checks the harness
 
 The data and the featurizer are the pipeline's own: ``dvc repro featurizer`` in a copy of the project
-(params.yaml, with ``--quick`` configs/smoke.yaml on top). Each recipe (overrides of params.yaml, ``RECIPES``)
+(params.yaml, with ``--quick`` configs/smoke.yaml on top). Each recipe (overrides of params.yaml, ``RECIPES``;
+all but ``ON_PARAMS_YAML`` start from configs/ddpm.yaml's)
 then trains in this process through the train stage's code, ``ddpm.fit.train`` (Lightning, validation, resume
 checkpoints: everything around the steps counts), one recipe after the other, until ``--minutes`` of training
 wall time or its ``train.max_steps``. Every ``--every`` minutes a callback copies the EMA weights; the copying
@@ -47,30 +48,40 @@ from ddpm.nets import UNet
 
 ROOT = Path(__file__).resolve().parents[1]
 HORIZON_FREE = {"train.lr_scheduler": "constant", "train.max_steps": 1_000_000}
-# ddim is the ddpm family's sampler only
-EDM = {"diffusion.preconditioning": "edm", "diffusion.sampler": "dpmpp_2m", "sweep.runs": ["dpmpp_2m-10", "heun-10"]}
+# Ho et al.'s objective as configs/ddpm.yaml sets it over params.yaml: the base of every recipe but `default`
+DDPM = overrides.read(ROOT / "configs" / "ddpm.yaml")
+# EDM's preconditioning and training noise (Karras et al. 2022) on that base; ddim is the ddpm family's sampler only
+EDM = {
+    "diffusion.preconditioning": "edm",
+    "diffusion.P_mean": -1.2,
+    "diffusion.sampler": "dpmpp_2m",
+    "sweep.runs": ["dpmpp_2m-10", "heun-10"],
+}
 # Each recipe: overrides of params.yaml. `default` is params.yaml as it is (cosine over its own max_steps).
 RECIPES: dict[str, dict[str, Any]] = {
     "default": {},
-    "ddpm": {**HORIZON_FREE},
-    "ddpm-b32": {**HORIZON_FREE, "train.batch_size": 32, "train.lr": 5e-4},
-    "ddpm-min-snr": {**HORIZON_FREE, "diffusion.weighting": "min_snr"},
-    "edm": {**HORIZON_FREE, **EDM},
-    "edm-b32": {**HORIZON_FREE, **EDM, "train.batch_size": 32, "train.lr": 5e-4},
-    # half the default's optimizer steps, cosine over them: what may replace the default at half its time
-    "half": {"train.max_steps": 600},
-    "half-min-snr": {"train.max_steps": 600, "diffusion.weighting": "min_snr"},
-    "half-lr2e-3": {"train.max_steps": 600, "train.lr": 2e-3},
-    "half-v": {"train.max_steps": 600, "diffusion.prediction": "v"},
-    "half-cosine": {"train.max_steps": 600, "diffusion.schedule": "cosine"},
-    "half-edm": {"train.max_steps": 600, **EDM},
-    "half-edm-P-0.4": {"train.max_steps": 600, **EDM, "diffusion.P_mean": -0.4},
-    "half-edm-P-0.4-lr2e-3": {"train.max_steps": 600, **EDM, "diffusion.P_mean": -0.4, "train.lr": 2e-3},
+    "default-constant": {**HORIZON_FREE},  # params.yaml's recipe with a constant lr: a curve of stopped runs
+    "ddpm-profile": {**DDPM},  # configs/ddpm.yaml as it is
+    "ddpm": {**DDPM, **HORIZON_FREE},
+    "ddpm-b32": {**DDPM, **HORIZON_FREE, "train.batch_size": 32, "train.lr": 5e-4},
+    "ddpm-min-snr": {**DDPM, **HORIZON_FREE, "diffusion.weighting": "min_snr"},
+    "edm": {**DDPM, **HORIZON_FREE, **EDM},
+    "edm-b32": {**DDPM, **HORIZON_FREE, **EDM, "train.batch_size": 32, "train.lr": 5e-4},
+    # half configs/ddpm.yaml's optimizer steps, cosine over them: what may replace it at half its time
+    "half": {**DDPM, "train.max_steps": 600},
+    "half-min-snr": {**DDPM, "train.max_steps": 600, "diffusion.weighting": "min_snr"},
+    "half-lr2e-3": {**DDPM, "train.max_steps": 600, "train.lr": 2e-3},
+    "half-v": {**DDPM, "train.max_steps": 600, "diffusion.prediction": "v"},
+    "half-cosine": {**DDPM, "train.max_steps": 600, "diffusion.schedule": "cosine"},
+    "half-edm": {**DDPM, "train.max_steps": 600, **EDM},
+    "half-edm-P-0.4": {**DDPM, "train.max_steps": 600, **EDM, "diffusion.P_mean": -0.4},
+    "half-edm-P-0.4-lr2e-3": {**DDPM, "train.max_steps": 600, **EDM, "diffusion.P_mean": -0.4, "train.lr": 2e-3},
     # the same images in twice the updates of half the batch
-    "half-edm-P-0.4-b64": {"train.max_steps": 1200, "train.batch_size": 64, **EDM, "diffusion.P_mean": -0.4},
-    "half-edm-P0": {"train.max_steps": 600, **EDM, "diffusion.P_mean": 0.0},
-    "half-edm-P0.4": {"train.max_steps": 600, **EDM, "diffusion.P_mean": 0.4},
+    "half-edm-P-0.4-b64": {**DDPM, "train.max_steps": 1200, "train.batch_size": 64, **EDM, "diffusion.P_mean": -0.4},
+    "half-edm-P0": {**DDPM, "train.max_steps": 600, **EDM, "diffusion.P_mean": 0.0},
+    "half-edm-P0.4": {**DDPM, "train.max_steps": 600, **EDM, "diffusion.P_mean": 0.4},
 }
+ON_PARAMS_YAML = {"default", "default-constant"}  # the recipes that do not start from configs/ddpm.yaml
 COLUMNS = ["minutes", "step", "images", "fid", "kid", "confidence"]
 
 
@@ -257,10 +268,19 @@ def report(results: dict[str, dict], args: argparse.Namespace, base: dict) -> st
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
-        shown = {k: v for k, v in RECIPES[name].items() if k not in HORIZON_FREE and not k.startswith("sweep.")}
+        recipe = RECIPES[name]
+        on_ddpm = name not in ON_PARAMS_YAML  # configs/ddpm.yaml and the recipe's changes to it
+        unset = object()
+        shown = {
+            k: v
+            for k, v in recipe.items()
+            if k not in HORIZON_FREE and not k.startswith("sweep.") and not (on_ddpm and DDPM.get(k, unset) == v)
+        }
         changes = ", ".join(f"{k}={v}" for k, v in shown.items())
-        if all(k in RECIPES[name] for k in HORIZON_FREE):
+        if all(k in recipe for k in HORIZON_FREE):
             changes = ", ".join(filter(None, ["constant lr", changes]))
+        if on_ddpm:
+            changes = ", ".join(filter(None, ["configs/ddpm.yaml", changes]))
         changes = changes or "-"
         for i, row in enumerate(r["rows"]):
             head = f"| {name} | {changes} | {r['precision']} | {r['images_per_second']:.0f} " if i == 0 else "| | | | "

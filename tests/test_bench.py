@@ -212,7 +212,7 @@ def test_time_to_fid_scores_ema_snapshots_along_each_recipe(smoke_repro, tmp_pat
         minutes, steps = [r[0] for r in table], [r[1] for r in table]
         assert minutes == sorted(minutes) and steps == sorted(set(steps)) and steps[0] >= 1
         assert minutes[-2] < 0.1  # the budget stops training at the first logged step past 0.1 min
-        assert all(r[2] == r[1] * 64 for r in table)  # images = steps x the smoke batch
+        assert all(r[2] == r[1] * 128 for r in table)  # images = steps x configs/ddpm.yaml's batch
         assert all(r[3] > 0 and 0 < r[5] <= 1 for r in table)
         assert len({r[3] for r in table}) == len(table)  # each snapshot holds other weights
     rows = _table(out.read_text(), "# Time to FID")

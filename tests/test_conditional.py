@@ -142,7 +142,8 @@ def test_a_conditional_model_is_trained_on_the_datas_classes_and_draws_them(cond
     labels = io.load_labels(out / "samples.npz")
     assert np.bincount(labels).tolist() == [20] * 10  # sample.n = 200, balanced
     meta = json.loads((out / "meta.json").read_text())
-    assert (meta["labels"], meta["guidance"], meta["nfe"]) == ("balanced", 2.0, 20)  # guided: 2 calls a step
+    # Heun's 10 steps make 19 network calls, and guidance two a call
+    assert (meta["labels"], meta["guidance"], meta["nfe"]) == ("balanced", 2.0, 38)
     grid = np.asarray(Image.open(out / "grid.png"))
     # grid_size 6: six rows (classes 0..5) of six 8x8 images, 2 px apart, upscaled 256 // 48 = 5 times
     assert grid.shape[:2] == ((6 * 10 + 2) * 5, (6 * 10 + 2) * 5)
@@ -191,11 +192,11 @@ def test_evaluate_scores_label_accuracy_and_logs_it_under_the_guided_protocol(co
     run_id = json.loads((conditional / "outputs/train/run.json").read_text())["run_id"]
     client = MlflowClient(f"sqlite:///{conditional / 'mlflow.db'}")
     run = client.get_run(run_id)
-    assert run.data.metrics["label_accuracy/dpmpp_2m_10"] == pytest.approx(result["label_accuracy"])
+    assert run.data.metrics["label_accuracy/heun_10"] == pytest.approx(result["label_accuracy"])
     assert (run.data.tags["protocol.labels"], run.data.tags["protocol.guidance"]) == ("balanced", "2.0")
     assert (run.data.params["sample.labels"], run.data.params["sample.guidance"]) == ("balanced", "2.0")
-    artifacts = {a.path for a in client.list_artifacts(run_id, "samples/dpmpp_2m_10")}
-    assert "samples/dpmpp_2m_10/grid.png" in artifacts  # the per-class grid
+    artifacts = {a.path for a in client.list_artifacts(run_id, "samples/heun_10")}
+    assert "samples/heun_10/grid.png" in artifacts  # the per-class grid
 
 
 @pytest.mark.slow

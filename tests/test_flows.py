@@ -45,11 +45,14 @@ SHRINK = {
     "evaluate.batch_size": 64,
     "evaluate.kid_subset_size": 32,
     "evaluate.kid_subsets": 10,
-    "sweep.runs": ["ddim-5"],
+    "sweep.runs": ["euler-5"],
     "sweep.n": 64,
     "tracking.enabled": False,  # tracking has its own tests; the promote step runs against a real server below
 }
-ALL_STAGES = ["prepare", "featurizer", "train", "ema", "sample", "evaluate", "sweep@ddim-5", "sweep_report", "guidance"]
+ALL_STAGES = [
+    *("prepare", "featurizer", "train", "ema", "sample", "evaluate"),
+    *("sweep@euler-5", "sweep_report", "guidance"),
+]
 FAST = {"retry_delay_seconds": 0}
 FAULT_DVC = Path(__file__).resolve().parent / "fault_dvc.py"
 

@@ -5,7 +5,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from pipeline import params
+from pipeline import overrides, params
+
+from ddpm.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 # The schema of each params.yaml section, as "module:Class".
@@ -60,3 +62,27 @@ def test_the_fields_set_elsewhere_are_fields_of_both_schemas():
 
 def test_params_yaml_validates():
     params.load(ROOT / "params.yaml")
+
+
+@pytest.mark.parametrize(
+    "layers",
+    [["gpu.yaml"], ["smoke.yaml"], ["ddpm.yaml"], ["smoke.yaml", "ddpm.yaml"]],
+    ids=lambda layers: "+".join(layers),
+)
+def test_every_profile_validates_over_params_yaml(layers):
+    """Each profile in configs/ is a set of overrides of params.yaml; every sampler it names (sample stage, sweep,
+    guidance) must suit its model family, which the stages check before any work."""
+    raw = params.read_yaml(ROOT / "params.yaml")
+    for name in layers:
+        raw = overrides.merge(raw, overrides.read(ROOT / "configs" / name))
+    params.validate(raw)
+
+
+def test_every_profile_in_configs_is_validated_above():
+    assert {p.name for p in (ROOT / "configs").glob("*.yaml")} == {"gpu.yaml", "smoke.yaml", "ddpm.yaml"}
+
+
+def test_a_sampler_of_another_family_fails_validation_naming_its_key():
+    raw = overrides.merge(params.read_yaml(ROOT / "params.yaml"), {"sweep.runs": ["ddim-5"]})
+    with pytest.raises(ConfigError, match=r"^sweep.runs: 'ddim-5': .*sampler='ddim' needs preconditioning='ddpm'"):
+        params.validate(raw)

@@ -94,13 +94,18 @@ def repro(smoke_repro, tmp_path_factory):
 
 def test_repro_writes_every_output(repro):
     project, first = repro
-    sweep = {"sweep@ddim-5", "sweep@dpmpp_2m-5", "sweep_report"}
+    sweep = {"sweep@euler-5", "sweep@dpmpp_2m-5", "sweep_report"}
     assert ran_stages(first) == {"prepare", "featurizer", "train", "ema", "sample", "evaluate", "guidance"} | sweep
     out = project / "outputs"
     train, test = data.load_npz(out / "data" / "train.npz"), data.load_npz(out / "data" / "test.npz")
     assert train.images.shape[1:] == (8, 8, 1) and len(train) + len(test) == 1797
     samples = io.load_samples(out / "samples" / "samples.npz")
     assert samples.shape == (200, 8, 8, 1) and samples.dtype == np.uint8
+    # params.yaml's recipe: an EDM model, drawn with Heun and churn (smoke: 10 steps, 19 network calls)
+    config = export.load_model(out / "model" / "model.pt").config
+    assert (config.preconditioning, config.P_mean, config.S_churn) == ("edm", -0.4, 40.0)
+    meta = json.loads((out / "samples" / "meta.json").read_text())
+    assert (meta["sampler"], meta["steps"], meta["nfe"]) == ("heun", 10, 19), meta
     for png in ("grid.png", "trajectory.png"):
         assert (out / "samples" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "train" / "last.ckpt").is_file() and (out / "train" / "model.pt").is_file()
@@ -152,7 +157,7 @@ def test_the_ema_length_is_chosen_after_training_without_training_again(smoke_re
     assert own["std"] is None and own["model_id"] == record["model_id"]
 
     exp = run(["dvc", "exp", "run", "-S", "ema.std=0.08"], project)
-    sweep = {"sweep@ddim-5", "sweep@dpmpp_2m-5", "sweep_report"}
+    sweep = {"sweep@euler-5", "sweep@dpmpp_2m-5", "sweep_report"}
     assert ran_stages(exp) == {"ema", "sample", "evaluate", "guidance"} | sweep, exp.stdout
     made = json.loads((out / "model" / "ema.json").read_text())
     assert (made["std"], made["step"], len(made["snapshots"])) == (0.08, 60, 6) and made["profile_error"] < 0.05
@@ -171,23 +176,24 @@ def test_the_ema_length_is_chosen_after_training_without_training_again(smoke_re
     assert client.get_run(record["run_id"]).data.params["ema.std"] == "0.08"
 
 
-def test_the_edm_profile_runs_every_stage_as_an_experiment(smoke_repro, tmp_path):
-    """configs/edm-half.yaml on the smoke configuration, as its header says to run it: an EDM model with a
-    power-function EMA, drawn with Heun and churn, scored, and swept over the EDM family's samplers."""
+def test_the_ddpm_profile_runs_every_stage_as_an_experiment(smoke_repro, tmp_path):
+    """configs/ddpm.yaml on the smoke configuration, as its header says to run it: a DDPM epsilon model with an
+    exponential EMA, drawn with DPM-Solver++(2M), scored, and swept over DDIM and the EDM family's samplers."""
     project = clone_project(smoke_repro[0], tmp_path / "project")
-    profile = overrides.read(ROOT / "configs" / "edm-half.yaml")
+    profile = overrides.read(ROOT / "configs" / "ddpm.yaml")
     exp = run(["dvc", "exp", "run", *overrides.set_flags(profile)], project)
-    sweep = {"sweep@dpmpp_2m-10", "sweep@heun-10", "sweep_report"}
+    sweep = {f"sweep@{r}" for r in ("ddim-10", "ddim-25", "dpmpp_2m-10", "heun-10")} | {"sweep_report"}
     assert {"train", "ema", "sample", "evaluate"} | sweep <= ran_stages(exp), exp.stdout
     out = project / "outputs"
     config = export.load_model(out / "model" / "model.pt").config
-    assert (config.preconditioning, config.P_mean, config.S_churn) == ("edm", -0.4, 40.0)
+    assert (config.preconditioning, config.prediction, config.S_churn) == ("ddpm", "epsilon", 0.0)
+    assert yaml.safe_load((project / "params.yaml").read_text())["train"]["ema_std"] is None
     meta = json.loads((out / "samples" / "meta.json").read_text())
-    assert (meta["sampler"], meta["steps"], meta["nfe"]) == ("heun", 25, 49), meta
+    assert (meta["sampler"], meta["steps"], meta["nfe"]) == ("dpmpp_2m", 15, 15), meta
     scores = json.loads((out / "metrics" / "evaluate.json").read_text())
     assert np.isfinite(scores["fid"]) and 0 < scores["confidence"] <= 1, scores
     table = (out / "sweep_report" / "table.md").read_text()
-    assert "dpmpp_2m" in table and "heun" in table and "ddim" not in table, table
+    assert all(name in table for name in ("ddim", "dpmpp_2m", "heun")), table
 
 
 def test_files_under_data_are_a_dependency_of_prepare(smoke_repro, tmp_path):
@@ -260,11 +266,14 @@ def test_sample_cli_redraws_with_overrides_without_retraining(repro):
     assert (meta["n"], meta["steps"], meta["seed"]) == (12, 4, 3)
     assert io.load_samples(out / "samples.npz").shape == (12, 8, 8, 1)
     bad = run(
-        [sys.executable, "-m", "pipeline.sample", "--sampler", "ddpm", "--eta", "0.5", "--out", str(out)],
+        [sys.executable, "-m", "pipeline.sample", "--sampler", "heun", "--eta", "0.5", "--out", str(out)],
         project,
         check=False,
     )
     assert bad.returncode == 2 and "eta=0.5 applies to the ddim sampler only" in bad.stderr
+    # the default model is an EDM one: DDIM's timesteps do not exist there, and the error lists what does
+    bad = run([sys.executable, "-m", "pipeline.sample", "--sampler", "ddim", "--out", str(out)], project, check=False)
+    assert bad.returncode == 2 and "sampler='ddim' needs preconditioning='ddpm'" in bad.stderr, bad.stderr
 
 
 def test_killed_stage_leaves_outputs_that_dvc_still_accepts(repro):
