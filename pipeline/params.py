@@ -167,7 +167,10 @@ def validate(raw: dict[str, Any], sample_overrides: dict[str, Any] | None = None
     diffusion = {**diffusion, "p_uncond": train.label_dropout}  # DDPMConfig's name for it
     ddpm_cfg = DDPMConfig.from_dict({**diffusion, "channels": channels, "image_size": size}, "diffusion")
     sample = SampleConfig.from_dict({**sections["sample"], **(sample_overrides or {})}, "sample")
-    ddpm_cfg.with_sampler(sample.sampler, sample.steps, sample.eta, sample.guidance)  # the sampler suits the model
+    try:  # the sampler suits the model
+        ddpm_cfg.with_sampler(sample.sampler, sample.steps, sample.eta, sample.guidance)
+    except ConfigError as e:
+        raise ConfigError(f"sample: {e}") from None
     check_conditioning(sample, ddpm_cfg, None if num_classes == AUTO else net.num_classes, conditional, train)
     sweep = SweepConfig.from_dict(sections["sweep"], "sweep")
     named = [("sweep.runs", run) for run in sweep.runs]

@@ -86,3 +86,9 @@ def test_a_sampler_of_another_family_fails_validation_naming_its_key():
     raw = overrides.merge(params.read_yaml(ROOT / "params.yaml"), {"sweep.runs": ["ddim-5"]})
     with pytest.raises(ConfigError, match=r"^sweep.runs: 'ddim-5': .*sampler='ddim' needs preconditioning='ddpm'"):
         params.validate(raw)
+
+
+def test_a_sample_stage_sampler_of_another_family_fails_naming_its_section():
+    raw = overrides.merge(params.read_yaml(ROOT / "params.yaml"), {"sample.sampler": "ddim"})
+    with pytest.raises(ConfigError, match=r"^sample: .*sampler='ddim' needs preconditioning='ddpm'; 'edm' allows"):
+        params.validate(raw)
