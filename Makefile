@@ -71,7 +71,7 @@ repro: install ## run the whole DVC pipeline (prepare -> featurizer -> train -> 
 	$(RUN) dvc repro
 
 smoke: install ## the pipeline on the smoke configuration (8x8 digits, about 3 min) as a DVC experiment
-	$(RUN) sh -c 'eval "dvc exp run $$(python -m pipeline.overrides configs/smoke.yaml)"'
+	$(RUN) sh -c 'flags=$$(python -m pipeline.overrides configs/smoke.yaml) && eval "dvc exp run $$flags"'
 
 sample: install ## draw new images: make sample SAMPLER=dpmpp_2m STEPS=15 N=64 SEED=1 [PRECISION=bf16-mixed] [LABELS=7|3,5|balanced GUIDANCE=2] [MODEL=champion|models:/..|runs:/..]
 	$(RUN) python -m pipeline.sample --model $(MODEL) --out $(OUT) \
