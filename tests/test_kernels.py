@@ -92,6 +92,20 @@ def test_a_process_with_another_ninja_first_on_path_reuses_the_build(tmp_path):
     assert log.read_bytes() == before, "nothing was rebuilt"
 
 
+def test_an_environment_reached_through_a_link_builds_in_its_own_folder(monkeypatch, tmp_path):
+    """The build commands name torch's headers by the path this process imports torch from: a ``.venv`` linked
+    from another checkout sharing the original's folder made each path's processes rebuild the other's build."""
+    monkeypatch.setenv("DDPM_KERNELS_DIR", str(tmp_path / "kernels"))
+    real = Path(torch.__file__).resolve().parent
+    link = tmp_path / "linked-site-packages"
+    link.symlink_to(real.parent, target_is_directory=True)
+    here = kernels.build.build_directory("k")
+    monkeypatch.setattr(torch, "__file__", str(link / real.name / "__init__.py"))
+    linked = kernels.build.build_directory("k")
+    assert linked != here and linked.parent.parent == here.parent.parent
+    assert kernels.build.build_directory("k") == linked  # the same path keeps its folder
+
+
 @needs_native
 def test_the_net_with_the_kernel_matches_the_net_without_it():
     """The whole U-Net, forward and backward, with the kernel and with PyTorch's GroupNorm and SiLU."""

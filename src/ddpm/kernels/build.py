@@ -59,12 +59,14 @@ def _cpu_tag() -> str:
 def build_directory(name: str) -> Path:
     """Where the kernel ``name`` is built: one folder per torch installation (its version and location).
 
-    The module links against that libtorch, and the build commands name its headers' path: two environments
-    sharing one folder would each see the other's commands and rebuild it on every switch.
+    The module links against that libtorch, and the build commands name its headers' path as this process reaches
+    it: two environments sharing one folder would each see the other's commands and rebuild it on every switch,
+    and so would one environment reached through two paths (a checkout's ``.venv`` that links to another's), so
+    the path is taken as it is, symbolic links and all.
     """
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     root = Path(os.environ.get("DDPM_KERNELS_DIR") or cache / "ddpm-pipeline" / "kernels")
-    where = hashlib.sha256(str(Path(torch.__file__).resolve().parent).encode()).hexdigest()[:8]
+    where = hashlib.sha256(os.path.dirname(os.path.abspath(torch.__file__)).encode()).hexdigest()[:8]
     folder = root / f"torch-{torch.__version__}-{where}" / name
     folder.mkdir(parents=True, exist_ok=True)
     lock = folder / "lock"  # torch's build lock: another process waits for it to go, forever if it was orphaned
