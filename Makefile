@@ -123,7 +123,7 @@ bench-team: install ## the team stack's costs: stack start, smoke repro embedded
 bench-conditional: install ## the default's conditioning: conditional vs unconditional, same steps, FID and label accuracy per guidance (~35 min on 2 AVX2 cores) -> benchmarks/conditional.md
 	$(RUN) python -m benchmarks.conditional --steps $(or $(STEPS),600) --out benchmarks/conditional.md
 
-bench-ttf: install ## time to quality: classifier FID against training minutes per recipe (~45 min on 2 cores) -> benchmarks/time_to_fid.md, docs/time_to_fid.png
+bench-ttf: install ## time to quality: classifier FID against training minutes, the default and DDPM recipes (~27 min on 2 cores) -> benchmarks/time_to_fid.md, docs/time_to_fid.png
 	$(RUN) python -m benchmarks.time_to_fid --minutes $(or $(MINUTES),8) --every 2
 
 bench-native: install ## which native kernels beat PyTorch's ops on this CPU: train step and sampling chunk per kernel (~6 min) -> benchmarks/native.md

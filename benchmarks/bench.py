@@ -13,6 +13,7 @@ One module per measurement: :mod:`~benchmarks.throughput`, :mod:`~benchmarks.lev
 
     python -m benchmarks.bench            # the full run (15-25 min on 2 CPU cores) -> benchmarks/results.md
     python -m benchmarks.bench --quick    # a tiny configuration in about a minute (the harness's own test)
+    python -m benchmarks.bench --throughput-only --out t.md   # ours against the peer only (about a minute)
 """
 
 from __future__ import annotations
@@ -48,6 +49,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--compile-peer", action="store_true", help="both nets compiled, bf16-mixed (first configuration)"
     )
+    parser.add_argument(
+        "--throughput-only",
+        action="store_true",
+        help="only the throughput rows of the default model, ours beside the peer (about a minute; writes --out only)",
+    )
     parser.add_argument("--train-batch", type=int, default=None, help="training batch (default: params.yaml's)")
     parser.add_argument("--sample-batch", type=int, default=None, help="sampling batch (default 256)")
     parser.add_argument(
@@ -75,8 +81,21 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{what}: {time.perf_counter() - phase:.0f} s", file=sys.stderr, flush=True)
         phase = time.perf_counter()
 
+    if args.throughput_only:
+        p = replace(p, configs=dict([p.first]), compile_peer=False)
     rows, info = throughput.throughput(p, timer, device, peer)
     done("throughput")
+    command = "python -m benchmarks.bench" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
+    mach = {**report.machine(device, peer_version()), "keep_freed_memory": kept}
+    if args.throughput_only:
+        targets = throughput.targets(p, probes, rows, {})
+        sections = [probes.section(), throughput.section(p, probes, rows, info, peer)]
+        text = report.document(command, (time.perf_counter() - started) / 60, mach, targets, sections)
+        if args.out is not None:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(text)
+        print(text)
+        return
     lever_rows = levers.levers(p, timer, device)
     done("levers")
     evals = evaluation.evaluation(p, timer, device)
@@ -89,7 +108,6 @@ def main(argv: list[str] | None = None) -> None:
     mem, alloc = measure_processes(p, device)
     done("memory and allocator")
 
-    command = "python -m benchmarks.bench" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
     targets = throughput.targets(p, probes, rows, shares.bounds(time_shares))
     targets += process.targets(alloc) + memory.targets(mem) + syncs.targets(counted)
     sections = [
@@ -102,7 +120,6 @@ def main(argv: list[str] | None = None) -> None:
         memory.section(p, mem),
         evaluation.section(evals),
     ]
-    mach = {**report.machine(device, peer_version()), "keep_freed_memory": kept}
     text = report.document(command, (time.perf_counter() - started) / 60, mach, targets, sections)
     out = args.out or (None if p.quick else ROOT / "benchmarks" / "results.md")
     if out is not None:

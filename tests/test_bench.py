@@ -29,6 +29,25 @@ def _number(cell: str) -> float:
     return float(cell.replace(",", "").replace("*", "").rstrip("x%"))
 
 
+def test_the_throughput_only_run_times_ours_beside_the_peer_and_nothing_else(tmp_path):
+    out = tmp_path / "throughput.md"
+    command = [sys.executable, "-m", "benchmarks.bench", "--quick", "--reps", "1", "--throughput-only"]
+    command += ["--out", str(out)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = out.read_text()
+    assert "--throughput-only" in text and "cpu " in text
+    rows = _table(text, "## Throughput")
+    assert {(r[1], r[2], r[3]) for r in rows} == {
+        (task, precision, net)
+        for task in ("train (img/s)", "sample (img-steps/s)")
+        for precision in ("32-true", "bf16-mixed")
+        for net in ("ours", "peer")
+    }
+    assert "## Memory" not in text and "## Levers" not in text  # the other sections did not run
+    assert any(line.startswith("- Training, bf16-mixed:") for line in text.splitlines())
+
+
 @pytest.mark.slow
 def test_quick_bench_writes_well_formed_tables(tmp_path):
     out = tmp_path / "results.md"
