@@ -261,11 +261,12 @@ def report(results: dict[str, dict], args: argparse.Namespace, base: dict) -> st
         f"`python -m benchmarks.time_to_fid {' '.join(sys.argv[1:])}` on {cpu_line()}, {os.cpu_count()} cores, "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads. Data: "
         f"params.yaml{' with configs/smoke.yaml' if args.quick else ''} ({base['data']['dataset']}). Each point: the "
-        f"EMA weights after that many minutes of training wall time, {s['n']} samples ({s['sampler']}, "
-        f"{s['steps']} steps, seed {s['seed']}) scored against the train split in the featurizer's features.",
+        f"EMA weights after that many minutes of training wall time, {s['n']} samples (the recipe's sample stage "
+        f"sampler and steps, seed {s['seed']}) scored against the train split in the featurizer's features.",
         "",
-        "| recipe | overrides of params.yaml | precision | img/s | minutes | steps | FID | KID | confidence |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| recipe | overrides of params.yaml | precision | img/s | minutes | steps | FID | KID | confidence "
+        "| sampler |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
         recipe = RECIPES[name]
@@ -284,7 +285,8 @@ def report(results: dict[str, dict], args: argparse.Namespace, base: dict) -> st
         changes = changes or "-"
         for i, row in enumerate(r["rows"]):
             head = f"| {name} | {changes} | {r['precision']} | {r['images_per_second']:.0f} " if i == 0 else "| | | | "
-            lines.append(f"{head}| {row[0]:.2f} | {row[1]} | {row[3]:.2f} | {row[4]:.4f} | {row[5]:.3f} |")
+            sampler = r["sampler"] if i == 0 else ""
+            lines.append(f"{head}| {row[0]:.2f} | {row[1]} | {row[3]:.2f} | {row[4]:.4f} | {row[5]:.3f} | {sampler} |")
     best = min(((r["rows"][-1][3], n) for n, r in results.items()))
     lines += ["", f"Lowest FID at the end of the budget: {best[1]} ({best[0]:.2f})."]
     if args.ema_stds:
@@ -351,7 +353,10 @@ def main() -> None:
                 keep(Path(work) / name, snapshots[-1], emas, kept / name)
             table = rows(snapshots, raw["train"]["batch_size"])
             io.write_csv(csv_dir / f"{name}.csv", COLUMNS, table)
-            results[name] = {**metrics, "rows": table, "emas": {std: snap.scores for std, snap in emas.items()}}
+            sample, diffusion = raw["sample"], raw["diffusion"]
+            sampler = f"{sample['sampler'] or diffusion['sampler']}, {sample['steps'] or diffusion['steps']} steps"
+            scores = {std: snap.scores for std, snap in emas.items()}
+            results[name] = {**metrics, "rows": table, "emas": scores, "sampler": sampler}
             # after each recipe: a long run stopped early keeps the recipes it finished
             plot({n: r["rows"] for n, r in results.items()}, png, f"time to FID ({cpu_line()})")
             text = report(results, args, base)

@@ -236,6 +236,7 @@ def test_time_to_fid_scores_ema_snapshots_along_each_recipe(smoke_repro, tmp_pat
         assert len({r[3] for r in table}) == len(table)  # each snapshot holds other weights
     rows = _table(out.read_text(), "# Time to FID")
     assert [r[0] for r in rows if r[0]] == ["ddpm", "edm"]
+    assert [r[9] for r in rows if r[0]] == ["dpmpp_2m, 15 steps"] * 2  # configs/ddpm.yaml's, not params.yaml's
     assert png.stat().st_size > 1000
     emas = _table(out.read_text(), "## The EMA's length")
     assert [r[:2] for r in emas] == [
